@@ -1,0 +1,1 @@
+"""nf_lightning: NeuroFlux adaptive local learning for PyTorch Lightning."""
