@@ -1,0 +1,155 @@
+"""Auxiliary networks (eq. 2 of the paper) giving every unit but the last a local loss.
+
+Filter policies (§3):
+
+- ``"adaptive"`` (AAN): half the smallest unit width for the units before the first
+  downsampling, half the largest unit width for the others. A unit counts as
+  *before the first downsampling* when its input still has the network input's
+  resolution; the early units form a prefix. So a unit that ends with the first
+  pool still gets the small head, as the paper treats the pool as following that
+  layer: VGG-16 gets 32 filters for units 1-2 and 256 for the rest.
+- ``"classic"``: the same number of filters everywhere (256 in classic local learning).
+
+Unit widths are the units' output channels, all units counted.
+
+Example:
+    >>> from torch import nn
+    >>> units = [nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, stride=2, padding=1),
+    ...          nn.Conv2d(32, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)]
+    >>> aux_widths(units), aux_widths(units, policy="classic")
+    ([8, 8, 32], [256, 256, 256])
+    >>> [head[0].out_channels for head in build_aux_heads(units, num_classes=10)]
+    [8, 8, 32]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+POLICIES: tuple[str, ...] = ("adaptive", "classic")
+CIFAR_SHAPE: tuple[int, int, int] = (3, 32, 32)
+
+
+class AuxHead(nn.Sequential):
+    """``conv3x3 -> BN -> ReLU -> AdaptiveAvgPool2d(pool_size) -> flatten -> Linear``.
+
+    The adaptive pool fixes the Linear's input at ``filters * pool_size**2``,
+    whatever the unit's output resolution.
+
+    Example:
+        >>> import torch
+        >>> head = AuxHead(in_channels=64, filters=32, num_classes=10)
+        >>> head(torch.randn(2, 64, 32, 32)).shape, head(torch.randn(2, 64, 3, 3)).shape
+        (torch.Size([2, 10]), torch.Size([2, 10]))
+    """
+
+    def __init__(self, in_channels: int, filters: int, num_classes: int, pool_size: int = 2) -> None:
+        sizes = {"in_channels": in_channels, "filters": filters, "num_classes": num_classes, "pool_size": pool_size}
+        for name, value in sizes.items():
+            _check_positive_int(name, value)
+        super().__init__(
+            nn.Conv2d(in_channels, filters, 3, padding=1, bias=False),
+            nn.BatchNorm2d(filters),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(pool_size),
+            nn.Flatten(1),
+            nn.Linear(filters * pool_size**2, num_classes),
+        )
+
+
+def unit_shapes(
+    units: Sequence[nn.Module], input_shape: Sequence[int] = CIFAR_SHAPE
+) -> list[tuple[int, int, int]]:
+    """Output shape ``(C, H, W)`` of each unit for one sample of ``input_shape``.
+
+    Runs on meta tensors standing in for the parameters and buffers: no real compute,
+    and the units (their device, BN statistics) are left untouched.
+
+    Example:
+        >>> from torch import nn
+        >>> unit_shapes([nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2)])
+        [(8, 32, 32), (8, 16, 16)]
+    """
+    if len(units) == 0:
+        raise ValueError("need at least one unit")
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ValueError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
+    dtype = next((p.dtype for p in units[0].parameters()), torch.get_default_dtype())
+    x = torch.empty(2, *input_shape, dtype=dtype, device="meta")  # 2: BatchNorm needs two values per channel
+    shapes = []
+    for index, unit in enumerate(units):
+        tensors = {**dict(unit.named_parameters()), **dict(unit.named_buffers())}
+        meta_tensors = {name: tensor.to("meta") for name, tensor in tensors.items()}
+        try:
+            x = functional_call(unit, meta_tensors, (x,))
+        except RuntimeError as error:
+            raise ValueError(f"unit {index} fails on an input of shape {tuple(x.shape[1:])}: {error}") from error
+        if x.dim() != 4:
+            raise ValueError(
+                f"unit {index} outputs shape {tuple(x.shape[1:])}; auxiliary heads need (channels, height, width)"
+            )
+        shapes.append((x.shape[1], x.shape[2], x.shape[3]))
+    return shapes
+
+
+def aux_widths(
+    units: Sequence[nn.Module],
+    input_shape: Sequence[int] = CIFAR_SHAPE,
+    policy: str = "adaptive",
+    classic_filters: int = 256,
+) -> list[int]:
+    """Filters of each auxiliary head (one per unit except the last) under ``policy``.
+
+    See the module docstring for the policies and an example.
+    """
+    _check_policy(policy, classic_filters)
+    return _widths(unit_shapes(units, input_shape), input_shape, policy, classic_filters)
+
+
+def build_aux_heads(
+    units: Sequence[nn.Module],
+    num_classes: int,
+    input_shape: Sequence[int] = CIFAR_SHAPE,
+    policy: str = "adaptive",
+    classic_filters: int = 256,
+) -> nn.ModuleList:
+    """One :class:`AuxHead` per unit except the last, whose exit is the model's own head."""
+    _check_policy(policy, classic_filters)
+    shapes = unit_shapes(units, input_shape)
+    widths = _widths(shapes, input_shape, policy, classic_filters)
+    return nn.ModuleList(
+        AuxHead(channels, filters, num_classes) for (channels, _, _), filters in zip(shapes[:-1], widths, strict=True)
+    )
+
+
+def _widths(
+    shapes: list[tuple[int, int, int]], input_shape: Sequence[int], policy: str, classic_filters: int
+) -> list[int]:
+    num_heads = len(shapes) - 1
+    if policy == "classic":
+        return [classic_filters] * num_heads
+    channels = [c for c, _, _ in shapes]
+    small, large = max(1, min(channels) // 2), max(1, max(channels) // 2)
+    full_resolution = tuple(input_shape[1:])
+    head_input_resolutions = ([full_resolution] + [(h, w) for _, h, w in shapes])[:num_heads]
+    widths = []
+    early = True  # stays False from the first unit whose input is downsampled on
+    for resolution in head_input_resolutions:
+        early = early and resolution == full_resolution
+        widths.append(small if early else large)
+    return widths
+
+
+def _check_policy(policy: str, classic_filters: int) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown aux head policy {policy!r}; policies: {', '.join(POLICIES)}")
+    _check_positive_int("classic_filters", classic_filters)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
