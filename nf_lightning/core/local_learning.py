@@ -1,0 +1,149 @@
+"""Block-wise local learning (Algorithm 2 of the paper), free of Lightning.
+
+A :class:`LocalBlock` holds consecutive units, the exit head of each (an
+auxiliary head, or the model's own classifier for the last unit) and one
+optimizer per unit+exit. A batch passes unit by unit; each unit is updated
+from its own local loss, and only the detached output moves on, so no
+activation of an earlier unit stays alive while a later one trains.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> units = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())]
+    >>> exits = [nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 10))]
+    >>> block = LocalBlock(units, exits, [torch.optim.SGD([*units[0].parameters(), *exits[0].parameters()], lr=0.1)])
+    >>> losses = block.train_step(torch.randn(2, 3, 4, 4), torch.tensor([1, 2]))
+    >>> len(losses)
+    1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+Loss = Callable[[Tensor, Tensor], Tensor]
+
+
+class LocalBlock:
+    """Units trained together, each by its own local loss and optimizer.
+
+    Args:
+        units: consecutive units of the network (same objects as in the model).
+        exits: one classifier per unit mapping its output to logits.
+        optimizers: one optimizer per unit, over the unit's and its exit's parameters.
+        loss: local loss, cross-entropy by default.
+        backward: how to back-propagate a loss (Lightning's ``manual_backward``
+            so precision plugins apply; ``Tensor.backward`` by default).
+    """
+
+    def __init__(
+        self,
+        units: Sequence[nn.Module],
+        exits: Sequence[nn.Module],
+        optimizers: Sequence[Optimizer],
+        loss: Loss = nn.functional.cross_entropy,
+        backward: Callable[[Tensor], None] = Tensor.backward,
+    ) -> None:
+        if not (len(units) == len(exits) == len(optimizers)):
+            raise ValueError(
+                f"need one exit and one optimizer per unit, got {len(units)} units, "
+                f"{len(exits)} exits and {len(optimizers)} optimizers"
+            )
+        self.units = list(units)
+        self.exits = list(exits)
+        self.optimizers = list(optimizers)
+        self.loss = loss
+        self.backward = backward
+
+    def modules(self) -> Iterator[nn.Module]:
+        """Every unit and exit of the block."""
+        yield from self.units
+        yield from self.exits
+
+    def train(self, mode: bool = True) -> None:
+        for module in self.modules():
+            module.train(mode)
+
+    def unit_step(self, index: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Update unit ``index`` (and its exit) on one batch; returns its detached output and loss."""
+        out = self.units[index](x)
+        loss = self.loss(self.exits[index](out), y)
+        optimizer = self.optimizers[index]
+        optimizer.zero_grad(set_to_none=True)
+        self.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out.detach(), loss.detach()
+
+    def train_step(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        """Update every unit with one batch, unit by unit; returns the losses."""
+        losses = []
+        for index in range(len(self.units)):
+            x, loss = self.unit_step(index, x, y)
+            losses.append(loss)
+        return losses
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        """Number of correct predictions of every exit (the block in eval mode)."""
+        correct = []
+        for unit, exit_head in zip(self.units, self.exits):
+            x = unit(x)
+            correct.append((exit_head(x).argmax(dim=1) == y).sum())
+        return correct
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """Output of the block's last unit (call in eval mode for caching)."""
+        for unit in self.units:
+            x = unit(x)
+        return x
+
+
+def shrink(batch: int, factor: float = 0.75) -> int:
+    """Next smaller batch size to retry with after running out of budget.
+
+    >>> shrink(100), shrink(2), shrink(1)
+    (75, 1, 0)
+    """
+    return min(batch - 1, int(batch * factor)) if batch > 1 else 0
+
+
+def train_with_retry(
+    block: LocalBlock,
+    x: Tensor,
+    y: Tensor,
+    guard: Callable[[], AbstractContextManager[object]],
+    on_shrink: Callable[[int, int, int], None],
+    start: int = 0,
+) -> list[Tensor]:
+    """:meth:`LocalBlock.train_step` under ``guard()``, splitting the batch when a unit exceeds the budget.
+
+    Units before the failing one already took the whole batch; the failing unit
+    and those after it take it in smaller pieces. ``on_shrink(unit, old, new)``
+    is told of every reduction. An out-of-memory error (CUDA's, or the
+    tracked meter's :class:`~nf_lightning.core.memory.MemoryLimitExceeded`)
+    is what "does not fit" means; it propagates when even a batch of one fails. Returns the (mean) loss of every unit from ``start``.
+    """
+    losses: list[Tensor] = []
+    for index in range(start, len(block.units)):
+        try:
+            with guard():
+                x, loss = block.unit_step(index, x, y)
+        except torch.OutOfMemoryError:
+            smaller = shrink(len(x))
+            if smaller == 0:
+                raise
+            on_shrink(index, len(x), smaller)
+            pieces = [
+                train_with_retry(block, xs, ys, guard, on_shrink, start=index)
+                for xs, ys in zip(x.split(smaller), y.split(smaller))
+            ]
+            return losses + [torch.stack(per_unit).mean() for per_unit in zip(*pieces)]
+        losses.append(loss)
+    return losses

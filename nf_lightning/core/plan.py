@@ -1,0 +1,170 @@
+"""The training plan: blocks, batch sizes and epochs, derived from a budget.
+
+A plan is what the profiler and the partitioner decide before training
+starts, kept as plain data so it goes into checkpoints and JSON unchanged.
+The active block at any point of training is a function of the epoch alone,
+which is what makes resuming from a checkpoint need no hidden state.
+
+Example:
+    >>> from nf_lightning.core.partitioner import Block
+    >>> plan = TrainingPlan(budget=10**8, batch_limit=256, rho=0.4, aux_policy="adaptive",
+    ...     input_shape=(3, 32, 32), unit_models=[], blocks=[Block((0, 1), 64, 0), Block((2,), 256, 0)],
+    ...     epochs_per_block=[2, 3])
+    >>> plan.total_epochs, plan.block_of_epoch(1), plan.block_of_epoch(2), list(plan.epochs_of(1))
+    (5, 0, 1, [2, 3, 4])
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nf_lightning.core.partitioner import Block, BudgetTooSmall, block_peak, largest_batch, minimum_budget, partition
+from nf_lightning.core.profiler import LinearMemoryModel, profile_units
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass
+class TrainingPlan:
+    """Blocks of units with their batch sizes and epochs under a memory budget."""
+
+    budget: int
+    batch_limit: int
+    rho: float
+    aux_policy: str
+    input_shape: tuple[int, ...]
+    unit_models: list[LinearMemoryModel]
+    blocks: list[Block]
+    epochs_per_block: list[int]
+    seconds: float = 0.0
+    batch_overrides: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(self.epochs_per_block)
+
+    def block_of_epoch(self, epoch: int) -> int:
+        """Index of the block trained in ``epoch`` (the last block past the end)."""
+        for index, end in enumerate(self._ends()):
+            if epoch < end:
+                return index
+        return len(self.blocks) - 1
+
+    def epochs_of(self, block: int) -> range:
+        """The epochs in which ``block`` is trained."""
+        end = self._ends()[block]
+        return range(end - self.epochs_per_block[block], end)
+
+    def batch_size(self, block: int) -> int:
+        """The block's batch size, lowered if training had to shrink it."""
+        return self.batch_overrides.get(block, self.blocks[block].batch_size)
+
+    def _ends(self) -> list[int]:
+        ends, total = [], 0
+        for epochs in self.epochs_per_block:
+            total += epochs
+            ends.append(total)
+        return ends
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget,
+            "batch_limit": self.batch_limit,
+            "rho": self.rho,
+            "aux_policy": self.aux_policy,
+            "input_shape": list(self.input_shape),
+            "unit_models": [m.to_dict() for m in self.unit_models],
+            "blocks": [b.to_dict() for b in self.blocks],
+            "epochs_per_block": list(self.epochs_per_block),
+            "seconds": self.seconds,
+            "batch_overrides": {str(k): v for k, v in self.batch_overrides.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingPlan:
+        return cls(
+            budget=int(data["budget"]),
+            batch_limit=int(data["batch_limit"]),
+            rho=float(data["rho"]),
+            aux_policy=str(data["aux_policy"]),
+            input_shape=tuple(data["input_shape"]),
+            unit_models=[LinearMemoryModel.from_dict(m) for m in data["unit_models"]],
+            blocks=[Block.from_dict(b) for b in data["blocks"]],
+            epochs_per_block=[int(e) for e in data["epochs_per_block"]],
+            seconds=float(data.get("seconds", 0.0)),
+            batch_overrides={int(k): int(v) for k, v in data.get("batch_overrides", {}).items()},
+        )
+
+
+def expand_epochs(epochs_per_block: int | Sequence[int], num_blocks: int) -> list[int]:
+    """One epoch count per block from a single number or a per-block list.
+
+    >>> expand_epochs(3, 2), expand_epochs([1, 2], 2)
+    ([3, 3], [1, 2])
+    """
+    if isinstance(epochs_per_block, int):
+        counts = [epochs_per_block] * num_blocks
+    else:
+        counts = [int(e) for e in epochs_per_block]
+        if len(counts) != num_blocks:
+            raise ValueError(
+                f"epochs_per_block has {len(counts)} entries but the plan has {num_blocks} blocks; "
+                "give one number for all blocks or one per block"
+            )
+    if any(e < 1 for e in counts):
+        raise ValueError(f"every block needs at least one epoch, got {counts}")
+    return counts
+
+
+def make_plan(
+    units: Sequence[nn.Module],
+    exits: Sequence[nn.Module],
+    input_shape: tuple[int, ...],
+    budget: int,
+    epochs_per_block: int | Sequence[int] = 1,
+    batch_limit: int = 256,
+    rho: float = 0.4,
+    aux_policy: str = "adaptive",
+    optimizer_factory: OptimizerFactory | None = None,
+    device: torch.device | str = "cpu",
+    single_block: bool = False,
+) -> TrainingPlan:
+    """Profile every unit with its exit and partition them under ``budget`` (Algorithm 1).
+
+    ``exits[i]`` is unit ``i``'s classifier: an auxiliary head, or the model's
+    own head for the last unit. ``single_block`` puts every unit in one block
+    at the largest batch that fits (classic local learning).
+    """
+    start = time.perf_counter()
+    models = profile_units(
+        list(units), list(exits[:-1]), exits[-1], input_shape, optimizer_factory=optimizer_factory, device=device
+    )
+    blocks = single_block_plan(models, budget, batch_limit) if single_block else partition(models, budget, batch_limit, rho)
+    return TrainingPlan(
+        budget=budget,
+        batch_limit=batch_limit,
+        rho=rho,
+        aux_policy=aux_policy,
+        input_shape=tuple(input_shape),
+        unit_models=models,
+        blocks=blocks,
+        epochs_per_block=expand_epochs(epochs_per_block, len(blocks)),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def single_block_plan(models: Sequence[LinearMemoryModel], budget: int, batch_limit: int) -> list[Block]:
+    """All units in one block at the largest batch whose predicted peak fits ``budget``."""
+    units = tuple(range(len(models)))
+    batch = largest_batch(models, units, budget, batch_limit)
+    if batch < 1:
+        needed = max(math.ceil(block_peak(models, units, 1)), minimum_budget(models))
+        raise BudgetTooSmall(budget, needed, len(models) - 1, needed_by=f"all {len(models)} units as one block (batch 1)")
+    return [Block(units, batch, int(block_peak(models, units, batch)))]

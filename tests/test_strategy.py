@@ -1,0 +1,222 @@
+"""NeuroFluxStrategy in real Lightning Trainer runs on CPU."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from nf_lightning import MemoryProfiler, NeuroFluxStrategy, decompose
+from nf_lightning.core.budget import parse_bytes
+from nf_lightning.core.partitioner import BudgetTooSmall
+
+
+class PlainClassifier(pl.LightningModule):
+    """A LightningModule written without any knowledge of nf_lightning."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * width, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def loaders(n_train: int = 256, n_val: int = 64, batch: int = 32) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (n_train + n_val,), generator=g)
+    # class-dependent mean so the task is learnable
+    x = torch.randn(n_train + n_val, 3, 16, 16, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float() / 5
+    train = TensorDataset(x[:n_train], y[:n_train])
+    val = TensorDataset(x[n_train:], y[n_train:])
+    return DataLoader(train, batch_size=batch, shuffle=True), DataLoader(val, batch_size=batch)
+
+
+def trainer(tmp_path: Path, strategy, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
+def tight_strategy(tmp_path: Path, **kwargs) -> NeuroFluxStrategy:
+    kwargs = {"memory_budget": "1.2MB", "epochs_per_block": 1, "batch_limit": 64, **kwargs}
+    return NeuroFluxStrategy(cache_dir=tmp_path / "cache", **kwargs)
+
+
+def test_plain_module_trains_and_blocks_respect_budget(tmp_path: Path) -> None:
+    module = PlainClassifier()
+    train, val = loaders()
+    strategy = tight_strategy(tmp_path)
+    t = trainer(tmp_path, strategy, enable_checkpointing=False)
+    t.fit(module, train, val)
+    plan = strategy.plan
+    assert len(plan.blocks) >= 2, plan.blocks
+    profiler = next(c for c in t.callbacks if isinstance(c, MemoryProfiler))
+    assert set(profiler.peaks) == set(range(len(plan.blocks)))
+    for block, peak in profiler.peaks.items():
+        assert 0.3 * plan.budget < peak <= plan.budget, (block, peak, plan.budget)
+    assert t.current_epoch == plan.total_epochs
+    for unit in range(len(plan.unit_models)):
+        assert f"val/acc_exit_{unit}" in t.callback_metrics or any(
+            unit in b.units for b in plan.blocks[:-1]
+        )
+    # caches of every block but the last are on disk
+    for block in range(len(plan.blocks) - 1):
+        for split in ("train", "val"):
+            assert (tmp_path / "cache" / f"block{block}-{split}" / "manifest.json").is_file()
+    # the user's module is handed back unchanged in kind
+    assert module.automatic_optimization
+
+
+def test_registered_name_resolves(tmp_path: Path) -> None:
+    t = trainer(tmp_path, "neuroflux", max_epochs=1)
+    assert isinstance(t.strategy, NeuroFluxStrategy)
+    assert t.strategy.root_device == torch.device("cpu")
+
+
+def test_budget_too_small_names_minimum(tmp_path: Path) -> None:
+    train, val = loaders()
+    t = trainer(tmp_path, NeuroFluxStrategy(memory_budget=1000), enable_checkpointing=False)
+    with pytest.raises(BudgetTooSmall, match=r"smallest feasible budget .* needed by unit \d"):
+        t.fit(PlainClassifier(), train, val)
+
+
+def test_resume_reuses_verified_cache_and_rebuilds_corrupt_one(tmp_path: Path) -> None:
+    train, val = loaders()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, every_n_epochs=1)
+    strategy = tight_strategy(tmp_path, rho=0.0)  # one block per distinct batch size
+    t = trainer(tmp_path, strategy, callbacks=[ckpt])
+    t.fit(PlainClassifier(), train, val)
+    n_blocks = len(strategy.plan.blocks)
+    assert n_blocks >= 3
+    cache_file = tmp_path / "cache" / "block0-train" / "activations.npy"
+    first_epoch_of_block2 = strategy.plan.epochs_of(2)[0]
+    resume_from = tmp_path / "ckpt" / f"epoch={first_epoch_of_block2 - 1}-step={_step_of(tmp_path, first_epoch_of_block2 - 1)}.ckpt"
+    before = (tmp_path / "cache" / "block1-train" / "manifest.json").stat().st_mtime_ns
+
+    # corrupt block 0's cache: block 1's is intact and is what block 2 needs
+    data = bytearray(cache_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cache_file.write_bytes(bytes(data))
+
+    strategy2 = tight_strategy(tmp_path, rho=0.0)
+    t2 = trainer(tmp_path, strategy2, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2")])
+    t2.fit(PlainClassifier(), train, val, ckpt_path=resume_from)
+    assert t2.current_epoch == strategy2.plan.total_epochs
+    assert (tmp_path / "cache" / "block1-train" / "manifest.json").stat().st_mtime_ns == before  # reused
+
+    # now corrupt the cache block 2 reads: resuming rebuilds it with a warning
+    target = tmp_path / "cache" / "block1-train" / "activations.npy"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    strategy3 = tight_strategy(tmp_path, rho=0.0)
+    t3 = trainer(tmp_path, strategy3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt3")])
+    with pytest.warns(UserWarning, match="failed verification"):
+        t3.fit(PlainClassifier(), train, val, ckpt_path=resume_from)
+    assert (tmp_path / "cache" / "block1-train" / "manifest.json").stat().st_mtime_ns != before
+
+
+def _step_of(tmp_path: Path, epoch: int) -> int:
+    matches = list((tmp_path / "ckpt").glob(f"epoch={epoch}-step=*.ckpt"))
+    assert len(matches) == 1, matches
+    return int(matches[0].stem.split("step=")[1])
+
+
+def test_bp_infeasible_budget_trains_under_neuroflux(tmp_path: Path) -> None:
+    from nf_lightning.core.aux_heads import build_aux_heads
+    from nf_lightning.core.partitioner import minimum_budget
+    from nf_lightning.core.profiler import profile_backprop, profile_units
+
+    module = PlainClassifier(width=16)
+    shape = (3, 16, 16)
+    parts = decompose(module.net)
+    aux = build_aux_heads(parts.units, 10, shape)
+    nf_minimum = minimum_budget(profile_units(parts.units, list(aux), parts.head, shape))
+    bp_minimum = profile_backprop(module.net, shape).predict(1)
+    assert nf_minimum < bp_minimum
+    budget = int(nf_minimum + 0.9 * (bp_minimum - nf_minimum))  # BP cannot run even one sample
+    train, val = loaders()
+    t = trainer(tmp_path, tight_strategy(tmp_path, memory_budget=budget), enable_checkpointing=False)
+    t.fit(module, train, val)
+    profiler = next(c for c in t.callbacks if isinstance(c, MemoryProfiler))
+    assert max(profiler.peaks.values()) <= budget < bp_minimum
+    assert t.callback_metrics["val/acc"] > 0.15  # above chance (0.1) on a learnable task
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import lightning.pytorch as pl
+    sys.path.insert(0, {tests!r})
+    from test_strategy import PlainClassifier, loaders, trainer, tight_strategy
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from pathlib import Path
+
+    class KillInBlock(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.strategy.active_block == 1 and batch_idx == 2 and {kill}:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    tmp = Path({tmp!r})
+    train, val = loaders()
+    ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True, every_n_epochs=1)
+    t = trainer(tmp, tight_strategy(tmp), callbacks=[ckpt, KillInBlock()])
+    last = tmp / "ckpt" / "last.ckpt"
+    t.fit(PlainClassifier(), train, val, ckpt_path=str(last) if last.exists() else None)
+    print("FINISHED", t.current_epoch, t.strategy.plan.total_epochs)
+    """
+)
+
+
+def test_sigkill_in_second_block_then_resume(tmp_path: Path) -> None:
+    tests = str(Path(__file__).parent)
+
+    def run(kill: bool) -> subprocess.CompletedProcess:
+        script = KILL_SCRIPT.format(tests=tests, tmp=str(tmp_path), kill=kill)
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+    killed = run(kill=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    resumed = run(kill=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    done = [line for line in resumed.stdout.splitlines() if line.startswith("FINISHED")]
+    assert done and done[0].split()[1] == done[0].split()[2]
