@@ -107,19 +107,20 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_nf_plan_json_from_another_directory(tmp_path: Path, cifar: Path) -> None:
-    done = _cli(["nf-plan", "model=resnet18", "model.width_mult=0.25", "budget=50MB", "output=json"], tmp_path)
+    done = _cli(["nf-plan", "model=vgg11", "model.width_mult=0.125", "budget=50MB", "output=json"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
-    assert report["model"] == "resnet18" and report["neuroflux"]["blocks"]
-    failed = _cli(["nf-plan", "budget=1MB"], tmp_path)
-    assert "NeuroFlux cannot run: budget 1.0 MB is below the smallest feasible budget" in failed.stdout
+    assert report["model"] == "vgg11" and report["neuroflux"]["blocks"]
+    failed = _cli(["nf-plan", "model=vgg11", "model.width_mult=0.125", "budget=100kB"], tmp_path)
+    assert "NeuroFlux cannot run: budget 100.0 kB is below the smallest feasible budget" in failed.stdout
 
 
 def test_nf_train_multirun_writes_one_result_per_run(
     tmp_path: Path, cifar: Path
 ) -> None:
     done = _cli(
-        ["nf-train", "-m", *TINY, "method=bp,neuroflux", "budget=8MB,10kB", f"hydra.sweep.dir={tmp_path}/sweep"],
+        ["nf-train", "-m", *TINY, "data.train_subset=200", "data.val_subset=100", "epochs=1", "method=bp,neuroflux",
+         "budget=8MB,10kB", f"hydra.sweep.dir={tmp_path}/sweep"],
         tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -51,11 +51,14 @@ def nbytes(*modules: nn.Module, buffers: bool = False) -> int:
 
 
 class TestLinearMemoryModel:
-    def test_fit_is_least_squares_and_reports_the_worst_relative_error(self) -> None:
-        fit = LinearMemoryModel.fit([(1, 100), (2, 300), (3, 300)], static_bytes=0, input_bytes_per_sample=0)
-        assert fit.slope == pytest.approx(100)
-        assert fit.intercept == pytest.approx(100 / 3)
-        assert fit.rel_error == pytest.approx(1 / 3)  # batch 1: predicts 133.3 for 100
+    def test_fit_is_least_squares_on_the_upper_half_with_a_floor(self) -> None:
+        samples = [(2, 500), (4, 520), (8, 900), (16, 1700), (32, 3250)]
+        fit = LinearMemoryModel.fit(samples, static_bytes=0, input_bytes_per_sample=0)
+        # least squares through batches 8, 16, 32 only
+        assert fit.slope == pytest.approx(97.767857142857, rel=1e-9)
+        assert fit.floor == 500 and fit.predict(1) == 500 and fit.predict(2) == 500
+        worst = max(abs(fit.predict(b) - p) / p for b, p in samples)
+        assert fit.rel_error == pytest.approx(worst)
         exact = LinearMemoryModel.fit([(2, 250), (4, 450), (8, 850)], static_bytes=0, input_bytes_per_sample=0)
         assert (exact.slope, exact.rel_error) == (100, pytest.approx(0, abs=1e-12))
         assert exact.predict(10) == pytest.approx(1050)

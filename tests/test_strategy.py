@@ -220,3 +220,14 @@ def test_sigkill_in_second_block_then_resume(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     done = [line for line in resumed.stdout.splitlines() if line.startswith("FINISHED")]
     assert done and done[0].split()[1] == done[0].split()[2]
+
+
+def test_without_cache_blocks_train_through_frozen_prefix(tmp_path: Path) -> None:
+    train, val = loaders()
+    strategy = tight_strategy(tmp_path, cache=False)
+    t = trainer(tmp_path, strategy, enable_checkpointing=False)
+    t.fit(PlainClassifier(), train, val)
+    assert len(strategy.plan.blocks) >= 2
+    assert not (tmp_path / "cache").exists()
+    assert t.current_epoch == strategy.plan.total_epochs
+    assert t.callback_metrics["val/acc"] > 0.15

@@ -123,6 +123,23 @@ def expand_epochs(epochs_per_block: int | Sequence[int], num_blocks: int) -> lis
     return counts
 
 
+def profile_batch_sizes(batch_limit: int, device: torch.device | str) -> tuple[int, ...]:
+    """Batch sizes to profile at: the whole range up to ``batch_limit`` where profiling is fake (free),
+    small ones where it runs for real on a device that may be as small as the budget.
+
+    The true peak bends slightly upward with the batch, so fitting over the range
+    the partitioner will use keeps predictions honest at large batches.
+
+    >>> profile_batch_sizes(256, "cpu"), profile_batch_sizes(256, "cuda")
+    ((2, 4, 8, 16, 32, 64, 128, 256), (2, 4, 8, 16, 32))
+    """
+    limit = batch_limit if torch.device(device).type != "cuda" else min(batch_limit, 32)
+    sizes = [2]
+    while sizes[-1] * 2 <= limit:
+        sizes.append(sizes[-1] * 2)
+    return tuple(sizes) if len(sizes) > 1 else (1, 2)
+
+
 def make_plan(
     units: Sequence[nn.Module],
     exits: Sequence[nn.Module],
@@ -144,7 +161,13 @@ def make_plan(
     """
     start = time.perf_counter()
     models = profile_units(
-        list(units), list(exits[:-1]), exits[-1], input_shape, optimizer_factory=optimizer_factory, device=device
+        list(units),
+        list(exits[:-1]),
+        exits[-1],
+        input_shape,
+        batch_sizes=profile_batch_sizes(batch_limit, device),
+        optimizer_factory=optimizer_factory,
+        device=device,
     )
     blocks = single_block_plan(models, budget, batch_limit) if single_block else partition(models, budget, batch_limit, rho)
     return TrainingPlan(

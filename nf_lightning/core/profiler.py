@@ -57,13 +57,20 @@ def default_optimizer(params: Iterable[nn.Parameter]) -> Optimizer:
 
 @dataclass
 class LinearMemoryModel:
-    """Peak memory of a training step as a linear function of the batch size.
+    """Peak memory of a training step as a linear function of the batch size, with a floor.
+
+    Large batches are linear (activations dominate); at small batches the peak
+    settles on a floor set by batch-independent work such as the optimizer
+    step. So the line is fitted to the larger half of the profiled batch sizes
+    and the prediction never drops below the peak measured at the smallest one.
 
     Example:
         >>> m = LinearMemoryModel.fit([(2, 300), (4, 500), (8, 900)], static_bytes=80,
         ...                           input_bytes_per_sample=12)
         >>> m.slope, round(m.intercept), m.max_batch(1000), m.max_batch(50)
         (100.0, 100, 9, 0)
+        >>> LinearMemoryModel.fit([(2, 900), (4, 910), (8, 1000), (16, 1800)], 0, 0).predict(1)
+        900.0
     """
 
     slope: float
@@ -72,28 +79,30 @@ class LinearMemoryModel:
     samples: list[tuple[int, int]]  # (batch, measured peak bytes)
     static_bytes: int  # params, buffers, grads and optimizer state: independent of the batch
     input_bytes_per_sample: int  # one sample of the input batch
+    floor: float = 0.0  # peak at the smallest profiled batch: no batch needs less
 
     @classmethod
     def fit(
         cls, samples: Sequence[tuple[int, int]], static_bytes: int, input_bytes_per_sample: int
     ) -> LinearMemoryModel:
-        """Least-squares line through ``(batch, peak)`` samples at two or more batch sizes."""
-        batches = [float(b) for b, _ in samples]
-        peaks = [float(p) for _, p in samples]
-        n = len(samples)
-        mean_b, mean_p = sum(batches) / n, sum(peaks) / n
-        spread = sum((b - mean_b) ** 2 for b in batches)
-        if spread == 0:
+        """Least-squares line through the larger half of ``(batch, peak)`` samples, floored at the smallest."""
+        ordered = sorted((int(b), int(p)) for b, p in samples)
+        if len({b for b, _ in ordered}) < 2:
             raise ValueError(f"need samples at two or more batch sizes, got {list(samples)}")
+        upper = ordered[(len(ordered) - 1) // 2 :]
+        batches = [float(b) for b, _ in upper]
+        peaks = [float(p) for _, p in upper]
+        mean_b, mean_p = sum(batches) / len(upper), sum(peaks) / len(upper)
+        spread = sum((b - mean_b) ** 2 for b in batches)
         slope = sum((b - mean_b) * (p - mean_p) for b, p in zip(batches, peaks)) / spread
         intercept = mean_p - slope * mean_b
-        rel_error = max(abs(slope * b + intercept - p) / p for b, p in zip(batches, peaks))
-        measured = [(int(b), int(p)) for b, p in samples]
-        return cls(slope, intercept, rel_error, measured, static_bytes, input_bytes_per_sample)
+        model = cls(slope, intercept, 0.0, ordered, static_bytes, input_bytes_per_sample, float(ordered[0][1]))
+        model.rel_error = max(abs(model.predict(b) - p) / p for b, p in ordered)
+        return model
 
     def predict(self, batch: int) -> float:
         """Predicted peak bytes of a step at this batch size."""
-        return self.slope * batch + self.intercept
+        return max(self.slope * batch + self.intercept, self.floor)
 
     def max_batch(self, budget_bytes: int) -> int:
         """Largest batch whose predicted peak fits the budget (0 if none does).

@@ -58,7 +58,10 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
         rho: grouping threshold of Algorithm 1.
         aux: ``"adaptive"`` (AAN, the paper's heads) or ``"classic"`` (256 filters).
         cache: write each finished block's outputs to disk and train the next
-            block from them (the paper's §5.3); ``False`` only with one block.
+            block from them (the paper's §5.3). ``False`` instead runs every batch
+            through the frozen blocks before the active one (kept on the device,
+            outside the budget): slower, but later blocks see augmented data;
+            it exists to measure what the cache's policy costs.
         cache_dir: where caches go; ``<default_root_dir>/neuroflux_cache`` if None.
         cache_dtype: ``"float16"`` or ``"float32"``.
         input_shape: one sample's shape; taken from the data module
@@ -178,8 +181,6 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
             self.exits.load_state_dict(self._pending_exit_state)
             self._pending_exit_state = None
         plan = self._callback(MemoryProfiler).ensure_plan(self)
-        if len(plan.blocks) > 1 and not self.cache:
-            raise ValueError("cache=False needs a single block (classic local learning); pass single_block=True")
         set_max_epochs(trainer, plan.total_epochs)
         self.model = self.precision_plugin.convert_module(self.model)
         start = self.active_block if self.active_block is not None else plan.block_of_epoch(trainer.current_epoch)
@@ -221,11 +222,13 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
         """Make ``block`` the one on the device, with fresh optimizers."""
         if block == self.active_block:
             return
-        if self.active_block is not None:
+        if self.active_block is not None and self.cache:
             for module in self.block_modules(self.active_block):
                 module.to("cpu")  # trained blocks go to storage
         self.active_block = block
-        for module in self.block_modules(block):
+        assert self.decomposition is not None
+        frozen = [] if self.cache else self.decomposition.units[: self.block_units(block)[0]]
+        for module in [*frozen, *self.block_modules(block)]:
             module.to(self.root_device)
         batch = self.plan.batch_size(block)
         optimizers, schedulers = [], []
@@ -288,7 +291,7 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
         self._raw_loaders[RunningStage.TRAINING if training else RunningStage.VALIDATING] = dataloader
         self._enter_block(block)
         batch = self.plan.batch_size(block)
-        if block == 0:
+        if block == 0 or not self.cache:
             return rebatch(dataloader, batch, shuffle=training)
         split = "train" if training else "val"
         return self._callback(ActivationCache).loader(self, block, split, batch, shuffle=training)
@@ -305,7 +308,7 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
         if not self._fitting():
             return super().training_step(*args, **kwargs)
         block = self._active()
-        x, y = split_batch(args[0])
+        x, y = self._block_input(args[0])
         self._step_epoch_schedulers()
         block.train(True)
         peaks: list[int] = []
@@ -326,7 +329,7 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
         if not self._fitting():
             return super().validation_step(*args, **kwargs)
         block = self._active()
-        x, y = split_batch(args[0])
+        x, y = self._block_input(args[0])
         block.train(False)
         with self.precision_plugin.val_step_context():
             correct = block.evaluate(x, y)
@@ -336,6 +339,17 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
             module.log(f"val/acc_exit_{unit}", hits.float() / len(y), batch_size=len(y))
         module.log("val/acc", correct[-1].float() / len(y), prog_bar=True, batch_size=len(y))
         return None
+
+    def _block_input(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """The active block's input: the batch itself, or without a cache its pass through the frozen blocks."""
+        x, y = split_batch(batch)
+        assert self.decomposition is not None and self.active_block is not None
+        first = self.block_units(self.active_block)[0]
+        if first > 0 and not self.cache:
+            with torch.no_grad():
+                for unit in self.decomposition.units[:first]:
+                    x = unit.eval()(x)
+        return x, y
 
     @contextlib.contextmanager
     def _guard(self, block: LocalBlock, peaks: list[int]) -> Iterator[None]:
