@@ -29,9 +29,8 @@ def _load_script() -> ModuleType:
 def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One run of the script's ``main`` at width 0.125, shared by the tests below."""
     out = tmp_path_factory.mktemp("memory_figures")
-    argv = ["--model", "vgg11", "--width", "0.125", "--budget", f"{BUDGET_MB}MB",
-            "--batch-limit", str(BATCH_LIMIT), "--out", str(out)]  # fmt: skip
-    paths = _load_script().main(argv)
+    argv = ["--model", "vgg11", "--width", "0.125", "--budget", f"{BUDGET_MB}MB", "--batch-limit", str(BATCH_LIMIT)]
+    paths = _load_script().main([*argv, "--out", str(out)])
     assert sorted(p.name for p in paths) == sorted(
         f"{stem}.{ext}"
         for stem in ("fig4_memory_vs_batch", "fig6_max_batch_per_unit", "fig8_unit_linear_fits")
