@@ -28,11 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from nf_lightning import data, models
 from nf_lightning.cli.common import CONF_DIR, output_dir
 from nf_lightning.core.budget import parse_bytes
+from nf_lightning.core.cache import cache_size_report
 from nf_lightning.core.partitioner import BudgetTooSmall
 from nf_lightning.core.profiler import profile_backprop
 from nf_lightning.lightning.classifier import ClassifierModule
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
+from nf_lightning.lightning.memory_profiler import MemoryProfiler
+from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
 from nf_lightning.lightning.strategy import NeuroFluxStrategy
 
 METHODS = ("bp", "classic_ll", "neuroflux")
@@ -99,6 +102,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             datamodule.batch_size = batch
             module.hparams.lr = cfg.optim.lr * batch / cfg.optim.reference_batch
             results["batch_sizes"] = [batch]
+            trainer_kwargs["callbacks"].append(PeakMemoryMonitor())
             trainer = pl.Trainer(max_epochs=cfg.epochs, **trainer_kwargs)
         else:
             strategy = NeuroFluxStrategy(
@@ -114,9 +118,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
                 single_block=cfg.method.single_block,
             )
             selector = EarlyExitSelector(
-                tolerance=OmegaConf.select(cfg, "exit.tolerance", default=0.0),
-                depth_patience=OmegaConf.select(cfg, "exit.depth_patience", default=None),
-                export=cfg.export,
+                tolerance=cfg.exit.tolerance, depth_patience=cfg.exit.depth_patience, export=cfg.export
             )
             trainer_kwargs["callbacks"].append(selector)
             trainer = pl.Trainer(strategy=strategy, **trainer_kwargs)
@@ -135,6 +137,10 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         results["batch_sizes"] = [plan.batch_size(i) for i in range(len(plan.blocks))]
         results["exit_accuracies"] = history.final_exit_accuracies()
         results["exit"] = selector.summary
+        cache = cache_size_report(out / "cache") if (out / "cache").is_dir() else {}
+        results["cache_bytes"] = sum(cache.values())
+        samples = len(datamodule.train_dataset(augment=False)) + len(datamodule.val_dataset())
+        results["dataset_bytes"] = samples * math.prod(datamodule.input_shape)  # as uint8 images
     results["measured_peak_bytes"] = _measured_peak(trainer)
     _write(out, results)
     print(
@@ -145,8 +151,12 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 
 def _measured_peak(trainer: pl.Trainer) -> int | None:
-    peaks = [cb.peaks for cb in trainer.callbacks if hasattr(cb, "peaks") and cb.peaks]
-    return max(max(p.values()) for p in peaks) if peaks else None
+    for callback in trainer.callbacks:
+        if isinstance(callback, PeakMemoryMonitor):
+            return callback.peak_bytes
+        if isinstance(callback, MemoryProfiler) and callback.peaks:
+            return max(callback.peaks.values())
+    return None
 
 
 def _write(out: Path, results: dict[str, Any]) -> None:
