@@ -63,6 +63,6 @@ def test_train_dataloader_is_reachable_before_the_fit_loop_loads_it(tmp_path) ->
 
     loader = DataLoader(TensorDataset(torch.zeros(4, 2)), batch_size=2)
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                         default_root_dir=tmp_path, enable_model_summary=False)
+                         default_root_dir=tmp_path, enable_model_summary=False, callbacks=[Peek()])
     trainer.fit(Tiny(), loader)
     assert seen == [loader]

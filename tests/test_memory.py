@@ -108,6 +108,7 @@ def test_going_over_the_limit_raises_an_out_of_memory_error() -> None:
     with pytest.raises(MemoryLimitExceeded, match="1200 bytes live on cpu, over the limit of 1000"):
         with meter:  # `a` is still live, and counts in the next window
             torch.empty(50)
+    assert a.numel() == 250  # kept alive on purpose through the second window
     assert issubclass(MemoryLimitExceeded, torch.cuda.OutOfMemoryError)  # handled like a real OOM
 
 

@@ -16,7 +16,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nf_lightning import MemoryProfiler, NeuroFluxStrategy, decompose
-from nf_lightning.core.budget import parse_bytes
 from nf_lightning.core.partitioner import BudgetTooSmall
 
 
