@@ -37,11 +37,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import figures
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import figures
 from nf_lightning import models
 from nf_lightning.cli.common import CONF_DIR
 from nf_lightning.cli.train import METHODS, run
@@ -56,16 +56,16 @@ HEAD_ACCURACY = "val/acc"
 CSV_FIELDS = (
     "budget", "budget_bytes", "method", "could_run", "batch_sizes", "train_seconds", "time_to_target_seconds",
     "measured_peak_bytes", "best_accuracy", "exported_parameters", "exported_accuracy", "exported_from",
-    "speedup_vs_bp", "speedup_vs_classic_ll", "reason",
+    "target_exit_parameters", "speedup_vs_bp", "speedup_vs_classic_ll", "reason",
 )
 
 
 class Speedup(NamedTuple):
     """How many times faster NeuroFlux reached the target than a baseline at the same budget.
 
-    ``lower_bound`` is set when the baseline never reached the target: it
-    would have needed more than its whole training time, so the true speed-up
-    is at least ``value``.
+    ``lower_bound`` is set when the baseline never reached the target: it would
+    have needed more than the time of its last validation, so the true
+    speed-up is at least ``value``.
     """
 
     value: float
@@ -160,9 +160,28 @@ def summarize_run(results: dict[str, Any], target: float, full_parameters: int) 
         exported_parameters=exported["parameters"] if exported else full_parameters,
         exported_accuracy=exported["accuracy"] if exported else results["final_accuracy"],
         exported_from="exit" if exported else "full model",
+        target_exit_parameters=smallest_exit_at_target(results, target, full_parameters),
         curve=curve,
     )
     return row
+
+
+def smallest_exit_at_target(results: dict[str, Any], target: float, full_parameters: int) -> int | None:
+    """Fewest parameters of an exit whose final accuracy reaches ``target``; ``None`` if none does.
+
+    A run without exits (BP) has one, the full model, at its final accuracy.
+
+    >>> exits = [{"unit": 0, "accuracy": 0.3, "parameters": 10}, {"unit": 1, "accuracy": 0.5, "parameters": 40},
+    ...          {"unit": 2, "accuracy": 0.6, "parameters": 90}]
+    >>> smallest_exit_at_target({"exit": {"exits": exits}}, 0.45, 100)
+    40
+    """
+    exported = results.get("exit")
+    if exported:
+        candidates = [(e["accuracy"], e["parameters"]) for e in exported["exits"]]
+    else:
+        candidates = [(results["final_accuracy"], full_parameters)]
+    return min((params for accuracy, params in candidates if accuracy >= target), default=None)
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -253,9 +272,14 @@ def format_table(rows: Sequence[dict[str, Any]], target: float) -> str:
     """The comparison as a person reads it: one line per budget and method."""
     header = (
         f"{'budget':>8} {'method':<11}{'batch':>13}{'train s':>9}{'to target s':>12}{'peak':>10}"
-        f"{'best acc':>9}{'exported':>10}{'exp acc':>8}{'BP/NF':>8}{'LL/NF':>8}"
+        f"{'best acc':>9}{'exported':>10}{'exp acc':>8}{'at target':>10}{'BP/NF':>8}{'LL/NF':>8}"
     )
-    lines = [f"target accuracy {target:.2%}  (* measured peak above the budget)", header, "-" * len(header)]
+    notes = (
+        "exported: parameters of the selected exit (the full model without one); at target: fewest parameters of "
+        "an exit reaching the target; BP/NF, LL/NF: how many times faster NeuroFlux reached the target; "
+        "*: measured peak above the budget"
+    )
+    lines = [f"target accuracy {target:.2%}", header, "-" * len(header)]
     for row in rows:
         if not row["could_run"]:
             lines.append(f"{row['budget']:>8} {row['method']:<11}  cannot run: {row['reason']}")
@@ -265,9 +289,10 @@ def format_table(rows: Sequence[dict[str, Any]], target: float) -> str:
             f"{_optional(row['time_to_target_seconds'], '{:.1f}', 'not reached'):>12}"
             f"{_peak(row):>10}"
             f"{row['best_accuracy']:>9.2%}{row['exported_parameters']:>10,}{row['exported_accuracy']:>8.2%}"
+            f"{_optional(row['target_exit_parameters'], '{:,}', '-'):>10}"
             f"{_speedup_cell(row.get('speedup_vs_bp')):>8}{_speedup_cell(row.get('speedup_vs_classic_ll')):>8}"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, notes])
 
 
 def _batches(sizes: Sequence[int]) -> str:
@@ -320,42 +345,55 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--curve-budget", default=None,
-        help="budget of the accuracy-vs-time figure (default: the tightest budget at which every method ran)",
+        help="budget of the accuracy-vs-time figure (default: the tightest budget at which the most methods ran)",
     )
     parser.add_argument(
-        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="more nf-train overrides, for every run"
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="more nf-train overrides, for every run",
     )
     parser.add_argument("--out", type=Path, default=REPO / "experiments" / "out" / "compare")
     parser.add_argument("--reuse", action="store_true", help="read runs whose results.json exists instead of training")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.target is None and "bp" not in args.methods:
+        parser.error("without BP in --methods there is no default target accuracy; pass --target")
+    return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the comparison; write and return the summary."""
-    args = parse_args(argv)
-    start = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    runs: list[dict[str, Any]] = []
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every method at every budget, tightest budget first; each run's ``results.json`` contents."""
+    runs = []
     with torch_threads(args.threads):
         for budget in sorted(args.budgets, key=parse_bytes):  # methods interleaved: drifting load hits all alike
             for method in args.methods:
                 cfg = compose_config(method, budget, args)
                 runs.append(run_or_reuse(cfg, run_dir(args.out, budget, method), args.reuse))
-    full_parameters = full_model_parameters(cfg)  # same model, data and width in every run
-    target = args.target if args.target is not None else default_target(runs)
+    return runs
+
+
+def summarize(args: argparse.Namespace, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The comparison's summary: settings, target, one row per run with the speed-ups."""
+    full_parameters = full_model_parameters(compose_config(args.methods[0], args.budgets[0], args))
+    if args.target is None:
+        target, rule = default_target(runs), f"BP's final accuracy at its most generous budget - {TARGET_MARGIN}"
+    else:
+        target, rule = args.target, "given"
     rows = [summarize_run(r, target, full_parameters) for r in runs]
     add_speedups(rows)
-    summary = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "target_accuracy": target,
-        "target_rule": "given" if args.target is not None else f"BP's final accuracy at its most generous budget - {TARGET_MARGIN}",
-        "rows": rows,
-    }
-    summary["figures"] = [str(p.relative_to(args.out)) for p in figures.write_all(summary, args.out, args.curve_budget)]
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return {"settings": settings, "target_accuracy": target, "target_rule": rule, "rows": rows}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the comparison; write the summary and figures, print the table; return the summary."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(args, run_all(args))
+    written = figures.write_all(summary, args.out, args.curve_budget)
+    summary["figures"] = [str(path.relative_to(args.out)) for path in written]
     summary["seconds"] = time.perf_counter() - start
     write_summary(args.out, summary)
-    print()
-    print(format_table(rows, target))
+    print(f"\n{format_table(summary['rows'], summary['target_accuracy'])}")
     print(f"\nfigures: {', '.join(summary['figures'])}")
     print(f"total {summary['seconds']:.0f} s -> {args.out / 'summary.json'}")
     return summary

@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 from collections.abc import Iterable, Sequence
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def training_time_figure(rows: Sequence[dict[str, Any]], out: Path) -> list[Path
     axes = fig.subplots(1, 2, sharey=True)
     width = 0.8 / len(methods)
     panels = (("train_seconds", "training wall time"), ("time_to_target_seconds", "time to target accuracy"))
-    for panel, (key, title) in zip(axes, panels):
+    for panel, (key, title) in zip(axes, panels, strict=True):
         for m, method in enumerate(methods):
             colour = METHOD_STYLE[method][1]
             for b, budget in enumerate(budgets):
@@ -82,10 +83,8 @@ def training_time_figure(rows: Sequence[dict[str, Any]], out: Path) -> list[Path
     axes[0].set_ylabel("seconds")
     handles = [Patch(color=METHOD_STYLE[m][1], label=METHOD_STYLE[m][0]) for m in methods]
     axes[0].legend(handles=handles, title="x: cannot run, -: target not reached", fontsize=8, title_fontsize=8)
-    csv_rows = [
-        {k: r.get(k) for k in ("budget", "budget_bytes", "method", "could_run", "train_seconds", "time_to_target_seconds")}
-        for r in rows
-    ]
+    fields = ("budget", "budget_bytes", "method", "could_run", "train_seconds", "time_to_target_seconds")
+    csv_rows = [{k: r.get(k) for k in fields} for r in rows]
     return _save(fig, csv_rows, out / "fig11_training_time")
 
 
@@ -108,7 +107,7 @@ def accuracy_time_figure(rows: Sequence[dict[str, Any]], target: float, out: Pat
         if row["budget"] != budget or not row["could_run"]:
             continue
         label, colour, marker = METHOD_STYLE[row["method"]]
-        seconds, accuracy = zip(*row["curve"]) if row["curve"] else ((), ())
+        seconds, accuracy = zip(*row["curve"], strict=True) if row["curve"] else ((), ())
         ax.step(seconds, accuracy, where="post", marker=marker, color=colour, label=label)
         csv_rows += [{"budget": budget, "method": row["method"], "seconds": s, "accuracy": a} for s, a in row["curve"]]
     ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.1%}")
@@ -137,7 +136,10 @@ def unit_profile(model: str, num_classes: int = 10, width_mult: float = 1.0) -> 
     units = decompose(models.create(model, num_classes=num_classes, width_mult=width_mult)).units
     shapes = unit_shapes(units)
     flops = {
-        policy: [head_flops(head, shape) for head, shape in zip(build_aux_heads(units, num_classes, policy=policy), shapes)]
+        policy: [
+            head_flops(head, shape)
+            for head, shape in zip(build_aux_heads(units, num_classes, policy=policy), shapes[:-1], strict=True)
+        ]
         for policy in AUX_POLICIES
     }
     profile = []
@@ -155,14 +157,15 @@ def activation_flops_figure(out: Path, model_names: Iterable[str] = FIG13_MODELS
     profiles = {model: unit_profile(model) for model in model_names}
     fig = Figure(figsize=(15, 4))
     sizes, per_unit, cumulative = fig.subplots(1, 3)
-    for (model, profile), colour in zip(profiles.items(), ("tab:purple", "tab:red", "tab:cyan", "tab:olive")):
+    for index, (model, profile) in enumerate(profiles.items()):
+        colour = f"C{index + 4}"  # clear of the methods' colours (C0-C2)
         units = [e["unit"] for e in profile]
         sizes.plot(units, [e["activation_elements"] for e in profile], marker="o", color=colour, label=model)
-        for policy, style in zip(AUX_POLICIES, ("-", "--")):
+        for policy, style in zip(AUX_POLICIES, ("-", "--"), strict=True):
             flops = [e[f"aux_flops_{policy}"] for e in profile if e[f"aux_flops_{policy}"] is not None]
             label = f"{model}, {policy} heads"
             per_unit.plot(units[: len(flops)], flops, style, marker=".", color=colour, label=label)
-            running = [sum(flops[: i + 1]) for i in range(len(flops))]
+            running = list(accumulate(flops))
             cumulative.plot(units[: len(flops)], running, style, color=colour, label=label)
     sizes.set(title="activation size per unit", xlabel="unit", ylabel="elements per sample", yscale="log")
     per_unit.set(title="aux-head forward FLOPs per unit", xlabel="unit", ylabel="FLOPs per sample", yscale="log")

@@ -11,8 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # experiments/ is scripts, not a package
 
-import compare  # noqa: E402
-import figures  # noqa: E402
+import compare
+import figures
 
 
 def nf_history() -> list[dict]:
@@ -100,14 +100,19 @@ def test_add_speedups_pairs_runs_of_the_same_budget() -> None:
 
 
 def test_summarize_run_prefers_the_exported_exit() -> None:
+    exits = [{"unit": 0, "accuracy": 0.45, "parameters": 300}, {"unit": 1, "accuracy": 0.52, "parameters": 1_000}]
     results = {**row("neuroflux", "20MB", 1), "batch_sizes": [64, 128], "train_seconds": 35.0,
                "history": nf_history(), "final_accuracy": 0.52, "measured_peak_bytes": 900,
-               "exit": {"parameters": 1_000, "accuracy": 0.52}}
+               "exit": {"parameters": 1_000, "accuracy": 0.52, "exits": exits}}
     summary = compare.summarize_run(results, target=0.5, full_parameters=20_000)
     assert summary["time_to_target_seconds"] == 31.0 and summary["best_accuracy"] == 0.52
     assert (summary["exported_parameters"], summary["exported_from"]) == (1_000, "exit")
+    assert summary["target_exit_parameters"] == 1_000
+    assert compare.summarize_run(results, target=0.45, full_parameters=20_000)["target_exit_parameters"] == 300
     del results["exit"]
-    assert compare.summarize_run(results, 0.5, 20_000)["exported_parameters"] == 20_000
+    without_exits = compare.summarize_run(results, 0.5, 20_000)
+    assert without_exits["exported_parameters"] == without_exits["target_exit_parameters"] == 20_000
+    assert compare.summarize_run(results, 0.6, 20_000)["target_exit_parameters"] is None
     failed = compare.summarize_run({**row("bp", "1MB", 1), "could_run": False, "reason": "too small"}, 0.5, 20_000)
     assert failed == {"method": "bp", "budget": "1MB", "budget_bytes": 1, "could_run": False, "reason": "too small"}
 
