@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from nf_lightning.cli.common import CONF_DIR
 from nf_lightning.cli.throughput import format_table, measure_run
@@ -52,12 +52,10 @@ def compose_config(model: str, args: argparse.Namespace) -> DictConfig:
         f"data.train_subset={_or_null(args.train_subset)}",
         f"data.val_subset={_or_null(args.val_subset)}",
         "trainer.enable_progress_bar=false",
+        f"exit.tolerance={args.tolerance}",
     ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.exit = {"tolerance": args.tolerance}
-    return cfg
+        return compose(config_name="train", overrides=overrides)
 
 
 def table_row(model: str, results: dict[str, Any]) -> dict[str, Any]:

@@ -161,8 +161,8 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
         model.automatic_optimization = False
         trainer.reload_dataloaders_every_n_epochs = 1
         # Ours run before the user's callbacks so caches exist before ModelCheckpoint saves.
-        missing = [cb() for cb in (MemoryProfiler, ActivationCache) if not any(isinstance(c, cb) for c in trainer.callbacks)]
-        trainer.callbacks[:0] = [*missing, _StrategyState()]
+        needed = (MemoryProfiler, ActivationCache, _StrategyState)
+        trainer.callbacks[:0] = [kind() for kind in needed if not any(isinstance(c, kind) for c in trainer.callbacks)]
 
     def _callback(self, kind: type) -> Any:
         return next(c for c in self.trainer.callbacks if isinstance(c, kind))
