@@ -12,9 +12,9 @@ Example:
     >>> units = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())]
     >>> exits = [nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 10))]
     >>> block = LocalBlock(units, exits, [torch.optim.SGD([*units[0].parameters(), *exits[0].parameters()], lr=0.1)])
-    >>> losses = block.train_step(torch.randn(2, 3, 4, 4), torch.tensor([1, 2]))
-    >>> len(losses)
-    1
+    >>> out, loss = block.unit_step(0, torch.randn(2, 3, 4, 4), torch.tensor([1, 2]))
+    >>> out.shape, out.requires_grad
+    (torch.Size([2, 8, 4, 4]), False)
 """
 
 from __future__ import annotations
@@ -80,14 +80,6 @@ class LocalBlock:
         optimizer.zero_grad(set_to_none=True)
         return out.detach(), loss.detach()
 
-    def train_step(self, x: Tensor, y: Tensor) -> list[Tensor]:
-        """Update every unit with one batch, unit by unit; returns the losses."""
-        losses = []
-        for index in range(len(self.units)):
-            x, loss = self.unit_step(index, x, y)
-            losses.append(loss)
-        return losses
-
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor) -> list[Tensor]:
         """Number of correct predictions of every exit (the block in eval mode)."""
@@ -96,13 +88,6 @@ class LocalBlock:
             x = unit(x)
             correct.append((exit_head(x).argmax(dim=1) == y).sum())
         return correct
-
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        """Output of the block's last unit (call in eval mode for caching)."""
-        for unit in self.units:
-            x = unit(x)
-        return x
 
 
 def shrink(batch: int, factor: float = 0.75) -> int:
@@ -122,7 +107,8 @@ def train_with_retry(
     on_shrink: Callable[[int, int, int], None],
     start: int = 0,
 ) -> list[Tensor]:
-    """:meth:`LocalBlock.train_step` under ``guard()``, splitting the batch when a unit exceeds the budget.
+    """Algorithm 2 for one batch: every unit from ``start`` takes :meth:`LocalBlock.unit_step` under ``guard()``,
+    splitting the batch when a unit exceeds the budget.
 
     Units before the failing one already took the whole batch; the failing unit
     and those after it take it in smaller pieces. ``on_shrink(unit, old, new)``
