@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nf_lightning import MemoryProfiler, NeuroFluxStrategy, decompose
+from nf_lightning import NeuroFluxStrategy, decompose
 from nf_lightning.core.partitioner import BudgetTooSmall
 
 
@@ -87,15 +87,13 @@ def test_plain_module_trains_and_blocks_respect_budget(tmp_path: Path) -> None:
     t.fit(module, train, val)
     plan = strategy.plan
     assert len(plan.blocks) >= 2, plan.blocks
-    profiler = next(c for c in t.callbacks if isinstance(c, MemoryProfiler))
-    assert set(profiler.peaks) == set(range(len(plan.blocks)))
-    for block, peak in profiler.peaks.items():
+    assert set(strategy.run.peaks) == set(range(len(plan.blocks)))
+    for block, peak in strategy.run.peaks.items():
         assert 0.3 * plan.budget < peak <= plan.budget, (block, peak, plan.budget)
     assert t.current_epoch == plan.total_epochs
-    for unit in range(len(plan.unit_models)):
-        assert f"val/acc_exit_{unit}" in t.callback_metrics or any(
-            unit in b.units for b in plan.blocks[:-1]
-        )
+    assert strategy.run.finished
+    assert sorted(strategy.run.records) == list(range(len(plan.unit_models)))  # every exit was scored
+    assert "val_acc" in t.callback_metrics  # the user's own metric, on the deployable exit
     # caches of every block but the last are on disk
     for block in range(len(plan.blocks) - 1):
         for split in ("train", "val"):
@@ -126,7 +124,7 @@ def test_resume_reuses_verified_cache_and_rebuilds_corrupt_one(tmp_path: Path) -
     n_blocks = len(strategy.plan.blocks)
     assert n_blocks >= 3
     cache_file = tmp_path / "cache" / "block0-train" / "activations.npy"
-    first_epoch_of_block2 = strategy.plan.epochs_of(2)[0]
+    first_epoch_of_block2 = sum(strategy.plan.epochs_per_block[:2])
     resume_from = tmp_path / "ckpt" / f"epoch={first_epoch_of_block2 - 1}-step={_step_of(tmp_path, first_epoch_of_block2 - 1)}.ckpt"
     before = (tmp_path / "cache" / "block1-train" / "manifest.json").stat().st_mtime_ns
 
@@ -175,9 +173,8 @@ def test_bp_infeasible_budget_trains_under_neuroflux(tmp_path: Path) -> None:
     train, val = loaders()
     t = trainer(tmp_path, tight_strategy(tmp_path, memory_budget=budget), enable_checkpointing=False)
     t.fit(module, train, val)
-    profiler = next(c for c in t.callbacks if isinstance(c, MemoryProfiler))
-    assert max(profiler.peaks.values()) <= budget < bp_minimum
-    assert t.callback_metrics["val/acc"] > 0.15  # above chance (0.1) on a learnable task
+    assert max(t.strategy.run.peaks.values()) <= budget < bp_minimum
+    assert t.callback_metrics["val_acc"] > 0.15  # above chance (0.1) on a learnable task
 
 
 KILL_SCRIPT = textwrap.dedent(
@@ -191,7 +188,7 @@ KILL_SCRIPT = textwrap.dedent(
 
     class KillInBlock(pl.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if trainer.strategy.active_block == 1 and batch_idx == 2 and {kill}:
+            if trainer.strategy.run.active_block == 1 and batch_idx == 2 and {kill}:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     tmp = Path({tmp!r})
@@ -229,4 +226,4 @@ def test_without_cache_blocks_train_through_frozen_prefix(tmp_path: Path) -> Non
     assert len(strategy.plan.blocks) >= 2
     assert not (tmp_path / "cache").exists()
     assert t.current_epoch == strategy.plan.total_epochs
-    assert t.callback_metrics["val/acc"] > 0.15
+    assert t.callback_metrics["val_acc"] > 0.15

@@ -37,10 +37,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+
+import sys
 
 from torch import Tensor, nn
-from torchvision import models as tv
 
 SUPPORTED_FORMS = """Supported forms:
   - a model defining neuroflux_decomposition(self) -> Decomposition (all nf_lightning.models do)
@@ -87,6 +89,8 @@ class Decomposition:
 
     units: list[nn.Module]
     head: nn.Module
+    network: nn.Module | None = field(default=None, compare=False, repr=False)
+    """The module whose forward is units then head (set by :func:`decompose`; None for explicit units)."""
 
     def __post_init__(self) -> None:
         self.units = list(self.units)
@@ -126,8 +130,17 @@ def decompose(model: nn.Module | Decomposition | Sequence[nn.Module]) -> Decompo
     return decomposition if decomposition is not None else _decompose_wrapper(model)
 
 
+def _rooted(decomposition: Decomposition, network: nn.Module) -> Decomposition:
+    return decomposition if decomposition.network is not None else dataclasses.replace(decomposition, network=network)
+
+
 def _decompose_module(model: nn.Module) -> Decomposition | None:
-    """Forms 2-4, or None when ``model`` has none of them."""
+    """Forms 2-4 with ``model`` as their network, or None when ``model`` has none of them."""
+    parts = _decompose_form(model)
+    return _rooted(parts, model) if parts is not None else None
+
+
+def _decompose_form(model: nn.Module) -> Decomposition | None:
     explicit = getattr(model, "neuroflux_decomposition", None)
     if callable(explicit):
         decomposition = explicit()
@@ -137,15 +150,16 @@ def _decompose_module(model: nn.Module) -> Decomposition | None:
                 f"got {type(decomposition).__name__}"
             )
         return decomposition
-    if isinstance(model, tv.VGG):
+    tv = sys.modules.get("torchvision.models")  # a torchvision model implies torchvision is loaded
+    if tv is not None and isinstance(model, tv.VGG):
         head = nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier)
         return Decomposition(units=_group_units(list(model.features)), head=head)
-    if isinstance(model, tv.ResNet):
+    if tv is not None and isinstance(model, tv.ResNet):
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         first, *rest = (block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer)
         head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
         return Decomposition(units=[nn.Sequential(stem, first), *rest], head=head)
-    if isinstance(model, tv.MobileNetV2):
+    if tv is not None and isinstance(model, tv.MobileNetV2):
         stem, first, *rest, last_conv = model.features
         head = nn.Sequential(last_conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.classifier)
         return Decomposition(units=[nn.Sequential(stem, first), *rest], head=head)

@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+
 import weakref
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -276,3 +278,20 @@ def meter_for(device: str | torch.device, limit: int | None = None) -> MemoryMet
     """
     device = torch.device(device)
     return CudaMemoryMeter(device, limit) if device.type == "cuda" else TrackedMemoryMeter(device, limit)
+
+
+def device_memory_bytes(device: str | torch.device) -> int | None:
+    """Total memory of ``device``: the GPU's, or the host's physical memory for the CPU; None if unknown.
+
+    >>> device_memory_bytes("cpu") > 0
+    True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None

@@ -2,16 +2,17 @@
 
 A plan is what the profiler and the partitioner decide before training
 starts, kept as plain data so it goes into checkpoints and JSON unchanged.
-The active block at any point of training is a function of the epoch alone,
-which is what makes resuming from a checkpoint need no hidden state.
+Which block is active is the run's state (:class:`~nf_lightning.core.run.BlockwiseRun`),
+not the plan's: ``epochs_per_block`` is each block's allotment.
 
 Example:
-    >>> from nf_lightning.core.partitioner import Block
+    >>> from nf_lightning.core.budget import format_bytes
+from nf_lightning.core.partitioner import Block
     >>> plan = TrainingPlan(budget=10**8, batch_limit=256, rho=0.4, aux_policy="adaptive",
     ...     input_shape=(3, 32, 32), unit_models=[], blocks=[Block((0, 1), 64, 0), Block((2,), 256, 0)],
     ...     epochs_per_block=[2, 3])
-    >>> plan.total_epochs, plan.block_of_epoch(1), plan.block_of_epoch(2), list(plan.epochs_of(1))
-    (5, 0, 1, [2, 3, 4])
+    >>> plan.total_epochs, plan.batch_size(1)
+    (5, 256)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nf_lightning.core.budget import format_bytes
 from nf_lightning.core.partitioner import Block, BudgetTooSmall, block_peak, largest_batch, minimum_budget, partition
 from nf_lightning.core.profiler import LinearMemoryModel, profile_units
 
@@ -50,28 +52,20 @@ class TrainingPlan:
     def total_epochs(self) -> int:
         return sum(self.epochs_per_block)
 
-    def block_of_epoch(self, epoch: int) -> int:
-        """Index of the block trained in ``epoch`` (the last block past the end)."""
-        for index, end in enumerate(self._ends()):
-            if epoch < end:
-                return index
-        return len(self.blocks) - 1
-
-    def epochs_of(self, block: int) -> range:
-        """The epochs in which ``block`` is trained."""
-        end = self._ends()[block]
-        return range(end - self.epochs_per_block[block], end)
-
     def batch_size(self, block: int) -> int:
         """The block's batch size, lowered if training had to shrink it."""
         return self.batch_overrides.get(block, self.blocks[block].batch_size)
 
-    def _ends(self) -> list[int]:
-        ends, total = [], 0
-        for epochs in self.epochs_per_block:
-            total += epochs
-            ends.append(total)
-        return ends
+    def describe(self) -> str:
+        """A few lines a person can read: blocks, batch sizes, epochs, predicted peak against the budget."""
+        lines = [f"NeuroFlux plan under {format_bytes(self.budget)} (made in {self.seconds:.2f} s):"]
+        for index, block in enumerate(self.blocks):
+            units = f"{block.units[0]}-{block.units[-1]}" if len(block.units) > 1 else str(block.units[0])
+            lines.append(
+                f"  block {index}: units {units:<7} batch {self.batch_size(index):<4} "
+                f"epochs {self.epochs_per_block[index]:<3} predicted peak {format_bytes(block.predicted_peak)}"
+            )
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {

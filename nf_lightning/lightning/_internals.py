@@ -1,4 +1,4 @@
-"""Every use of Lightning's private internals, in one place.
+"""Every use of Lightning's private or undocumented internals, in one place.
 
 Lightning does not promise these names across releases; ``tests/test_internals.py``
 checks each of them against the installed version so an upgrade that moves
@@ -10,21 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.optim import Optimizer
 
 
-def set_max_epochs(trainer: pl.Trainer, epochs: int) -> None:
-    """Override the fit loop's epoch limit (the Trainer has no public setter)."""
-    trainer.fit_loop.max_epochs = epochs
-
-
 def parse_optimizer_recipe(optim_conf: Any) -> tuple[list[Optimizer], list[LRSchedulerConfig]]:
     """Parse whatever ``configure_optimizers`` returned, with Lightning's own rules.
 
-    Scheduler configs keep their ``interval``/``frequency`` as automatic
-    optimization would, since the strategy steps them itself.
+    Scheduler configs keep their ``interval``/``frequency``/``monitor`` as
+    automatic optimization would, since NeuroFlux steps them itself.
     """
     optimizers, schedulers, monitor = _configure_optimizers(optim_conf)
     return optimizers, _configure_schedulers_automatic_opt(schedulers, monitor)
@@ -37,3 +33,36 @@ def train_dataloader_of(trainer: pl.Trainer) -> Any:
     the LightningModule's own ``train_dataloader``.
     """
     return trainer.fit_loop._data_source.dataloader()
+
+
+def reload_train_dataloader(trainer: pl.Trainer) -> None:
+    """Make the fit loop fetch (and pass through ``Strategy.process_dataloader``) its training loader
+    again at the start of the next epoch, with its length, progress bar total and validation interval
+    recomputed.
+
+    Lightning's public way is ``Trainer(reload_dataloaders_every_n_epochs=...)``, a user
+    setting NeuroFlux must not rewrite; dropping the loaded loader is what that setting does.
+    """
+    trainer.fit_loop._combined_loader = None
+
+
+class TrainerDevices:
+    """Lets a strategy receive the Trainer's ``accelerator``/``devices`` choice.
+
+    The accelerator connector fills ``parallel_devices`` on any strategy that has
+    the attribute (``_AcceleratorConnector._lazy_init_strategy``); Lightning's own
+    single-device strategies get their device at construction instead.
+    """
+
+    parallel_devices: list[torch.device] | None = None
+
+    def trainer_device(self) -> torch.device | None:
+        """The one device the Trainer asked for, None if it named none; an error for several."""
+        devices = self.parallel_devices
+        if not devices:
+            return None
+        if len(devices) > 1:
+            raise ValueError(
+                f"{type(self).__name__} trains on one device, but the Trainer asked for {len(devices)}; pass devices=1"
+            )
+        return devices[0]

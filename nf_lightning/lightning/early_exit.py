@@ -1,10 +1,12 @@
 """``EarlyExitSelector``: choose and export the smallest exit that keeps the best accuracy (§5.4).
 
-Every unit with its exit head is a classifier. The strategy already measures
-each exit of the active block on the validation data (from the activation
-cache, so no trained block runs again); this callback collects those
-accuracies with each exit's parameter count, picks the exit with
-:func:`~nf_lightning.core.exits.select_exit` when training ends, and exports it.
+Every unit with its exit head is a classifier. The run measures each exit of
+the active block on the validation data (from the activation cache, so no
+trained block runs again) and keeps the records; this callback sets the
+selection's tolerance, logs the exit table at every block's end, optionally
+stops going deeper, and when training ends selects the exit with
+:func:`~nf_lightning.core.exits.select_exit` and exports it. It reads the run
+as ``trainer.strategy.run`` and imports nothing of the strategy.
 
 Example:
     >>> import lightning.pytorch as pl
@@ -17,17 +19,15 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
 
 from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, export_program, select_exit
-from nf_lightning.lightning.strategy import NeuroFluxStrategy
+from nf_lightning.core.run import BlockwiseRun
 
 STATE_DICT_FILE = "exit_model.pt"
 PROGRAM_FILE = "exit_model.pt2"
@@ -35,15 +35,12 @@ SUMMARY_FILE = "exit.json"
 
 
 class EarlyExitSelector(pl.Callback):
-    """Records every exit's validation accuracy and size, selects one and exports it.
+    """Selects the exit to deploy, logs the exit table per block and exports the choice.
 
-    After each validation the exits of the active block are recorded from the
-    strategy's ``val/acc_exit_<unit>`` metrics; the latest record of a unit
-    wins, so the one from its block's last epoch (after which the unit is
-    frozen) is final. Validate every epoch (Lightning's default) so that the
-    last epoch of each block is measured. At the end of each block the current
-    table is logged: ``exit/acc_<unit>``, ``exit/params_<unit>``,
-    ``exit/best_unit``, ``exit/best_acc`` and ``exit/best_params``.
+    At the end of each block the table so far is logged: ``exit/acc_<unit>``,
+    ``exit/params_<unit>``, ``exit/best_unit``, ``exit/best_acc`` and
+    ``exit/best_params``. The latest record of a unit wins, so the one from its
+    block's last validation (after which the unit is frozen) is final.
 
     When training ends, :attr:`selected` is the chosen exit and
     :attr:`exit_model` the standalone :class:`~nf_lightning.core.exits.ExitModel`.
@@ -52,22 +49,21 @@ class EarlyExitSelector(pl.Callback):
     - ``exit_model.pt``: the exit model's state dict;
     - ``exit_model.pt2``: a ``torch.export`` program with a dynamic batch
       dimension, which ``torch.export.load(path).module()`` runs without
-      ``nf_lightning`` installed. ``torch.export`` rather than TorchScript: it
-      captures every zoo model and head, and ``torch.jit`` is deprecated. A
-      model it cannot capture gets a warning and no ``.pt2``, not a failed run;
+      ``nf_lightning`` installed. A model ``torch.export`` cannot capture gets
+      a warning and no ``.pt2``, not a failed run;
     - ``exit.json``: :attr:`summary`, i.e. the chosen ``unit``, its ``accuracy``
       and ``parameters``; ``full_parameters``, ``full_accuracy`` (the last exit,
-      the model's own head; None if depth patience stopped before it) and
-      ``compression`` (full over exit parameters); ``tolerance``, ``num_units``,
-      ``input_shape``, ``num_classes``; every exit in ``exits``; ``files``.
+      the model's own head; None if it never trained) and ``compression`` (full
+      over exit parameters); ``tolerance``, ``num_units``, ``input_shape``,
+      ``num_classes``; every exit in ``exits``; ``files``.
 
     Args:
         tolerance: exits within this much of the best accuracy count as equally
             good, and the one with the fewest parameters wins. A fraction of
-            accuracy: ``0.01`` is one percentage point.
+            accuracy: ``0.01`` is one percentage point. Also what the run deploys
+            during ``fit``.
         depth_patience: stop training deeper once this many consecutive blocks
-            have left the selected exit unchanged (beyond the paper; ``None``
-            trains every block).
+            have left the selected exit unchanged (``None`` trains every block).
         export_dir: where the files go; ``<default_root_dir>/export`` if None.
         export: write the files at all.
     """
@@ -93,101 +89,102 @@ class EarlyExitSelector(pl.Callback):
         self.selected: ExitRecord | None = None
         self.exit_model: ExitModel | None = None
         self.summary: dict[str, Any] | None = None
-        self._records: dict[int, ExitRecord] = {}
+        self._block: int | None = None
 
-    @property
-    def records(self) -> list[ExitRecord]:
-        """The latest record of every exit measured so far, shallowest first."""
-        return [self._records[unit] for unit in sorted(self._records)]
+    @staticmethod
+    def _run(trainer: pl.Trainer) -> BlockwiseRun:
+        run = getattr(trainer.strategy, "run", None)
+        if not isinstance(run, BlockwiseRun):
+            raise TypeError(
+                "EarlyExitSelector needs NeuroFluxStrategy, which trains an exit per unit; "
+                f"the Trainer's strategy is {type(trainer.strategy).__name__}"
+            )
+        return run
 
     # ------------------------------------------------------------- lightning
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and not isinstance(trainer.strategy, NeuroFluxStrategy):
+        if stage == "fit" and not hasattr(trainer.strategy, "run"):
             raise TypeError(
-                f"EarlyExitSelector needs NeuroFluxStrategy, which trains an exit per unit; "
+                "EarlyExitSelector needs NeuroFluxStrategy, which trains an exit per unit; "
                 f"the Trainer's strategy is {type(trainer.strategy).__name__}"
             )
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = self._run(trainer)
+        run.exit_tolerance = self.tolerance
+        if self._block is None:
+            self._block = run.active_block
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = self._run(trainer)
+        if run.active_block == self._block and not run.finished:
             return
-        strategy = trainer.strategy
-        assert isinstance(strategy, NeuroFluxStrategy) and strategy.decomposition is not None
-        block = strategy.active_block
-        units = strategy.block_units(block)
-        exits = strategy.exit_modules()
-        for unit in units:
-            accuracy = float(trainer.callback_metrics[f"val/acc_exit_{unit}"])
-            self._records[unit] = ExitRecord(unit, accuracy, exit_parameters(strategy.decomposition.units, exits, unit))
-        if trainer.current_epoch == strategy.plan.epochs_of(block)[-1]:
-            self._end_block(trainer, pl_module, block, units)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._records:
-            rank_zero_warn("EarlyExitSelector recorded no exit (did validation run?); nothing to select")
+        ended, self._block = self._block, run.active_block
+        if not run.records:
             return
-        strategy = trainer.strategy
-        assert isinstance(strategy, NeuroFluxStrategy) and strategy.decomposition is not None
-        assert strategy.input_shape is not None
-        units, exits = strategy.decomposition.units, strategy.exit_modules()
-        self.selected = select_exit(self.records, self.tolerance)
-        self.exit_model = ExitModel(units, exits, self.selected.unit).cpu()
-        self.summary = self._summarize(units, exits, strategy.input_shape)
-        if self.export and trainer.is_global_zero:
-            self._export(self.export_dir or Path(trainer.default_root_dir) / "export", strategy.input_shape)
-        rank_zero_info(
-            f"early exit: unit {self.selected.unit} of {len(units)} ({self.selected.accuracy:.2%} validation accuracy, "
-            f"{self.selected.parameters:,} parameters, {self.summary['compression']:.1f}x fewer than the full model)"
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"records": [record.to_dict() for record in self.records], "stale_blocks": self.stale_blocks}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        records = (ExitRecord.from_dict(data) for data in state_dict["records"])
-        self._records = {record.unit: record for record in records}
-        self.stale_blocks = int(state_dict["stale_blocks"])
-
-    # ------------------------------------------------------------- internals
-    def _end_block(self, trainer: pl.Trainer, pl_module: pl.LightningModule, block: int, units: Sequence[int]) -> None:
-        """Log the exit table and apply ``depth_patience`` once ``block``'s exits are final."""
-        best = select_exit(self.records, self.tolerance)
-        self.stale_blocks = 0 if best.unit in units else self.stale_blocks + 1
-        for record in self.records:
+        best = select_exit(run.records.values(), self.tolerance)
+        self.stale_blocks = 0 if best.unit in run.units_of(ended) else self.stale_blocks + 1
+        for record in self.records_of(run):
             pl_module.log(f"exit/acc_{record.unit}", record.accuracy)
             pl_module.log(f"exit/params_{record.unit}", float(record.parameters))
         pl_module.log("exit/best_unit", float(best.unit))
         pl_module.log("exit/best_acc", best.accuracy)
         pl_module.log("exit/best_params", float(best.parameters))
-        last_block = len(trainer.strategy.plan.blocks) - 1
-        if self.depth_patience is not None and self.stale_blocks >= self.depth_patience and block < last_block:
+        if self.depth_patience is not None and self.stale_blocks >= self.depth_patience and not run.finished:
             trainer.should_stop = True
             rank_zero_info(
                 f"the best exit (unit {best.unit}) has not changed for {self.stale_blocks} block(s); "
-                f"stopping after block {block} of {last_block + 1}"
+                f"stopping after block {ended} of {run.num_blocks}"
             )
 
-    def _summarize(
-        self, units: Sequence[nn.Module], exits: Sequence[nn.Module], input_shape: tuple[int, ...]
-    ) -> dict[str, Any]:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = self._run(trainer)
+        if not run.records:
+            rank_zero_warn("EarlyExitSelector recorded no exit (did validation run?); nothing to select")
+            return
+        self.selected = select_exit(run.records.values(), self.tolerance)
+        self.exit_model = run.exit_model(self.selected.unit)
+        self.summary = self._summarize(run)
+        if self.export and trainer.is_global_zero:
+            self._export(self.export_dir or Path(trainer.default_root_dir) / "export", run.plan.input_shape)
+        rank_zero_info(
+            f"early exit: unit {self.selected.unit} of {len(run.units)} ({self.selected.accuracy:.2%} validation "
+            f"accuracy, {self.selected.parameters:,} parameters, {self.summary['compression']:.1f}x fewer than "
+            "the full model)"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stale_blocks": self.stale_blocks, "block": self._block}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stale_blocks = int(state_dict["stale_blocks"])
+        self._block = state_dict.get("block")
+
+    # ------------------------------------------------------------- internals
+    @staticmethod
+    def records_of(run: BlockwiseRun) -> list[ExitRecord]:
+        """The latest record of every exit measured so far, shallowest first."""
+        return [run.records[unit] for unit in sorted(run.records)]
+
+    def _summarize(self, run: BlockwiseRun) -> dict[str, Any]:
         """What ``exit.json`` holds: the choice, the full model it is compared with, every exit."""
         assert self.selected is not None and self.exit_model is not None
-        last = len(units) - 1
-        full_parameters = exit_parameters(units, exits, last)  # the last exit is the model's own head
+        last = len(run.units) - 1
+        full_parameters = exit_parameters(run.units, run.exits, last)  # the last exit is the model's own head
         with torch.no_grad():
-            num_classes = self.exit_model(torch.zeros(1, *input_shape)).shape[1]
+            num_classes = self.exit_model(torch.zeros(1, *run.plan.input_shape)).shape[1]
         return {
             "unit": self.selected.unit,
             "accuracy": self.selected.accuracy,
             "parameters": self.selected.parameters,
             "full_parameters": full_parameters,
             "compression": full_parameters / self.selected.parameters,
-            "full_accuracy": self._records[last].accuracy if last in self._records else None,
+            "full_accuracy": run.records[last].accuracy if last in run.records else None,
             "tolerance": self.tolerance,
-            "num_units": len(units),
-            "input_shape": list(input_shape),
+            "num_units": len(run.units),
+            "input_shape": list(run.plan.input_shape),
             "num_classes": num_classes,
-            "exits": [record.to_dict() for record in self.records],
+            "exits": [record.to_dict() for record in self.records_of(run)],
         }
 
     def _export(self, directory: Path, input_shape: tuple[int, ...]) -> None:

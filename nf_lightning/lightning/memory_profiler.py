@@ -1,4 +1,7 @@
-"""``MemoryProfiler``: the plan before training, the measured peak during it.
+"""``MemoryProfiler``: logs the measured peak memory of NeuroFlux's steps against the plan and budget.
+
+Optional and independent: it reads the run the strategy exposes as
+``trainer.strategy.run`` and imports nothing of the strategy.
 
 Example:
     >>> import lightning.pytorch as pl
@@ -9,80 +12,37 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
 
-from nf_lightning.core.budget import format_bytes
-from nf_lightning.core.plan import TrainingPlan, make_plan
-
-if TYPE_CHECKING:
-    from nf_lightning.lightning.strategy import NeuroFluxStrategy
+from nf_lightning.core.run import BlockwiseRun
 
 
 class MemoryProfiler(pl.Callback):
-    """Profiles every unit, partitions them under the budget and logs peak memory.
+    """Logs ``memory/peak_bytes`` (measured: the tracked meter on CPU, the CUDA allocator on GPUs) after
+    every training step, next to ``memory/predicted_bytes`` (the plan's) and ``memory/budget_bytes``.
 
-    The plan is made once, when ``fit`` starts, and kept in the callback's
-    state so a resumed run trains the same blocks at the same batch sizes.
-    Every training step logs ``memory/peak_bytes`` (measured: the tracked meter
-    on CPU, the CUDA allocator on GPUs) next to ``memory/predicted_bytes`` and
-    ``memory/budget_bytes``.
+    :attr:`peaks` keeps the largest measured peak of every block.
     """
 
     def __init__(self) -> None:
-        self.plan: TrainingPlan | None = None
         self.peaks: dict[int, int] = {}
-
-    def ensure_plan(self, strategy: NeuroFluxStrategy) -> TrainingPlan:
-        """The plan, profiling and partitioning first if there is none yet."""
-        if self.plan is None:
-            assert strategy.decomposition is not None and strategy.input_shape is not None
-            self.plan = make_plan(
-                strategy.decomposition.units,
-                list(strategy.exit_modules()),
-                strategy.input_shape,
-                strategy.memory_budget,
-                epochs_per_block=strategy.epochs_per_block,
-                batch_limit=strategy.batch_limit,
-                rho=strategy.rho,
-                aux_policy=strategy.aux,
-                optimizer_factory=strategy.optimizer_factory(),
-                device=strategy.root_device,
-                single_block=strategy.single_block,
-            )
-            rank_zero_info(describe_plan(self.plan))
-        return self.plan
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        strategy = trainer.strategy
-        peak = getattr(strategy, "last_step_peak", None)
-        if peak is None or self.plan is None:
+        run = getattr(trainer.strategy, "run", None)
+        if not isinstance(run, BlockwiseRun) or run.last_step_peak is None:
             return
-        block = strategy.active_block
+        peak, block = run.last_step_peak, run.active_block
         self.peaks[block] = max(self.peaks.get(block, 0), peak)
         pl_module.log("memory/peak_bytes", float(peak), reduce_fx="max")
-        pl_module.log("memory/predicted_bytes", float(self.plan.blocks[block].predicted_peak), reduce_fx="max")
-        pl_module.log("memory/budget_bytes", float(self.plan.budget), reduce_fx="max")
+        pl_module.log("memory/predicted_bytes", float(run.plan.blocks[block].predicted_peak), reduce_fx="max")
+        pl_module.log("memory/budget_bytes", float(run.plan.budget), reduce_fx="max")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_dict() if self.plan else None, "peaks": dict(self.peaks)}
+        return {"peaks": dict(self.peaks)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.plan = TrainingPlan.from_dict(state_dict["plan"]) if state_dict.get("plan") else None
         self.peaks = {int(k): int(v) for k, v in state_dict.get("peaks", {}).items()}
-
-
-def describe_plan(plan: TrainingPlan) -> str:
-    """A few lines a person can read: blocks, batch sizes, predicted peak vs budget."""
-    lines = [f"NeuroFlux plan under {format_bytes(plan.budget)} (made in {plan.seconds:.2f} s):"]
-    for index, block in enumerate(plan.blocks):
-        units = f"{block.units[0]}-{block.units[-1]}" if len(block.units) > 1 else str(block.units[0])
-        lines.append(
-            f"  block {index}: units {units:<7} batch {block.batch_size:<4} epochs {plan.epochs_per_block[index]:<3}"
-            f" predicted peak {format_bytes(block.predicted_peak)}"
-        )
-    return "\n".join(lines)

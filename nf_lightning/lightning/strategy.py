@@ -1,11 +1,13 @@
-"""``NeuroFluxStrategy``: block-wise adaptive local learning as a Lightning strategy.
+"""``NeuroFluxStrategy``: a thin Lightning adapter over :class:`~nf_lightning.core.run.BlockwiseRun`.
 
-The user's LightningModule supplies the network, the optimizer recipe
-(``configure_optimizers``, replicated per unit) and its ``validation_step``
-for evaluation outside ``fit``. During ``fit`` the strategy owns the steps:
-it profiles the units, partitions them under the memory budget, and trains
-the blocks one after another, each for its epochs at its own batch size,
-reading its inputs from the activation cache the block before it wrote.
+The strategy decides where and how things run; what training means lives in
+the core run object. During ``fit`` it hands training batches to the run,
+runs the user's own ``validation_step`` with the network standing for the
+exit NeuroFlux would deploy now, changes blocks at epoch ends through a
+callback's public hooks, and saves the run's state under one checkpoint key
+(``"neuroflux"``). After ``fit`` (and from a checkpoint in a fresh process),
+``validate``, ``test`` and ``predict`` use the selected exit unless
+``evaluate="full"``.
 
 Example:
     >>> import lightning.pytorch as pl
@@ -19,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,25 +33,34 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
 
-from nf_lightning.core.aux_heads import build_aux_heads
+from nf_lightning.core.batches import split_batch
 from nf_lightning.core.budget import format_bytes, parse_bytes
 from nf_lightning.core.decompose import Decomposition, decompose
-from nf_lightning.core.local_learning import LocalBlock, train_with_retry
-from nf_lightning.core.memory import meter_for
-from nf_lightning.core.plan import TrainingPlan
-from nf_lightning.lightning._internals import parse_optimizer_recipe, set_max_epochs, train_dataloader_of
-from nf_lightning.lightning.activation_cache import ActivationCache
-from nf_lightning.lightning.memory_profiler import MemoryProfiler
+from nf_lightning.core.memory import device_memory_bytes
+from nf_lightning.core.optim_recipe import SchedulerSpec
+from nf_lightning.core.run import BlockwiseRun, DataSources
+from nf_lightning.lightning._internals import (
+    TrainerDevices,
+    parse_optimizer_recipe,
+    reload_train_dataloader,
+    train_dataloader_of,
+)
 
 AUX_POLICIES = ("adaptive", "classic")
+EVALUATE = ("exit", "full")
+CHECKPOINT_KEY = "neuroflux"
 
 
-class NeuroFluxStrategy(SingleDeviceStrategy):
+class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
     """Train a CNN block by block with local losses under a hard memory budget.
+
+    A bare ``Trainer(strategy="neuroflux")`` uses a 300 MB budget and one epoch
+    per block. The Trainer's ``max_epochs``/``max_time`` bound the run (a
+    warning says so when they cut the plan short); NeuroFlux ends it when the
+    last block is trained.
 
     Args:
         memory_budget: device memory for training, e.g. ``"300MB"`` (10^6 bytes),
@@ -58,19 +70,23 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
         rho: grouping threshold of Algorithm 1.
         aux: ``"adaptive"`` (AAN, the paper's heads) or ``"classic"`` (256 filters).
         cache: write each finished block's outputs to disk and train the next
-            block from them (the paper's §5.3). ``False`` instead runs every batch
-            through the frozen blocks before the active one (kept on the device,
-            outside the budget): slower, but later blocks see augmented data;
-            it exists to measure what the cache's policy costs.
+            block from them (§5.3). ``False`` runs every batch through the
+            frozen units before the active block instead (kept on the device,
+            outside the budget): slower, but later blocks see augmented data.
         cache_dir: where caches go; ``<default_root_dir>/neuroflux_cache`` if None.
         cache_dtype: ``"float16"`` or ``"float32"``.
-        input_shape: one sample's shape; taken from the data module
-            (``input_shape``), the module's ``example_input_array`` or the first batch if None.
+        cache_workers: worker processes reading cached data (0: a background thread).
+        cache_seed: base seed of the shuffling of cached training data.
+        input_shape: one sample's shape; from the data module's ``input_shape``,
+            the module's ``example_input_array`` or the first batch if None.
         lr_reference_batch: if set, every block's learning rate is scaled by
             ``batch_size / lr_reference_batch`` (linear scaling rule).
-        single_block: train all units as one block at one batch size (classic
-            local learning, the paper's baseline) instead of Algorithm 1's blocks.
-        device: the training device; resolved from the Trainer's accelerator if None.
+        single_block: all units as one block at one batch size (classic local learning).
+        exit_tolerance: exits within this accuracy (a fraction) of the best count
+            as equally good and the one with the fewest parameters is deployed.
+        evaluate: what ``validate``/``test``/``predict`` outside ``fit`` run:
+            ``"exit"`` (the selected exit) or ``"full"`` (the whole network).
+        device: the training device; from the Trainer's ``accelerator``/``devices`` if None.
     """
 
     strategy_name = "neuroflux"
@@ -85,9 +101,13 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
         cache: bool = True,
         cache_dir: str | Path | None = None,
         cache_dtype: str = "float16",
+        cache_workers: int = 0,
+        cache_seed: int = 0,
         input_shape: Sequence[int] | None = None,
         lr_reference_batch: int | None = None,
         single_block: bool = False,
+        exit_tolerance: float = 0.0,
+        evaluate: str = "exit",
         device: str | torch.device | None = None,
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
@@ -98,8 +118,12 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
         )
         if aux not in AUX_POLICIES:
             raise ValueError(f"unknown aux policy {aux!r}; choose one of {AUX_POLICIES}")
+        if evaluate not in EVALUATE:
+            raise ValueError(f"evaluate must be one of {EVALUATE}, got {evaluate!r}")
         if batch_limit < 1 or rho < 0:
             raise ValueError(f"batch_limit must be >= 1 and rho >= 0, got {batch_limit} and {rho}")
+        if not 0.0 <= exit_tolerance <= 1.0:
+            raise ValueError(f"exit_tolerance is a fraction of accuracy in [0, 1], got {exit_tolerance}")
         self.memory_budget = parse_bytes(memory_budget)
         self.epochs_per_block = epochs_per_block
         self.batch_limit = batch_limit
@@ -108,33 +132,27 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
         self.cache = cache
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.cache_dtype = cache_dtype
+        self.cache_workers = cache_workers
+        self.cache_seed = cache_seed
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.lr_reference_batch = lr_reference_batch
         self.single_block = single_block
-        self._explicit_device = device is not None
-        # Lightning fills this from the accelerator and `devices` flag (see `_lazy_init_strategy`).
-        self.parallel_devices: list[torch.device] | None = None
+        self.exit_tolerance = exit_tolerance
+        self.evaluate = evaluate
+        self._device = torch.device(device) if device is not None else None
 
         self.decomposition: Decomposition | None = None
-        self.exits: nn.ModuleList | None = None
-        self.active_block: int | None = None
-        self.last_step_peak: int | None = None
-        self._pending_exit_state: dict[str, Tensor] | None = None
+        self.run: BlockwiseRun | None = None
+        self.validation_seconds = 0.0  # wall time of validation during fit (the user's steps included)
+        self._validation_started: float | None = None
+        self._saved_state: dict[str, Any] | None = None
+        self._sources = DataSources(train=None, val=None)  # type: ignore[arg-type]  # filled as loaders arrive
         self._automatic_optimization: bool | None = None
-        self._epoch_seen: int | None = None
-        self._raw_loaders: dict[RunningStage, DataLoader] = {}
 
     # ------------------------------------------------------------------ device
     @property
     def root_device(self) -> torch.device:
-        if self._explicit_device or not self.parallel_devices:
-            return self._root_device
-        if len(self.parallel_devices) > 1:
-            raise ValueError(
-                f"NeuroFluxStrategy trains on one device, but the Trainer asked for {len(self.parallel_devices)}; "
-                "pass devices=1"
-            )
-        return self.parallel_devices[0]
+        return self._device or self.trainer_device() or torch.device("cpu")
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -146,26 +164,22 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
         return self.lightning_module is not None and self.trainer.state.fn == TrainerFn.FITTING
 
     @property
-    def plan(self) -> TrainingPlan:
-        plan = self._callback(MemoryProfiler).plan
-        assert plan is not None, "no plan yet: the strategy is set up in Trainer.fit"
-        return plan
+    def plan(self) -> Any:
+        """The run's plan (blocks, batch sizes, epochs); made when ``fit`` starts."""
+        if self.run is None:
+            raise RuntimeError("no plan yet: NeuroFlux plans when Trainer.fit starts")
+        return self.run.plan
 
     def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)
+        self.decomposition = decompose(model)
         trainer = model.trainer
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        self.decomposition = decompose(model)
         self._automatic_optimization = model.automatic_optimization
-        model.automatic_optimization = False
-        trainer.reload_dataloaders_every_n_epochs = 1
-        # Ours run before the user's callbacks so caches exist before ModelCheckpoint saves.
-        needed = (MemoryProfiler, ActivationCache, _StrategyState)
-        trainer.callbacks[:0] = [kind() for kind in needed if not any(isinstance(c, kind) for c in trainer.callbacks)]
-
-    def _callback(self, kind: type) -> Any:
-        return next(c for c in self.trainer.callbacks if isinstance(c, kind))
+        model.automatic_optimization = False  # each unit steps its own optimizer
+        if not any(isinstance(c, NeuroFluxHooks) for c in trainer.callbacks):
+            trainer.callbacks.insert(0, NeuroFluxHooks())
 
     def setup(self, trainer: pl.Trainer) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
@@ -173,27 +187,62 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
             return
         assert self.accelerator is not None and self.decomposition is not None
         self.accelerator.setup(trainer)
-        self.input_shape = self.input_shape or _infer_input_shape(trainer)
-        units = self.decomposition.units
-        aux_heads = build_aux_heads(units, _num_classes(self.decomposition.head), self.input_shape, policy=self.aux)
-        self.exits = nn.ModuleList([*aux_heads, self.decomposition.head])
-        if self._pending_exit_state is not None:
-            self.exits.load_state_dict(self._pending_exit_state)
-            self._pending_exit_state = None
-        plan = self._callback(MemoryProfiler).ensure_plan(self)
-        set_max_epochs(trainer, plan.total_epochs)
+        self._warn_if_device_is_small()
+        options = {
+            "device": self.root_device,
+            "cache_dir": (self.cache_dir or Path(trainer.default_root_dir) / "neuroflux_cache") if self.cache else None,
+            "cache_dtype": self.cache_dtype,
+            "cache_workers": self.cache_workers,
+            "cache_seed": self.cache_seed,
+            "lr_reference_batch": self.lr_reference_batch,
+            "exit_tolerance": self.exit_tolerance,
+        }
+        if self._saved_state is not None:
+            self.run = BlockwiseRun.from_state(self.decomposition, self._saved_state, self._recipe, **options)
+            self._saved_state = None
+        else:
+            self.run = BlockwiseRun.create(
+                self.decomposition,
+                self._recipe,
+                self.input_shape or _infer_input_shape(trainer),
+                self.memory_budget,
+                epochs_per_block=self.epochs_per_block,
+                batch_limit=self.batch_limit,
+                rho=self.rho,
+                aux=self.aux,
+                single_block=self.single_block,
+                **options,
+            )
+        rank_zero_info(self.run.plan.describe())
+        self._warn_if_max_epochs_cut_plan(trainer)
+        datamodule = trainer.datamodule
+        self._sources.data_id = str(getattr(datamodule, "fingerprint", "") or "")
+        if hasattr(datamodule, "train_dataset"):
+            self._sources.train_unaugmented = datamodule.train_dataset(augment=False)
+        self.run.attach_data(self._sources)
         self.model = self.precision_plugin.convert_module(self.model)
-        start = self.active_block if self.active_block is not None else plan.block_of_epoch(trainer.current_epoch)
-        self.active_block = None
-        self._enter_block(start)
+        self.run.start()
+        self.sync_optimizers()
         self.setup_precision_plugin()
 
-    def optimizer_factory(self) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
-        """Build the user's optimizer (class and hyper-parameters) over other parameters."""
-        optimizers, _ = parse_optimizer_recipe(self.lightning_module.configure_optimizers())
-        template = optimizers[0]
-        hparams = {k: v for k, v in template.param_groups[0].items() if k not in ("params", "initial_lr")}
-        return lambda params: type(template)(params, **hparams)
+    def sync_optimizers(self) -> None:
+        """Show Lightning the active block's optimizers and schedulers (for ``LearningRateMonitor`` and steps)."""
+        assert self.run is not None
+        self.optimizers = list(self.run.optimizers)
+        self.lr_scheduler_configs = [spec.extra for spec in self.run.schedulers]
+
+    def _recipe(self) -> tuple[torch.optim.Optimizer, list[SchedulerSpec]]:
+        """The user's ``configure_optimizers``, freshly called and parsed by Lightning's rules."""
+        optimizers, configs = parse_optimizer_recipe(self.lightning_module.configure_optimizers())
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"configure_optimizers returned {len(optimizers)} optimizers; NeuroFlux replicates exactly one "
+                "optimizer recipe per unit"
+            )
+        specs = [
+            SchedulerSpec(c.scheduler, c.interval, c.frequency, c.monitor, c.strict, c.name, extra=c) for c in configs
+        ]
+        return optimizers[0], specs
 
     def teardown(self) -> None:
         if self.lightning_module is not None and self._automatic_optimization is not None:
@@ -201,259 +250,213 @@ class NeuroFluxStrategy(SingleDeviceStrategy):
             self._automatic_optimization = None
         super().teardown()
 
-    # ------------------------------------------------------------------ blocks
-    def block_units(self, block: int) -> tuple[int, ...]:
-        return self.plan.blocks[block].units
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # the run restores its per-unit optimizers from its own state
 
-    def block_modules(self, block: int) -> list[nn.Module]:
-        """Units then exits of ``block``."""
-        units, exits = self._unit_and_exit(block)
-        return [*units, *exits]
-
-    @torch.no_grad()
-    def forward_block(self, block: int, x: Tensor) -> Tensor:
-        """Output of ``block``'s last unit, in eval mode (used to write caches)."""
-        units, _ = self._unit_and_exit(block)
-        for unit in units:
-            x = unit(x)
-        return x
-
-    def _enter_block(self, block: int) -> None:
-        """Make ``block`` the one on the device, with fresh optimizers."""
-        if block == self.active_block:
-            return
-        if self.active_block is not None and self.cache:
-            for module in self.block_modules(self.active_block):
-                module.to("cpu")  # trained blocks go to storage
-        self.active_block = block
-        assert self.decomposition is not None
-        frozen = [] if self.cache else self.decomposition.units[: self.block_units(block)[0]]
-        for module in [*frozen, *self.block_modules(block)]:
-            module.to(self.root_device)
-        batch = self.plan.batch_size(block)
-        optimizers, schedulers = [], []
-        for unit, exit_head in zip(*self._unit_and_exit(block)):
-            opt, configs = self._replicate_optimizer([*unit.parameters(), *exit_head.parameters()], batch)
-            optimizers.append(opt)
-            schedulers += configs
-        self.optimizers = optimizers
-        self.lr_scheduler_configs = schedulers
-        self._epoch_seen = None
-
-    def _active(self) -> LocalBlock:
-        """The active block with Lightning's current wrappers of its optimizers.
-
-        Built per step: Lightning re-wraps optimizers (precision plugins, the
-        manual loop's step counting), so holding on to old wrappers would miss that.
-        """
-        assert self.active_block is not None, "no active block: fit has not started"
-        return LocalBlock(
-            *self._unit_and_exit(self.active_block),
-            self._lightning_optimizers,
-            backward=self.lightning_module.manual_backward,
-        )
-
-    def _unit_and_exit(self, block: int) -> tuple[list[nn.Module], list[nn.Module]]:
-        assert self.decomposition is not None and self.exits is not None
-        indices = self.block_units(block)
-        return [self.decomposition.units[i] for i in indices], [self.exits[i] for i in indices]
-
-    def _replicate_optimizer(self, params: list[nn.Parameter], batch: int) -> tuple[torch.optim.Optimizer, list]:
-        """The user's optimizer recipe (and schedulers) re-pointed at ``params``."""
-        optimizers, schedulers = parse_optimizer_recipe(self.lightning_module.configure_optimizers())
-        if len(optimizers) != 1:
-            raise ValueError(
-                f"configure_optimizers returned {len(optimizers)} optimizers; NeuroFlux replicates exactly one "
-                "optimizer recipe per unit"
+    def _warn_if_device_is_small(self) -> None:
+        available = device_memory_bytes(self.root_device)
+        if available is not None and available < self.memory_budget:
+            rank_zero_warn(
+                f"the memory budget ({format_bytes(self.memory_budget)}) is larger than the memory of "
+                f"{self.root_device} ({format_bytes(available)}): the plan may not fit"
             )
-        optimizer = optimizers[0]
-        scale = batch / self.lr_reference_batch if self.lr_reference_batch else 1.0
-        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-        for key in ("lr", "initial_lr"):
-            if key in group:
-                group[key] = group[key] * scale
-        optimizer.param_groups.clear()
-        optimizer.state.clear()
-        optimizer.add_param_group({**group, "params": params})
-        for config in schedulers:
-            if hasattr(config.scheduler, "base_lrs"):
-                config.scheduler.base_lrs = [lr * scale for lr in config.scheduler.base_lrs]
-        return optimizer, schedulers
+
+    def _warn_if_max_epochs_cut_plan(self, trainer: pl.Trainer) -> None:
+        assert self.run is not None
+        plan, run = self.run.plan, self.run
+        remaining = plan.epochs_per_block[run.active_block] - run.epochs_in_block + sum(
+            plan.epochs_per_block[run.active_block + 1 :]
+        )
+        needed = trainer.current_epoch + remaining
+        if trainer.max_epochs is not None and 0 <= trainer.max_epochs < needed:
+            rank_zero_warn(
+                f"max_epochs={trainer.max_epochs} ends the run before NeuroFlux's plan does ({needed} epochs over "
+                f"{len(plan.blocks)} blocks): later blocks will not train"
+            )
 
     # ------------------------------------------------------------------ data
     def process_dataloader(self, dataloader: object) -> object:
-        if not self._fitting() or not isinstance(dataloader, DataLoader):
+        """During ``fit``: the active block's training data; the user's own validation loader, as is."""
+        if not self._fitting():
             return dataloader
-        trainer = self.trainer
-        stage = trainer.state.stage
-        block = self.plan.block_of_epoch(trainer.current_epoch)
-        training = stage == RunningStage.TRAINING
-        self._raw_loaders[RunningStage.TRAINING if training else RunningStage.VALIDATING] = dataloader
-        self._enter_block(block)
-        batch = self.plan.batch_size(block)
-        if block == 0 or not self.cache:
-            return rebatch(dataloader, batch, shuffle=training)
-        split = "train" if training else "val"
-        return self._callback(ActivationCache).loader(self, block, split, batch, shuffle=training)
-
-    def raw_loader(self, split: str) -> DataLoader:
-        """The user's own loader of ``split`` (``"train"`` or ``"val"``) as Lightning gave it."""
-        stage = RunningStage.TRAINING if split == "train" else RunningStage.VALIDATING
-        if stage not in self._raw_loaders:
-            raise RuntimeError(f"no {split} dataloader has been seen yet; NeuroFlux needs both train and val data")
-        return self._raw_loaders[stage]
+        if self.trainer.state.stage == RunningStage.TRAINING:
+            self._sources.train = dataloader  # type: ignore[assignment]
+            assert self.run is not None
+            return self.run.train_loader()
+        if self._sources.val is None:
+            self._sources.val = dataloader  # type: ignore[assignment]
+        return dataloader
 
     # ------------------------------------------------------------------ steps
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if not self._fitting():
             return super().training_step(*args, **kwargs)
-        block = self._active()
-        x, y = self._block_input(args[0])
-        self._step_epoch_schedulers()
-        block.train(True)
-        peaks: list[int] = []
-        with self.precision_plugin.train_step_context():
-            losses = train_with_retry(block, x, y, lambda: self._guard(block, peaks), self._on_shrink)
-        self.last_step_peak = max(peaks) if peaks else None
+        run = self.run
+        assert run is not None
+        if run.finished:  # only min_epochs/min_steps keep the Trainer going past NeuroFlux's end
+            return None
+        x, y = split_batch(args[0])
         module = self.lightning_module
-        for unit, loss in zip(self.block_units(self.active_block), losses):
-            module.log(f"train/loss_unit_{unit}", loss, batch_size=len(y))
-        module.log("block", float(self.active_block), prog_bar=True, batch_size=len(y))
-        module.log("batch_size", float(len(y)), batch_size=len(y))
-        for config in self.lr_scheduler_configs:
-            if config.interval == "step":
-                config.scheduler.step()
+        optimizers = module.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        units = run.active_units
+        with self.precision_plugin.train_step_context():
+            losses = run.train_batch(x, y, optimizers=optimizers, backward=module.manual_backward)
+        for unit, loss in zip(units, losses):
+            module.log(f"neuroflux/loss_unit_{unit}", loss, batch_size=len(y))
+        module.log("neuroflux/block", float(run.active_block), prog_bar=True, batch_size=len(y))
+        module.log("neuroflux/batch_size", float(len(y)), batch_size=len(y))
         return None
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         if not self._fitting():
+            return self._evaluation_step(super().validation_step, args, kwargs)
+        assert self.run is not None
+        x, y = split_batch(args[0])
+        dataloader_idx = kwargs.get("dataloader_idx", args[2] if len(args) > 2 else 0)
+        deployed = self.run.validate_batch(x, y, count=dataloader_idx == 0)
+        with self._standing_in(deployed, "validation_step"):
             return super().validation_step(*args, **kwargs)
-        block = self._active()
-        x, y = self._block_input(args[0])
-        block.train(False)
-        with self.precision_plugin.val_step_context():
-            correct = block.evaluate(x, y)
-        module = self.lightning_module
-        units = self.block_units(self.active_block)
-        for unit, hits in zip(units, correct):
-            module.log(f"val/acc_exit_{unit}", hits.float() / len(y), batch_size=len(y))
-        module.log("val/acc", correct[-1].float() / len(y), prog_bar=True, batch_size=len(y))
-        return None
 
-    def _block_input(self, batch: Any) -> tuple[Tensor, Tensor]:
-        """The active block's input: the batch itself, or without a cache its pass through the frozen blocks."""
-        x, y = split_batch(batch)
-        assert self.decomposition is not None and self.active_block is not None
-        first = self.block_units(self.active_block)[0]
-        if first > 0 and not self.cache:
-            with torch.no_grad():
-                for unit in self.decomposition.units[:first]:
-                    x = unit.eval()(x)
-        return x, y
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluation_step(super().test_step, args, kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluation_step(super().predict_step, args, kwargs)
+
+    def _evaluation_step(self, step: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """The user's step, on the selected exit unless ``evaluate="full"`` or NeuroFlux trained nothing."""
+        if self.evaluate == "full" or self.run is None or not self.run.records:
+            return step(*args, **kwargs)
+        run = self.run
+        forward = _CountingForward(lambda inputs, *a, **k: run.exit_forward(inputs, run.deploy_unit))
+        with self._standing_in(forward, step.__name__):
+            return step(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _guard(self, block: LocalBlock, peaks: list[int]) -> Iterator[None]:
-        """Measure one unit step and hold it to the budget (raises ``torch.OutOfMemoryError`` past it)."""
-        meter = meter_for(self.root_device, limit=self.memory_budget)
-        meter.track(*block.modules(), *(opt.optimizer for opt in block.optimizers))
-        with meter:
+    def _standing_in(self, forward: Any, step_name: str) -> Iterator[None]:
+        """Let ``forward`` stand in for the decomposed network's forward while the user's step runs."""
+        assert self.decomposition is not None
+        network = self.decomposition.network
+        if network is None:
+            raise RuntimeError(
+                "NeuroFlux evaluates its deployable exit by standing in for the forward of the network it "
+                "decomposed, but it was given explicit units; give it the network (a module of a supported form) "
+                "or pass evaluate='full'"
+            )
+        before = getattr(forward, "calls", 0)
+        network.forward = forward
+        try:
             yield
-        peaks.append(meter.peak_bytes)  # only steps that fit: a failed attempt is retried smaller
+        finally:
+            del network.forward
+        if getattr(forward, "calls", 1) == before:
+            raise RuntimeError(
+                f"{step_name} ran without calling the network NeuroFlux decomposed ({type(network).__name__}); "
+                f"NeuroFlux evaluates the exit it would deploy by standing in for that network's forward, so "
+                f"{step_name} must compute its outputs through it (e.g. self(x) or self.net(x)), not through its "
+                "submodules; or use NeuroFluxStrategy(evaluate='full') outside fit"
+            )
 
-    def _on_shrink(self, unit: int, old: int, new: int) -> None:
-        assert self.active_block is not None
-        plan = self.plan
-        plan.batch_overrides[self.active_block] = min(new, plan.batch_size(self.active_block))
-        rank_zero_warn(
-            f"unit {unit} needed more than the {format_bytes(self.memory_budget)} budget at batch {old}; "
-            f"retrying at {new} and training block {self.active_block} at batch "
-            f"{plan.batch_size(self.active_block)} from the next epoch on"
-        )
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._validation_started = time.perf_counter()
 
-    def _step_epoch_schedulers(self) -> None:
-        epoch = self.trainer.current_epoch
-        if self._epoch_seen is not None and epoch != self._epoch_seen:
-            for config in self.lr_scheduler_configs:
-                if config.interval == "epoch" and not config.reduce_on_plateau:
-                    config.scheduler.step()
-        self._epoch_seen = epoch
+    def on_validation_end(self) -> None:
+        super().on_validation_end()
+        if self._validation_started is not None and self._fitting():
+            self.validation_seconds += time.perf_counter() - self._validation_started
+        self._validation_started = None
 
     # ------------------------------------------------------------------ state
-    def neuroflux_state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs beyond the user's module: exits and the active block."""
-        assert self.exits is not None
-        return {
-            "exits": {k: v.detach().cpu() for k, v in self.exits.state_dict().items()},
-            "active_block": self.active_block,
-        }
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if self.run is not None:
+            checkpoint[CHECKPOINT_KEY] = self.run.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
-    def load_neuroflux_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending_exit_state = state["exits"]
-        self.active_block = state["active_block"]
-
-    def exit_modules(self) -> nn.ModuleList:
-        assert self.exits is not None, "exits are built when fit starts"
-        return self.exits
-
-
-class _StrategyState(pl.Callback):
-    """Carries the strategy's own state (exit heads, active block) through checkpoints."""
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        if isinstance(trainer.strategy, NeuroFluxStrategy) and trainer.strategy.exits is not None:
-            checkpoint["neuroflux"] = trainer.strategy.neuroflux_state_dict()
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        if isinstance(trainer.strategy, NeuroFluxStrategy) and "neuroflux" in checkpoint:
-            trainer.strategy.load_neuroflux_state_dict(checkpoint["neuroflux"])
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        super().load_model_state_dict(checkpoint, strict=strict)
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            return
+        if self._fitting():
+            self._saved_state = state  # the run is rebuilt from it in setup
+        elif self.run is not None:
+            self.run.load_state_dict(state)
+        else:
+            assert self.decomposition is not None
+            self.run = BlockwiseRun.from_state(self.decomposition, state, device=self.root_device)
 
 
-def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    """``(inputs, targets)`` of a batch given as a tuple/list or a dict.
+class NeuroFluxHooks(pl.Callback):
+    """The strategy's bridge to Lightning's epoch hooks; added by the strategy, holds no state of its own.
 
-    >>> split_batch((torch.zeros(2, 3), torch.ones(2)))[1].tolist()
-    [1.0, 1.0]
+    At each training epoch's end the run closes the epoch (its schedulers, and
+    at a block's end the caches and the next block); validation passes are
+    opened and closed around the user's ``validation_step`` and the exits'
+    accuracies logged as ``neuroflux/acc_exit_<unit>``, with the deployed exit
+    as ``neuroflux/deploy_unit``.
     """
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    if isinstance(batch, dict):
-        for x_key, y_key in (("x", "y"), ("image", "label"), ("input", "target"), ("inputs", "targets")):
-            if x_key in batch and y_key in batch:
-                return batch[x_key], batch[y_key]
-    raise TypeError(
-        f"cannot find inputs and targets in a batch of type {type(batch).__name__}; NeuroFlux expects "
-        "(inputs, targets, ...) tuples or dicts with keys x/y, image/label, input/target or inputs/targets"
-    )
+
+    @staticmethod
+    def _run(trainer: pl.Trainer) -> BlockwiseRun | None:
+        strategy = trainer.strategy
+        return strategy.run if isinstance(strategy, NeuroFluxStrategy) and trainer.state.fn == TrainerFn.FITTING else None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = self._run(trainer)
+        if run is None:
+            return
+        version = run.loader_version
+        run.catch_up(trainer.current_epoch)  # a checkpoint taken before the last epoch's end
+        self._after_change(trainer, run, version)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = self._run(trainer)
+        if run is not None:
+            run.begin_validation()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = self._run(trainer)
+        if run is None:
+            return
+        unit = run.deploy_unit
+        accuracies = run.end_validation(record=not trainer.sanity_checking)
+        for exit_unit, accuracy in accuracies.items():
+            pl_module.log(f"neuroflux/acc_exit_{exit_unit}", accuracy)
+        pl_module.log("neuroflux/deploy_unit", float(unit))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = self._run(trainer)
+        if run is None:
+            return
+        version = run.loader_version
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        run.end_epoch(trainer.current_epoch, metrics)
+        self._after_change(trainer, run, version)
+
+    @staticmethod
+    def _after_change(trainer: pl.Trainer, run: BlockwiseRun, loader_version: int) -> None:
+        strategy = trainer.strategy
+        assert isinstance(strategy, NeuroFluxStrategy)
+        if run.loader_version != loader_version:
+            strategy.sync_optimizers()
+            reload_train_dataloader(trainer)
+        if run.finished:
+            trainer.should_stop = True
 
 
-def rebatch(loader: DataLoader, batch_size: int, shuffle: bool) -> DataLoader:
-    """The same data as ``loader`` at another batch size.
+class _CountingForward:
+    """A forward that counts its calls (to tell a step that bypassed it)."""
 
-    >>> from torch.utils.data import TensorDataset
-    >>> len(rebatch(DataLoader(TensorDataset(torch.zeros(10, 1)), batch_size=2), 5, shuffle=False))
-    2
-    """
-    if loader.batch_size == batch_size and isinstance(loader.sampler, RandomSampler) == shuffle:
-        return loader
-    return DataLoader(
-        loader.dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-    )
+    def __init__(self, forward: Callable[..., Tensor]) -> None:
+        self.forward = forward
+        self.calls = 0
 
-
-def _num_classes(head: nn.Module) -> int:
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("the network's head has no nn.Linear, so the number of classes is unknown")
-    return linears[-1].out_features
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        self.calls += 1
+        return self.forward(*args, **kwargs)
 
 
 def _infer_input_shape(trainer: pl.Trainer) -> tuple[int, ...]:
@@ -463,8 +466,7 @@ def _infer_input_shape(trainer: pl.Trainer) -> tuple[int, ...]:
     example = trainer.lightning_module.example_input_array
     if isinstance(example, Tensor):
         return tuple(example.shape[1:])
-    loader = train_dataloader_of(trainer)
-    x, _ = split_batch(next(iter(loader)))
+    x, _ = split_batch(next(iter(train_dataloader_of(trainer))))
     return tuple(x.shape[1:])
 
 
@@ -472,3 +474,4 @@ if NeuroFluxStrategy.strategy_name not in StrategyRegistry:
     StrategyRegistry.register(
         NeuroFluxStrategy.strategy_name, NeuroFluxStrategy, description="NeuroFlux adaptive local learning"
     )
+

@@ -1,0 +1,76 @@
+"""Batches as users give them: finding inputs and targets, re-batching a loader.
+
+Example:
+    >>> import torch
+    >>> split_batch({"image": torch.zeros(2, 3), "label": torch.ones(2)})[1].tolist()
+    [1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+
+_KEY_PAIRS = (("x", "y"), ("image", "label"), ("input", "target"), ("inputs", "targets"))
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(inputs, targets)`` of a batch given as a tuple/list or a dict.
+
+    >>> import torch
+    >>> split_batch((torch.zeros(2, 3), torch.ones(2)))[1].tolist()
+    [1.0, 1.0]
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        for x_key, y_key in _KEY_PAIRS:
+            if x_key in batch and y_key in batch:
+                return batch[x_key], batch[y_key]
+    raise TypeError(
+        f"cannot find inputs and targets in a batch of type {type(batch).__name__}; NeuroFlux expects "
+        "(inputs, targets, ...) tuples or dicts with keys x/y, image/label, input/target or inputs/targets"
+    )
+
+
+def rebatch(loader: DataLoader, batch_size: int, shuffle: bool) -> DataLoader:
+    """The same data as ``loader`` at another batch size.
+
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> len(rebatch(DataLoader(TensorDataset(torch.zeros(10, 1)), batch_size=2), 5, shuffle=False))
+    2
+    """
+    if loader.batch_size == batch_size and isinstance(loader.sampler, RandomSampler) == shuffle:
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+    )
+
+
+def is_in_order(loader: Any) -> bool:
+    """Whether ``loader`` yields its data set's samples in order, each once (no shuffling, no dropping).
+
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> data = TensorDataset(torch.zeros(4, 1))
+    >>> is_in_order(DataLoader(data, batch_size=2)), is_in_order(DataLoader(data, batch_size=2, shuffle=True))
+    (True, False)
+    """
+    return (
+        isinstance(loader, DataLoader)
+        and isinstance(loader.sampler, SequentialSampler)
+        and not loader.drop_last
+        and loader.batch_size is not None
+    )

@@ -1,0 +1,718 @@
+"""``BlockwiseRun``: the one object that owns a NeuroFlux run, free of Lightning.
+
+It holds the plan (blocks, batch sizes, epochs), the exit heads, the active
+block and its progress, the per-unit optimizers and schedulers, the exit
+records and the activation caches, and saves all of it in one ``state_dict``.
+The active block is saved state, not a function of the epoch number, so a
+block may end for any reason (its epochs, later its exits' patience) and a
+resumed run continues exactly where it stopped.
+
+A driver (the Lightning strategy, or a plain loop) calls, in order:
+:meth:`start`; per epoch :meth:`train_loader`, :meth:`train_batch` for every
+batch, then optionally :meth:`begin_validation` / :meth:`validate_batch` /
+:meth:`end_validation`; and :meth:`end_epoch`, which ends blocks, writes the
+caches and enters the next block. :attr:`batch_size` is the one place a
+block's batch size is decided (the plan's, lowered if a step had to shrink).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> from nf_lightning.core.decompose import decompose
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+    ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    >>> data = TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,)))
+    >>> recipe = lambda: (torch.optim.SGD(net.parameters(), lr=0.1), [])
+    >>> run = BlockwiseRun.create(decompose(net), recipe, (3, 8, 8), budget=10**8, cache_dir=None)
+    >>> run.attach_data(DataSources(DataLoader(data, batch_size=8), DataLoader(data, batch_size=8)))
+    >>> run.start()
+    >>> for epoch in range(run.plan.total_epochs):
+    ...     for x, y in run.train_loader():
+    ...         losses = run.train_batch(x, y)
+    ...     event = run.end_epoch(epoch)
+    >>> run.finished
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, Dataset
+
+from nf_lightning.core.aux_heads import build_aux_heads
+from nf_lightning.core.batches import is_in_order, rebatch
+from nf_lightning.core.budget import format_bytes
+from nf_lightning.core.cache import (
+    ActivationCacheWriter,
+    CacheCorrupt,
+    CachedActivations,
+    CacheMissing,
+    cache_loader,
+    open_cache,
+)
+from nf_lightning.core.decompose import Decomposition
+from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, select_exit
+from nf_lightning.core.local_learning import LocalBlock, train_with_retry
+from nf_lightning.core.memory import meter_for
+from nf_lightning.core.optim_recipe import Recipe, SchedulerSpec, replicate_recipe
+from nf_lightning.core.plan import TrainingPlan, make_plan
+
+log = logging.getLogger("nf_lightning")
+
+SPLITS = ("train", "val")
+STATE_VERSION = 1
+
+# What end_epoch reports.
+CONTINUE, NEXT_BLOCK, DONE, SEEN = "continue", "next_block", "done", "seen"
+
+
+@dataclass
+class DataSources:
+    """The user's data as the run needs it.
+
+    Args:
+        train: the training loader (with augmentation); block 0 trains from it.
+        val: the validation loader; exits are scored on it.
+        train_unaugmented: the training set without augmentation, which block
+            0's cache is written from; ``train.dataset`` if None.
+        data_id: identifies the data in cache fingerprints (e.g. a data module's fingerprint).
+    """
+
+    train: DataLoader
+    val: DataLoader
+    train_unaugmented: Dataset | None = None
+    data_id: str = ""
+
+
+class BlockwiseRun:
+    """Block-wise adaptive local learning (Algorithms 1-2 and §5.3-5.4 of the paper).
+
+    Args:
+        decomposition: units and head of the network (the model's own modules).
+        exits: one classifier per unit; the last is the model's own head.
+        plan: blocks, batch sizes and epochs.
+        recipe: builds the user's optimizer (and schedulers) afresh; replicated per unit.
+        device: where the active block trains.
+        cache_dir: where activation caches go; None trains every block from the
+            raw data through the frozen units before it (no cache).
+        cache_dtype: ``"float16"`` or ``"float32"``.
+        cache_workers: loader worker processes for cached data (0: a background thread).
+        cache_seed: base seed of the shuffling of cached training data.
+        lr_reference_batch: if set, learning rates scale by ``batch_size / lr_reference_batch``.
+        exit_tolerance: exits within this accuracy of the best count as equal; the smallest wins.
+    """
+
+    def __init__(
+        self,
+        decomposition: Decomposition,
+        exits: nn.ModuleList,
+        plan: TrainingPlan,
+        recipe: Recipe | None,
+        *,
+        device: torch.device | str = "cpu",
+        cache_dir: Path | str | None = None,
+        cache_dtype: str = "float16",
+        cache_workers: int = 0,
+        cache_seed: int = 0,
+        lr_reference_batch: int | None = None,
+        exit_tolerance: float = 0.0,
+    ) -> None:
+        if len(exits) != len(decomposition.units):
+            raise ValueError(f"need one exit per unit, got {len(exits)} exits for {len(decomposition.units)} units")
+        self.decomposition = decomposition
+        self.units = decomposition.units
+        self.exits = exits
+        self.plan = plan
+        self.recipe = recipe
+        self.device = torch.device(device)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_dtype = cache_dtype
+        self.cache_workers = cache_workers
+        self.cache_seed = cache_seed
+        self.lr_reference_batch = lr_reference_batch
+        self.exit_tolerance = exit_tolerance
+
+        self.active_block = 0
+        self.epochs_in_block = 0
+        self.last_epoch = -1
+        self.finished = False
+        self.records: dict[int, ExitRecord] = {}
+        self.peaks: dict[int, int] = {}
+        self.shrinks: list[dict[str, int]] = []
+        self.manifests: dict[str, dict[str, Any]] = {}
+        self.seconds: dict[str, float] = {"train": 0.0, "validate": 0.0, "cache": 0.0}
+        self.last_step_peak: int | None = None
+        self.loader_version = 0  # changes whenever train_loader() would return something else
+
+        self.optimizers: list[Optimizer] = []
+        self.schedulers: list[SchedulerSpec] = []
+        self._entered: int | None = None
+        self._pending_optim: dict[str, Any] | None = None
+        self._sources: DataSources | None = None
+        self._verified: dict[str, CachedActivations] = {}
+        self._val: _ValidationPass | None = None
+
+    # ---------------------------------------------------------------- creation
+    @classmethod
+    def create(
+        cls,
+        decomposition: Decomposition,
+        recipe: Recipe,
+        input_shape: Sequence[int],
+        budget: int,
+        *,
+        epochs_per_block: int | Sequence[int] = 1,
+        batch_limit: int = 256,
+        rho: float = 0.4,
+        aux: str = "adaptive",
+        single_block: bool = False,
+        device: torch.device | str = "cpu",
+        **options: Any,
+    ) -> BlockwiseRun:
+        """Build the exits, profile and partition under ``budget`` (Algorithm 1), and return a new run."""
+        exits = build_exits(decomposition, input_shape, aux)
+        plan = make_plan(
+            decomposition.units,
+            list(exits),
+            tuple(input_shape),
+            budget,
+            epochs_per_block=epochs_per_block,
+            batch_limit=batch_limit,
+            rho=rho,
+            aux_policy=aux,
+            optimizer_factory=optimizer_factory(recipe),
+            device=device,
+            single_block=single_block,
+        )
+        return cls(decomposition, exits, plan, recipe, device=device, **options)
+
+    @classmethod
+    def from_state(
+        cls, decomposition: Decomposition, state: dict[str, Any], recipe: Recipe | None = None, **options: Any
+    ) -> BlockwiseRun:
+        """The run saved in ``state`` (same plan, exits, progress and records)."""
+        _check_version(state)
+        plan = TrainingPlan.from_dict(state["plan"])
+        run = cls(decomposition, build_exits(decomposition, plan.input_shape, plan.aux_policy), plan, recipe, **options)
+        run.load_state_dict(state)
+        return run
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def num_blocks(self) -> int:
+        return len(self.plan.blocks)
+
+    def units_of(self, block: int) -> tuple[int, ...]:
+        return self.plan.blocks[block].units
+
+    @property
+    def active_units(self) -> tuple[int, ...]:
+        return self.units_of(self.active_block)
+
+    def block_of_unit(self, unit: int) -> int:
+        return next(index for index, block in enumerate(self.plan.blocks) if unit in block.units)
+
+    @property
+    def batch_size(self) -> int:
+        """The active block's batch size: the plan's, lowered if a step had to shrink."""
+        return self.plan.batch_size(self.active_block)
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.cache_dir is not None
+
+    @property
+    def deploy_unit(self) -> int:
+        """The exit NeuroFlux would deploy now: the best recorded one, else the active block's deepest."""
+        if not self.records:
+            return self.active_units[-1]
+        return select_exit(self.records.values(), self.exit_tolerance).unit
+
+    def exit_model(self, unit: int | None = None) -> ExitModel:
+        """A standalone copy of the exit ``unit`` (the deployable one if None), on the CPU."""
+        return ExitModel(self.units, self.exits, self.deploy_unit if unit is None else unit).cpu()
+
+    # ---------------------------------------------------------------- lifecycle
+    def attach_data(self, sources: DataSources) -> None:
+        """The data the run trains and validates on (needed before training and cache writes)."""
+        self._sources = sources
+
+    def start(self) -> None:
+        """Put the active block on the device with fresh (or restored) optimizers."""
+        self._enter(self.active_block)
+
+    def _enter(self, block: int) -> None:
+        if self._entered is not None and self.uses_cache:
+            for module in self._modules_of(self._entered):
+                module.to("cpu")  # trained blocks go to storage
+        self.active_block = block
+        prefix = [] if self.uses_cache else self.units[: self.units_of(block)[0]]
+        for module in [*prefix, *self._modules_of(block)]:
+            module.to(self.device)
+        self._build_optimizers(block)
+        self._entered = block
+        self.loader_version += 1
+
+    def _build_optimizers(self, block: int) -> None:
+        if self.recipe is None:
+            raise RuntimeError("this run was restored for inference only (no optimizer recipe); it cannot train")
+        scale = self.batch_size / self.lr_reference_batch if self.lr_reference_batch else 1.0
+        self.optimizers, self.schedulers = [], []
+        for unit in self.units_of(block):
+            optimizer, schedulers = replicate_recipe(self.recipe, self.units[unit], self.exits[unit], lr_scale=scale)
+            self.optimizers.append(optimizer)
+            self.schedulers += schedulers
+        pending = self._pending_optim
+        if pending is not None and pending["block"] == block:
+            for optimizer, state in zip(self.optimizers, pending["optimizers"]):
+                optimizer.load_state_dict(state)
+            for spec, state in zip(self.schedulers, pending["schedulers"]):
+                spec.scheduler.load_state_dict(state)
+        self._pending_optim = None
+
+    def _modules_of(self, block: int) -> list[nn.Module]:
+        indices = self.units_of(block)
+        return [*(self.units[i] for i in indices), *(self.exits[i] for i in indices)]
+
+    # ---------------------------------------------------------------- training
+    def train_loader(self) -> DataLoader:
+        """The active block's training data at its batch size: raw for block 0 (or without a cache), else cached."""
+        sources = self._require_sources()
+        if self.active_units[0] == 0 or not self.uses_cache:
+            return rebatch(sources.train, self.batch_size, shuffle=True)
+        return cache_loader(
+            self._inputs_of(self.active_block, "train"),
+            self.batch_size,
+            shuffle=True,
+            seed=self.cache_seed + self.active_block,
+            num_workers=self.cache_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def train_batch(
+        self,
+        x: Tensor,
+        y: Tensor,
+        *,
+        optimizers: Sequence[Any] | None = None,
+        backward: Callable[[Tensor], None] = Tensor.backward,
+    ) -> list[Tensor]:
+        """One step of every active unit on a batch (Algorithm 2); returns each unit's loss.
+
+        ``optimizers`` are wrappers of :attr:`optimizers` to step instead (e.g.
+        Lightning's, so precision plugins apply), ``backward`` likewise.
+        Each unit step is held to the budget; one that would exceed it is
+        retried on smaller pieces and the block's batch size lowered.
+        """
+        if self.finished:
+            raise RuntimeError("the run is finished: every block has been trained")
+        start = time.perf_counter()
+        x = self._block_input_from_raw(x) if not self.uses_cache else x
+        block = LocalBlock(
+            [self.units[i] for i in self.active_units],
+            [self.exits[i] for i in self.active_units],
+            list(optimizers) if optimizers is not None else self.optimizers,
+            backward=backward,
+        )
+        block.train(True)
+        peaks: list[int] = []
+        losses = train_with_retry(block, x, y, lambda: self._guard(block, peaks), self._on_shrink)
+        if peaks:
+            self.last_step_peak = max(peaks)
+            self.peaks[self.active_block] = max(self.peaks.get(self.active_block, 0), self.last_step_peak)
+        for spec in self.schedulers:
+            if spec.interval == "step" and not spec.reduce_on_plateau:
+                spec.scheduler.step()
+        self.seconds["train"] += time.perf_counter() - start
+        return losses
+
+    def _block_input_from_raw(self, x: Tensor) -> Tensor:
+        first = self.active_units[0]
+        return self._stream(self.units[:first], x) if first > 0 else x
+
+    @contextlib.contextmanager
+    def _guard(self, block: LocalBlock, peaks: list[int]) -> Iterator[None]:
+        """Measure one unit step and hold it to the budget (raises ``torch.OutOfMemoryError`` past it)."""
+        meter = meter_for(self.device, limit=self.plan.budget)
+        meter.track(*block.modules(), *(getattr(opt, "optimizer", opt) for opt in block.optimizers))
+        with meter:
+            yield
+        peaks.append(meter.peak_bytes)
+
+    def _on_shrink(self, unit: int, old: int, new: int) -> None:
+        block = self.active_block
+        self.plan.batch_overrides[block] = min(new, self.plan.batch_size(block))
+        self.shrinks.append({"block": block, "unit": unit, "from": old, "to": new})
+        self.loader_version += 1
+        warnings.warn(
+            f"unit {unit} needed more than the {format_bytes(self.plan.budget)} budget at batch {old}; "
+            f"retrying at {new} and training block {block} at batch {self.batch_size} from the next epoch on",
+            stacklevel=2,
+        )
+
+    # ---------------------------------------------------------------- epochs
+    def end_epoch(self, epoch: int, metrics: dict[str, float] | None = None) -> str:
+        """Close training epoch ``epoch``: step epoch schedulers, end the block when it is done.
+
+        Idempotent per epoch (a resumed run may see the same epoch end twice).
+        ``metrics`` feeds ``ReduceLROnPlateau`` schedulers their monitored value.
+        Returns ``"continue"``, ``"next_block"`` (caches written, next block
+        entered), ``"done"`` (last block trained) or ``"seen"``.
+        """
+        if epoch <= self.last_epoch or self.finished:
+            return SEEN
+        self.last_epoch = epoch
+        self.epochs_in_block += 1
+        self._step_epoch_schedulers(epoch, metrics or {})
+        if self.epochs_in_block < self.plan.epochs_per_block[self.active_block]:
+            return CONTINUE
+        if self.active_block == self.num_blocks - 1:
+            self.finished = True
+            return DONE
+        if self.uses_cache:
+            for split in SPLITS:
+                self._write_cache(self.active_block, split)
+        self.epochs_in_block = 0
+        self._enter(self.active_block + 1)
+        return NEXT_BLOCK
+
+    def catch_up(self, epoch: int) -> list[str]:
+        """End every epoch before ``epoch`` that was not ended (a checkpoint taken before an epoch's end)."""
+        return [self.end_epoch(e) for e in range(self.last_epoch + 1, epoch)]
+
+    def _step_epoch_schedulers(self, epoch: int, metrics: dict[str, float]) -> None:
+        for spec in self.schedulers:
+            if spec.interval != "epoch" or (epoch + 1) % spec.frequency:
+                continue
+            if not spec.reduce_on_plateau:
+                spec.scheduler.step()
+                continue
+            if spec.monitor not in metrics:
+                if spec.strict and metrics:
+                    raise KeyError(
+                        f"ReduceLROnPlateau monitors {spec.monitor!r}, which was not logged; "
+                        f"available: {sorted(metrics)}"
+                    )
+                continue
+            spec.scheduler.step(float(metrics[spec.monitor]))
+
+    # ---------------------------------------------------------------- validation
+    def begin_validation(self) -> None:
+        """Start a validation pass; the deployable exit is fixed for the pass."""
+        units = self.active_units
+        self._val = _ValidationPass(unit=self.deploy_unit, correct=torch.zeros(len(units), dtype=torch.long))
+
+    def validate_batch(self, x: Tensor, y: Tensor, count: bool = True) -> DeployedForward:
+        """Score the active block's exits on one batch (in order of the validation loader).
+
+        Returns the forward the deployable model computes for this batch: use it
+        in place of the network. The active block's input comes from the
+        validation cache when the batch lines up with it, else from running the
+        units before the block.
+        """
+        start = time.perf_counter()
+        val = self._require_pass()
+        block_input = self._val_input(self.active_block, x, y, val.offset if count else None)
+        with torch.no_grad():
+            logits = []
+            h = block_input
+            for unit in self.active_units:
+                h = self._eval(self.units[unit], h)
+                logits.append(self._eval(self.exits[unit], h))
+        if count:
+            for index, unit_logits in enumerate(logits):
+                val.correct[index] += int((unit_logits.argmax(dim=1) == y).sum())
+            val.total += len(y)
+        deployed = DeployedForward(self, x, y, val.unit, logits, val.offset if count else None)
+        if count:
+            val.offset += len(y)
+        self.seconds["validate"] += time.perf_counter() - start
+        return deployed
+
+    def end_validation(self, record: bool = True) -> dict[int, float]:
+        """Each active exit's accuracy over the pass; recorded as its latest unless ``record`` is False."""
+        val = self._require_pass()
+        self._val = None
+        if val.total == 0:
+            return {}
+        accuracies = {unit: float(hits) / val.total for unit, hits in zip(self.active_units, val.correct)}
+        if record:
+            for unit, accuracy in accuracies.items():
+                self.records[unit] = ExitRecord(unit, accuracy, exit_parameters(self.units, self.exits, unit))
+        return accuracies
+
+    def exit_forward(self, x: Tensor, unit: int) -> Tensor:
+        """Logits of exit ``unit`` on raw inputs ``x`` (eval mode, no grad, streamed through the device)."""
+        with torch.no_grad():
+            return self._eval(self.exits[unit], self._stream(self.units[: unit + 1], x))
+
+    def _val_input(self, block: int, x: Tensor, y: Tensor, offset: int | None) -> Tensor:
+        """Input of ``block`` for a validation batch: cached rows if they line up, else computed."""
+        first = self.units_of(block)[0]
+        if first == 0:
+            return x
+        cached = self._aligned_val_cache(block, y, offset)
+        if cached is not None:
+            rows = np.array(cached.activations[offset : offset + len(y)])
+            dtype = next((p.dtype for p in self.units[first].parameters()), torch.float32)
+            return torch.from_numpy(rows).to(self.device, dtype=dtype)
+        return self._stream(self.units[:first], x)
+
+    def _aligned_val_cache(self, block: int, y: Tensor, offset: int | None) -> CachedActivations | None:
+        if offset is None or not self.uses_cache or self._sources is None or not is_in_order(self._sources.val):
+            return None
+        if block > self.active_block:
+            return None
+        cache = self._inputs_of(block, "val")
+        if len(cache) != len(self._sources.val.dataset) or offset + len(y) > len(cache):
+            return None
+        if not torch.equal(cache.labels[offset : offset + len(y)], y.detach().cpu().long()):
+            return None
+        return cache
+
+    def _stream(self, modules: Sequence[nn.Module], x: Tensor) -> Tensor:
+        """``x`` through ``modules`` in eval mode without grad, each moved to the device only while it runs."""
+        with torch.no_grad():
+            for module in modules:
+                x = self._eval(module, x)
+        return x
+
+    def _eval(self, module: nn.Module, x: Tensor) -> Tensor:
+        home = next((p.device for p in module.parameters()), self.device)
+        was_training = module.training
+        module.eval()
+        if home != self.device:
+            module.to(self.device)
+        try:
+            return module(x.to(self.device))
+        finally:
+            module.train(was_training)
+            if home != self.device:
+                module.to(home)
+
+    def _require_pass(self) -> _ValidationPass:
+        if self._val is None:
+            raise RuntimeError("call begin_validation() before validate_batch()/end_validation()")
+        return self._val
+
+    # ---------------------------------------------------------------- caches
+    def _inputs_of(self, block: int, split: str) -> CachedActivations:
+        """The verified cache feeding ``block`` (outputs of the block before), rebuilt if missing or corrupt."""
+        name = cache_name(block - 1, split)
+        if name in self._verified:
+            return self._verified[name]
+        assert self.cache_dir is not None
+        try:
+            cache = open_cache(self.cache_dir, name, fingerprint=self._fingerprint(block - 1, split), verify=True)
+        except CacheMissing:
+            if name in self.manifests:
+                warnings.warn(f"activation cache {name} is gone from {self.cache_dir}; rebuilding it", stacklevel=2)
+            cache = self._write_cache(block - 1, split)
+        except CacheCorrupt as error:
+            warnings.warn(f"activation cache {name} failed verification ({error}); rebuilding it", stacklevel=2)
+            cache = self._write_cache(block - 1, split)
+        self._verified[name] = cache
+        return cache
+
+    def _write_cache(self, block: int, split: str) -> CachedActivations:
+        """Run ``block`` over its whole input of ``split`` once and store the outputs."""
+        assert self.cache_dir is not None
+        start = time.perf_counter()
+        name = cache_name(block, split)
+        batch = self.plan.batch_size(block)
+        source = self._cache_source(block, split, batch)
+        writer: ActivationCacheWriter | None = None
+        with contextlib.ExitStack() as stack:
+            for x, y in source:
+                out = self._stream([self.units[i] for i in self.units_of(block)], x).cpu()
+                if writer is None:
+                    writer = stack.enter_context(
+                        ActivationCacheWriter(
+                            self.cache_dir,
+                            name,
+                            num_samples=len(source.dataset),
+                            sample_shape=tuple(out.shape[1:]),
+                            dtype=self.cache_dtype,
+                            fingerprint=self._fingerprint(block, split),
+                            meta={"block": block, "split": split},
+                        )
+                    )
+                writer.write(out, y)
+            if writer is None:
+                raise ValueError(f"the {split} data is empty: nothing to cache for block {block}")
+            manifest = writer.commit()
+        self.manifests[name] = manifest.to_dict()
+        cache = open_cache(self.cache_dir, name, verify=False)
+        self._verified[name] = cache
+        self.seconds["cache"] += time.perf_counter() - start
+        log.info("cached block %d %s outputs: %.1f MB in %s", block, split, cache.nbytes / 1e6, self.cache_dir / name)
+        return cache
+
+    def _cache_source(self, block: int, split: str, batch: int) -> DataLoader:
+        if block > 0:
+            return cache_loader(self._inputs_of(block, split), batch, shuffle=False)
+        sources = self._require_sources()
+        raw = sources.train if split == "train" else sources.val
+        dataset = sources.train_unaugmented if split == "train" and sources.train_unaugmented is not None else raw.dataset
+        return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=raw.num_workers, collate_fn=raw.collate_fn)
+
+    def _fingerprint(self, block: int, split: str) -> str:
+        """Identifies data, split, block and the weights of every unit up to the block's last."""
+        sources = self._require_sources()
+        data_id = sources.data_id or type((sources.train if split == "train" else sources.val).dataset).__name__
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{data_id}|{split}|{block}|{self.cache_dtype}".encode())
+        for index in range(self.units_of(block)[-1] + 1):
+            for tensor in self.units[index].state_dict().values():
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def _require_sources(self) -> DataSources:
+        if self._sources is None:
+            raise RuntimeError("no data attached: call attach_data() first")
+        return self._sources
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run, or to deploy its exits, as plain data and CPU tensors."""
+        return {
+            "version": STATE_VERSION,
+            "plan": self.plan.to_dict(),
+            "active_block": self.active_block,
+            "epochs_in_block": self.epochs_in_block,
+            "last_epoch": self.last_epoch,
+            "finished": self.finished,
+            "records": [record.to_dict() for record in self.records.values()],
+            "exit_tolerance": self.exit_tolerance,
+            "peaks": dict(self.peaks),
+            "shrinks": list(self.shrinks),
+            "manifests": dict(self.manifests),
+            "seconds": dict(self.seconds),
+            "exits": {k: v.detach().cpu() for k, v in self.exits.state_dict().items()},
+            "optim": {
+                "block": self._entered,
+                "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+                "schedulers": [spec.scheduler.state_dict() for spec in self.schedulers],
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; optimizers are restored when their block is entered."""
+        _check_version(state)
+        saved = TrainingPlan.from_dict(state["plan"])
+        if [b.units for b in saved.blocks] != [b.units for b in self.plan.blocks]:
+            raise ValueError(
+                f"the saved run has blocks {[b.units for b in saved.blocks]}, this one "
+                f"{[b.units for b in self.plan.blocks]}: it belongs to another model or plan"
+            )
+        self.plan = saved
+        self.exits.load_state_dict(state["exits"])
+        self.active_block = int(state["active_block"])
+        self.epochs_in_block = int(state["epochs_in_block"])
+        self.last_epoch = int(state["last_epoch"])
+        self.finished = bool(state["finished"])
+        self.records = {r.unit: r for r in (ExitRecord.from_dict(d) for d in state["records"])}
+        self.exit_tolerance = float(state.get("exit_tolerance", self.exit_tolerance))
+        self.peaks = {int(k): int(v) for k, v in state["peaks"].items()}
+        self.shrinks = list(state["shrinks"])
+        self.manifests = dict(state["manifests"])
+        self.seconds = {**self.seconds, **state.get("seconds", {})}
+        self._pending_optim = state["optim"] if state["optim"]["block"] is not None else None
+        self._entered = None
+        self._verified.clear()
+
+
+@dataclass
+class _ValidationPass:
+    unit: int
+    correct: Tensor
+    total: int = 0
+    offset: int = 0
+
+
+class DeployedForward:
+    """What the deployable model computes for one validation batch; stands in for the network's forward.
+
+    Called with the batch's own input tensor, it returns the deployable exit's
+    logits computed from the active block's input (cached or computed once);
+    called with any other tensor (the user transformed the input), it runs
+    that exit on it from scratch. :attr:`calls` counts the calls.
+    """
+
+    def __init__(
+        self, run: BlockwiseRun, x: Tensor, y: Tensor, unit: int, logits: list[Tensor], offset: int | None
+    ) -> None:
+        self.run, self.x, self.y, self.unit, self.offset = run, x, y, unit, offset
+        self._logits = logits
+        self.calls = 0
+
+    def __call__(self, inputs: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self.calls += 1
+        run = self.run
+        if inputs is not self.x:
+            return run.exit_forward(inputs, self.unit)
+        if self.unit in run.active_units:
+            return self._logits[run.active_units.index(self.unit)]
+        block = run.block_of_unit(self.unit)
+        with torch.no_grad():
+            h = run._val_input(block, self.x, self.y, self.offset)
+            units = run.units_of(block)
+            h = run._stream([run.units[i] for i in units[: units.index(self.unit) + 1]], h)
+            return run._eval(run.exits[self.unit], h)
+
+
+def build_exits(decomposition: Decomposition, input_shape: Sequence[int], aux: str = "adaptive") -> nn.ModuleList:
+    """Every unit's classifier: an auxiliary head per unit but the last, then the model's own head.
+
+    >>> from torch import nn
+    >>> from nf_lightning.core.decompose import Decomposition
+    >>> parts = Decomposition([nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)], nn.Sequential(nn.Flatten(), nn.Linear(64, 5)))
+    >>> len(build_exits(parts, (3, 8, 8)))
+    2
+    """
+    heads = build_aux_heads(decomposition.units, num_classes(decomposition.head), tuple(input_shape), policy=aux)
+    return nn.ModuleList([*heads, decomposition.head])
+
+
+def num_classes(head: nn.Module) -> int:
+    """Output classes of a classifier head (its last Linear's outputs)."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the network's head has no nn.Linear, so the number of classes is unknown")
+    return linears[-1].out_features
+
+
+def cache_name(block: int, split: str) -> str:
+    """``block3-train``: outputs of block 3 for the training set."""
+    return f"block{block}-{split}"
+
+
+def optimizer_factory(recipe: Recipe) -> Callable[[list[nn.Parameter]], Optimizer]:
+    """The recipe's optimizer class and first group's settings over other parameters.
+
+    Profiling needs the size of the optimizer's state, which its class and settings decide.
+    """
+    template, _ = recipe()
+    hparams = {k: v for k, v in template.param_groups[0].items() if k not in ("params", "initial_lr")}
+    return lambda params: type(template)(params, **hparams)
+
+
+def _check_version(state: dict[str, Any]) -> None:
+    version = state.get("version")
+    if version != STATE_VERSION:
+        raise ValueError(f"NeuroFlux state version {version!r} is not supported (expected {STATE_VERSION})")
+
+
