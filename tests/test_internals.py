@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 
 from nf_lightning.lightning import _internals
-
-
-def test_fit_loop_max_epochs_is_settable() -> None:
-    trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_checkpointing=False)
-    _internals.set_max_epochs(trainer, 7)
-    assert trainer.fit_loop.max_epochs == 7
 
 
 def test_optimizer_recipe_parsing_keeps_scheduler_interval() -> None:
@@ -30,15 +25,60 @@ def test_optimizer_recipe_parsing_keeps_scheduler_interval() -> None:
 def test_strategy_hooks_the_strategy_relies_on_exist() -> None:
     """Public-but-undocumented Lightning behaviour the strategy builds on."""
     from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
-    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
 
-    for name in ("process_dataloader", "training_step", "validation_step", "setup", "connect", "teardown"):
-        assert callable(getattr(Strategy, name))
-    # the accelerator connector fills `parallel_devices` on strategies that have the attribute
-    import inspect
-
-    assert "parallel_devices" in inspect.getsource(_AcceleratorConnector._lazy_init_strategy)
+    for name in (
+        "process_dataloader", "training_step", "validation_step", "test_step", "predict_step", "setup", "connect",
+        "teardown", "save_checkpoint", "load_model_state_dict", "on_validation_start", "on_validation_end",
+    ):
+        assert callable(getattr(Strategy, name)), name
+    assert isinstance(Strategy.lightning_restore_optimizer, property)
     assert issubclass(SingleDeviceStrategy, Strategy)
+
+
+def test_accelerator_connector_fills_parallel_devices() -> None:
+    class Probe(_internals.TrainerDevices, pl.strategies.SingleDeviceStrategy):
+        pass
+
+    trainer = pl.Trainer(strategy=Probe(device="cpu"), accelerator="cpu", devices=1, logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False)
+    assert trainer.strategy.trainer_device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="pass devices=1"):
+        pl.Trainer(strategy=Probe(device="cpu"), accelerator="cpu", devices=2, logger=False).strategy.trainer_device()
+
+
+def test_dropping_the_loaded_train_loader_makes_the_fit_loop_fetch_it_again(tmp_path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    fetched, lengths = [], []
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def train_dataloader(self):
+            fetched.append(self.current_epoch)
+            return DataLoader(TensorDataset(torch.zeros(8, 2)), batch_size=2 + 2 * (self.current_epoch >= 1))
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class ReloadAfterFirstEpoch(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            lengths.append(trainer.num_training_batches)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                _internals.reload_train_dataloader(trainer)
+
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path, enable_model_summary=False, callbacks=[ReloadAfterFirstEpoch()])
+    trainer.fit(Module())
+    assert fetched == [0, 1]  # fetched again once, at the start of epoch 1
+    assert lengths == [4, 2, 2]  # and its length recomputed
 
 
 def test_train_dataloader_is_reachable_before_the_fit_loop_loads_it(tmp_path) -> None:

@@ -89,6 +89,8 @@ class EarlyExitSelector(pl.Callback):
         self.selected: ExitRecord | None = None
         self.exit_model: ExitModel | None = None
         self.summary: dict[str, Any] | None = None
+        self.records: list[ExitRecord] = []
+        """The latest record of every exit measured so far, shallowest first (as of the last block's end)."""
         self._block: int | None = None
 
     @staticmethod
@@ -120,11 +122,12 @@ class EarlyExitSelector(pl.Callback):
         if run.active_block == self._block and not run.finished:
             return
         ended, self._block = self._block, run.active_block
-        if not run.records:
+        self.records = records_of(run)
+        if not self.records:
             return
-        best = select_exit(run.records.values(), self.tolerance)
+        best = select_exit(self.records, self.tolerance)
         self.stale_blocks = 0 if best.unit in run.units_of(ended) else self.stale_blocks + 1
-        for record in self.records_of(run):
+        for record in self.records:
             pl_module.log(f"exit/acc_{record.unit}", record.accuracy)
             pl_module.log(f"exit/params_{record.unit}", float(record.parameters))
         pl_module.log("exit/best_unit", float(best.unit))
@@ -139,10 +142,11 @@ class EarlyExitSelector(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = self._run(trainer)
-        if not run.records:
+        self.records = records_of(run)
+        if not self.records:
             rank_zero_warn("EarlyExitSelector recorded no exit (did validation run?); nothing to select")
             return
-        self.selected = select_exit(run.records.values(), self.tolerance)
+        self.selected = select_exit(self.records, self.tolerance)
         self.exit_model = run.exit_model(self.selected.unit)
         self.summary = self._summarize(run)
         if self.export and trainer.is_global_zero:
@@ -161,11 +165,6 @@ class EarlyExitSelector(pl.Callback):
         self._block = state_dict.get("block")
 
     # ------------------------------------------------------------- internals
-    @staticmethod
-    def records_of(run: BlockwiseRun) -> list[ExitRecord]:
-        """The latest record of every exit measured so far, shallowest first."""
-        return [run.records[unit] for unit in sorted(run.records)]
-
     def _summarize(self, run: BlockwiseRun) -> dict[str, Any]:
         """What ``exit.json`` holds: the choice, the full model it is compared with, every exit."""
         assert self.selected is not None and self.exit_model is not None
@@ -184,7 +183,7 @@ class EarlyExitSelector(pl.Callback):
             "num_units": len(run.units),
             "input_shape": list(run.plan.input_shape),
             "num_classes": num_classes,
-            "exits": [record.to_dict() for record in self.records_of(run)],
+            "exits": [record.to_dict() for record in self.records],
         }
 
     def _export(self, directory: Path, input_shape: tuple[int, ...]) -> None:
@@ -202,3 +201,8 @@ class EarlyExitSelector(pl.Callback):
         tmp = directory / f"{SUMMARY_FILE}.tmp"
         tmp.write_text(json.dumps(self.summary, indent=2))
         tmp.replace(directory / SUMMARY_FILE)
+
+
+def records_of(run: BlockwiseRun) -> list[ExitRecord]:
+    """The latest record of every exit of ``run`` measured so far, shallowest first."""
+    return [run.records[unit] for unit in sorted(run.records)]

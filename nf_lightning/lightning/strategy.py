@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from nf_lightning.core import batches
 from nf_lightning.core.batches import split_batch
 from nf_lightning.core.budget import format_bytes, parse_bytes
 from nf_lightning.core.decompose import Decomposition, decompose
@@ -169,6 +171,19 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         if self.run is None:
             raise RuntimeError("no plan yet: NeuroFlux plans when Trainer.fit starts")
         return self.run.plan
+
+    @property
+    def active_block(self) -> int | None:
+        """Deprecated: ``strategy.run.active_block``."""
+        _deprecated("NeuroFluxStrategy.active_block", "NeuroFluxStrategy.run.active_block")
+        return None if self.run is None else self.run.active_block
+
+    def exit_modules(self) -> Any:
+        """Deprecated: ``strategy.run.exits``."""
+        _deprecated("NeuroFluxStrategy.exit_modules()", "NeuroFluxStrategy.run.exits")
+        if self.run is None:
+            raise RuntimeError("exits are built when fit starts")
+        return self.run.exits
 
     def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)
@@ -457,6 +472,21 @@ class _CountingForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         self.calls += 1
         return self.forward(*args, **kwargs)
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated; use {new}", FutureWarning, stacklevel=3)
+
+
+_MOVED = {"rebatch": batches.rebatch}
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated: ``rebatch`` moved to :mod:`nf_lightning.core.batches`."""
+    if name in _MOVED:
+        _deprecated(f"nf_lightning.lightning.strategy.{name}", f"nf_lightning.core.batches.{name}")
+        return _MOVED[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _infer_input_shape(trainer: pl.Trainer) -> tuple[int, ...]:

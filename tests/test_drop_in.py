@@ -1,0 +1,306 @@
+"""A Lightning project written the usual way runs unchanged under ``strategy="neuroflux"``.
+
+The module below knows nothing of nf_lightning: a torchvision network,
+torchmetrics, its own ``val_acc``, two param groups and a scheduler dict;
+the Trainer carries ModelCheckpoint, EarlyStopping, LearningRateMonitor and
+a CSVLogger. These tests train it for real and check what the user sees.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchmetrics
+import torchvision
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from nf_lightning import NeuroFluxStrategy, decompose
+from nf_lightning.core.run import BlockwiseRun
+
+
+class TypicalProject(pl.LightningModule):
+    """An image classifier as people write them (no nf_lightning import)."""
+
+    def __init__(self, num_classes: int = 10, lr: float = 0.05, scheduler: str = "cosine") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=0.25)
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.val_acc(logits, y)
+        self.log("val_acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test_acc", self.test_acc)
+
+    def configure_optimizers(self):
+        decay = [p for p in self.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.parameters() if p.ndim <= 1]
+        optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            momentum=0.9,
+        )
+        if self.hparams.scheduler == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val_flat"}}
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
+
+
+class FlatMetric(TypicalProject):
+    """Also logs a metric that never improves, for ReduceLROnPlateau to watch."""
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("val_flat", 0.5)
+
+
+class BypassingProject(TypicalProject):
+    """Computes its validation outputs through the network's parts, not the network."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        features = self.net.features(x).mean((2, 3))
+        self.log("val_acc", (self.net.classifier(features).argmax(1) == y).float().mean())
+
+
+def data(n: int, seed: int) -> TensorDataset:
+    """A learnable 10-class 32x32 task: each class is a bright square at its own place."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.randn(n, 3, 32, 32, generator=g) * 0.3
+    for i, label in enumerate(y.tolist()):
+        row, col = divmod(label, 5)
+        x[i, :, 4 + 12 * row : 12 + 12 * row, 2 + 6 * col : 6 + 6 * col] += 1.5
+    return TensorDataset(x, y)
+
+
+def loader(n: int, seed: int, shuffle: bool = False) -> DataLoader:
+    return DataLoader(data(n, seed), batch_size=32, shuffle=shuffle)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_trainer(root: Path, strategy, callbacks=(), **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+
+
+BUDGET = "3MB"  # a few blocks for MobileNetV2 x0.25 at 32x32
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("typical")
+    torch.manual_seed(0)
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", monitor="val_acc", mode="max", save_last=True)
+    callbacks = [checkpoint, EarlyStopping(monitor="val_acc", mode="max", patience=20), LearningRateMonitor()]
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=root / "cache")
+    trainer = make_trainer(root, strategy, callbacks, logger=CSVLogger(root, name="logs"), max_epochs=50)
+    module = TypicalProject()
+    trainer.fit(module, loader(512, 0, shuffle=True), loader(256, 1))
+    fitted = {"epochs": trainer.current_epoch, "finished": strategy.run.finished, "blocks": strategy.run.num_blocks,
+              "planned_epochs": strategy.run.plan.total_epochs}
+    tested = trainer.test(dataloaders=loader(256, 2), ckpt_path="best")  # rewinds the run to the best checkpoint
+    return {"root": root, "trainer": trainer, "strategy": strategy, "checkpoint": checkpoint, "tested": tested,
+            "fitted": fitted}
+
+
+def metric_rows(root: Path) -> list[dict[str, str]]:
+    (path,) = (root / "logs").glob("version_*/metrics.csv")
+    with path.open() as file:
+        return list(csv.DictReader(file))
+
+
+def test_user_metrics_and_callbacks_work_and_neuroflux_ends_the_run(project: dict) -> None:
+    fitted = project["fitted"]
+    assert fitted["blocks"] >= 3
+    assert fitted["finished"] and fitted["epochs"] == fitted["planned_epochs"] < 50  # NeuroFlux decided the length
+    assert Path(project["checkpoint"].best_model_path).is_file()
+    rows = metric_rows(project["root"])
+    columns = set(rows[0])
+    assert {"val_acc", "val_loss", "neuroflux/deploy_unit", "neuroflux/acc_exit_0"} <= columns
+    assert any(column.startswith("lr-SGD") for column in columns)  # LearningRateMonitor saw the per-unit optimizers
+    validations = [row for row in rows if row["val_acc"]]
+    assert len(validations) == fitted["planned_epochs"]
+
+
+def test_user_validation_runs_on_the_deployable_exit(project: dict) -> None:
+    """The user's val_acc is the accuracy NeuroFlux measured for the exit it deployed in that pass
+    (scored in the same pass, or at its block's last epoch, after which it is frozen)."""
+    latest: dict[int, float] = {}
+    compared = 0
+    for row in metric_rows(project["root"]):
+        for key, value in row.items():
+            if key.startswith("neuroflux/acc_exit_") and value:
+                latest[int(key.rsplit("_", 1)[1])] = float(value)
+        if row["val_acc"]:
+            deployed = int(float(row["neuroflux/deploy_unit"]))
+            assert float(row["val_acc"]) == pytest.approx(latest[deployed], abs=1e-6), (row, deployed)
+            compared += 1
+    assert compared == project["fitted"]["planned_epochs"]
+
+
+def exit_accuracy_from_checkpoint(path: str) -> tuple[float, int, float]:
+    """Accuracy of the checkpoint's selected exit and of the full network, computed here from scratch."""
+    checkpoint = torch.load(path, weights_only=False)
+    module = TypicalProject()
+    module.load_state_dict(checkpoint["state_dict"])
+    run = BlockwiseRun.from_state(decompose(module.net), checkpoint["neuroflux"])
+    exit_model, full = run.exit_model(), module.net.eval()
+    x, y = data(256, 2).tensors
+    with torch.no_grad():
+        exit_acc = (exit_model(x).argmax(1) == y).float().mean().item()
+        full_acc = (full(x).argmax(1) == y).float().mean().item()
+    return exit_acc, run.deploy_unit, full_acc
+
+
+def test_test_after_fit_reports_the_selected_exit(project: dict) -> None:
+    exit_acc, unit, _ = exit_accuracy_from_checkpoint(project["checkpoint"].best_model_path)
+    assert project["tested"][0]["test_acc"] == pytest.approx(exit_acc, abs=1e-6)
+    assert unit < len(project["strategy"].run.units)
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import lightning.pytorch as pl
+    from test_drop_in import TypicalProject, loader
+    trainer = pl.Trainer(strategy="neuroflux", accelerator="cpu", logger=False, enable_progress_bar=False)
+    result = trainer.test(TypicalProject(), dataloaders=loader(256, 2), ckpt_path={ckpt!r})
+    full = pl.Trainer(strategy=__import__("nf_lightning").NeuroFluxStrategy(evaluate="full"), accelerator="cpu",
+                      logger=False, enable_progress_bar=False)
+    result_full = full.test(TypicalProject(), dataloaders=loader(256, 2), ckpt_path={ckpt!r})
+    print(json.dumps({{"exit": result[0]["test_acc"], "full": result_full[0]["test_acc"]}}))
+    """
+)
+
+
+def test_test_from_the_checkpoint_in_a_fresh_process(project: dict) -> None:
+    best = project["checkpoint"].best_model_path
+    script = FRESH_PROCESS.format(tests=str(Path(__file__).parent), ckpt=best)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reported = json.loads(done.stdout.strip().splitlines()[-1])
+    exit_acc, _, full_acc = exit_accuracy_from_checkpoint(best)
+    assert reported["exit"] == pytest.approx(exit_acc, abs=1e-6)
+    assert reported["full"] == pytest.approx(full_acc, abs=1e-6)
+
+
+def test_param_groups_keep_their_settings_per_unit(tmp_path: Path) -> None:
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    module = TypicalProject()
+    trainer.fit(module, loader(64, 0), loader(64, 1))
+    run = strategy.run
+    for unit, optimizer in zip(run.active_units, run.optimizers):
+        decay, no_decay = optimizer.param_groups
+        assert (decay["weight_decay"], no_decay["weight_decay"]) == (5e-4, 0.0)
+        unit_params = {id(p) for p in run.units[unit].parameters()}
+        exit_params = {id(p) for p in run.exits[unit].parameters()}
+        assert {id(p) for p in no_decay["params"]} == {id(p) for p in run.units[unit].parameters() if p.ndim <= 1}
+        # the exit head joins the group holding most of the unit's own parameters
+        assert {id(p) for p in decay["params"]} == {
+            id(p) for p in run.units[unit].parameters() if p.ndim > 1
+        } | exit_params - unit_params
+
+
+def test_plateau_scheduler_lowers_the_learning_rate(tmp_path: Path) -> None:
+    strategy = NeuroFluxStrategy(memory_budget="300MB", epochs_per_block=3, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=3,
+                           limit_train_batches=2)
+    module = FlatMetric(scheduler="plateau", lr=0.04)
+    trainer.fit(module, loader(64, 0), loader(64, 1))
+    run = strategy.run
+    assert run.num_blocks == 1
+    # val_flat never improves: patience 0 halves the rate after epochs 1 and 2
+    assert [group["lr"] for group in run.optimizers[0].param_groups] == pytest.approx([0.01, 0.01])
+
+
+def test_bf16_mixed_precision_trains(tmp_path: Path) -> None:
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, precision="bf16-mixed",
+                           limit_train_batches=2, limit_val_batches=2)
+    trainer.fit(TypicalProject(), loader(128, 0), loader(64, 1))
+    assert strategy.run.finished
+    losses = [v for k, v in trainer.callback_metrics.items() if k.startswith("neuroflux/loss_unit_")]
+    assert losses and all(torch.isfinite(v) for v in losses)
+
+
+def test_max_epochs_bounds_the_run(tmp_path: Path) -> None:
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=1,
+                           limit_train_batches=2, limit_val_batches=2)
+    with pytest.warns(UserWarning, match="max_epochs=1 ends the run before NeuroFlux's plan"):
+        trainer.fit(TypicalProject(), loader(128, 0), loader(64, 1))
+    run = strategy.run
+    assert trainer.current_epoch == 1 and not run.finished and run.num_blocks > 2
+
+
+def test_a_validation_step_that_bypasses_the_network_gets_a_clear_error(tmp_path: Path) -> None:
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, limit_train_batches=1)
+    with pytest.raises(RuntimeError, match="validation_step ran without calling the network NeuroFlux decomposed"):
+        trainer.fit(BypassingProject(), loader(64, 0), loader(64, 1))
+
+
+def test_deprecated_names_warn_and_still_work(tmp_path: Path) -> None:
+    from nf_lightning import ActivationCache
+    from nf_lightning.lightning import strategy as strategy_module
+
+    with pytest.warns(FutureWarning, match="ActivationCache is deprecated"):
+        callback = ActivationCache(num_workers=0, seed=3)
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, [callback], logger=False, enable_checkpointing=False,
+                           max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(TypicalProject(), loader(64, 0), loader(64, 1))
+    assert strategy.run.cache_seed == 3  # the deprecated callback's option still reaches the cache
+    with pytest.warns(FutureWarning, match="active_block is deprecated"):
+        assert strategy.active_block == strategy.run.active_block
+    with pytest.warns(FutureWarning, match="exit_modules"):
+        assert strategy.exit_modules() is strategy.run.exits
+    with pytest.warns(FutureWarning, match="rebatch is deprecated"):
+        assert strategy_module.rebatch(loader(8, 0), 4, shuffle=False).batch_size == 4

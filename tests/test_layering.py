@@ -1,0 +1,92 @@
+"""The package's layers: core is pure PyTorch, imports flow one way, no cycle (TYPE_CHECKING imports included)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nf_lightning"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every nf_lightning module and the nf_lightning modules it names in an import statement."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+            edges |= {target for target in targets if target in modules and target != name}
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_in_the_package() -> None:
+    graph = import_graph()
+    assert "nf_lightning.core.run" in graph and "nf_lightning.lightning.strategy" in graph
+    assert find_cycle(graph) is None
+
+
+def test_imports_flow_one_way() -> None:
+    """core and models import nothing above them; callbacks never import the strategy."""
+    graph = import_graph()
+    for name, edges in graph.items():
+        if name.startswith(("nf_lightning.core", "nf_lightning.models")):
+            assert not {e for e in edges if e.startswith(("nf_lightning.lightning", "nf_lightning.cli"))}, name
+        if name.startswith("nf_lightning.lightning.") and name != "nf_lightning.lightning.strategy":
+            assert "nf_lightning.lightning.strategy" not in edges, name
+
+
+def test_importing_core_loads_no_lightning() -> None:
+    script = (
+        "import json, sys, nf_lightning.core, nf_lightning.core.run, nf_lightning.core.partitioner, "
+        "nf_lightning.core.plan, nf_lightning.core.cache, nf_lightning.core.exits\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'pytorch_lightning', 'torchvision', 'hydra'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
