@@ -26,12 +26,15 @@ Example:
     >>> run = BlockwiseRun.create(decompose(net), recipe, (3, 8, 8), budget=10**8, cache_dir=None)
     >>> run.attach_data(DataSources(DataLoader(data, batch_size=8), DataLoader(data, batch_size=8)))
     >>> run.start()
-    >>> for epoch in range(run.plan.total_epochs):
+    >>> epoch = 0
+    >>> while not run.finished:
+    ...     run.begin_epoch()
     ...     for x, y in run.train_loader():
     ...         losses = run.train_batch(x, y)
     ...     event = run.end_epoch(epoch)
-    >>> run.finished
-    True
+    ...     epoch += 1
+    >>> epoch, run.ended_blocks[-1]["reason"]
+    (1, 'horizon')
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -69,6 +73,7 @@ from nf_lightning.core.local_learning import LocalBlock, train_with_retry
 from nf_lightning.core.memory import meter_for
 from nf_lightning.core.optim_recipe import Recipe, SchedulerSpec, replicate_recipe
 from nf_lightning.core.plan import TrainingPlan, make_plan
+from nf_lightning.core.schedule import BlockSchedule, Patience, cosine_factor
 
 log = logging.getLogger("nf_lightning")
 
@@ -111,8 +116,12 @@ class BlockwiseRun:
         cache_dtype: ``"float16"`` or ``"float32"``.
         cache_workers: loader worker processes for cached data (0: a background thread).
         cache_seed: base seed of the shuffling of cached training data.
-        lr_reference_batch: if set, learning rates scale by ``batch_size / lr_reference_batch``.
+        lr_reference_batch: the batch size the recipe's learning rate was tuned for; each
+            block's rate follows its own batch size from there (``schedule.lr_scaling``).
+            The user's training loader's batch size if None.
         exit_tolerance: exits within this accuracy of the best count as equal; the smallest wins.
+        schedule: each block's horizon, patience and learning-rate decay
+            (:class:`~nf_lightning.core.schedule.BlockSchedule`); the plan's epochs, cosine decay if None.
     """
 
     def __init__(
@@ -129,6 +138,7 @@ class BlockwiseRun:
         cache_seed: int = 0,
         lr_reference_batch: int | None = None,
         exit_tolerance: float = 0.0,
+        schedule: BlockSchedule | None = None,
     ) -> None:
         if len(exits) != len(decomposition.units):
             raise ValueError(f"need one exit per unit, got {len(exits)} exits for {len(decomposition.units)} units")
@@ -144,9 +154,14 @@ class BlockwiseRun:
         self.cache_seed = cache_seed
         self.lr_reference_batch = lr_reference_batch
         self.exit_tolerance = exit_tolerance
+        self.schedule = schedule or BlockSchedule.from_epochs(plan.epochs_per_block)
 
         self.active_block = 0
         self.epochs_in_block = 0
+        self.horizon: int | None = None  # epochs the active block trains at most, fixed when it starts
+        self.block_step = 0
+        self.patience = Patience(self.schedule.patience, self.schedule.min_delta)
+        self.ended_blocks: list[dict[str, Any]] = []  # how each block ended: epochs, reason, best accuracy
         self.last_epoch = -1
         self.finished = False
         self.records: dict[int, ExitRecord] = {}
@@ -164,6 +179,10 @@ class BlockwiseRun:
         self._sources: DataSources | None = None
         self._verified: dict[str, CachedActivations] = {}
         self._val: _ValidationPass | None = None
+        self._epoch_best: float | None = None  # the best active exit's accuracy in this epoch's validation
+        self._epoch_steps: int | None = None
+        self._step_in_epoch = 0
+        self._base_lrs: list[list[float]] = []
 
     # ---------------------------------------------------------------- creation
     @classmethod
@@ -269,12 +288,13 @@ class BlockwiseRun:
     def _build_optimizers(self, block: int) -> None:
         if self.recipe is None:
             raise RuntimeError("this run was restored for inference only (no optimizer recipe); it cannot train")
-        scale = self.batch_size / self.lr_reference_batch if self.lr_reference_batch else 1.0
+        scale = self.schedule.lr_scale(self.batch_size, self.reference_batch())
         self.optimizers, self.schedulers = [], []
         for unit in self.units_of(block):
             optimizer, schedulers = replicate_recipe(self.recipe, self.units[unit], self.exits[unit], lr_scale=scale)
             self.optimizers.append(optimizer)
             self.schedulers += schedulers
+        self._base_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in self.optimizers]
         pending = self._pending_optim
         if pending is not None and pending["block"] == block:
             for optimizer, state in zip(self.optimizers, pending["optimizers"]):
@@ -286,6 +306,41 @@ class BlockwiseRun:
     def _modules_of(self, block: int) -> list[nn.Module]:
         indices = self.units_of(block)
         return [*(self.units[i] for i in indices), *(self.exits[i] for i in indices)]
+
+    def reference_batch(self) -> int | None:
+        """The batch size the recipe's learning rate was tuned for (the user's training loader's by default)."""
+        if self.lr_reference_batch:
+            return self.lr_reference_batch
+        return getattr(self._sources.train, "batch_size", None) if self._sources is not None else None
+
+    def steps_per_epoch(self, block: int | None = None) -> int:
+        """Batches in one epoch of ``block`` (the active one if None) over the whole training set."""
+        sources = self._sources
+        if sources is None or sources.train is None:
+            return 1
+        samples = len(sources.train_unaugmented if sources.train_unaugmented is not None else sources.train.dataset)
+        return math.ceil(samples / self.plan.batch_size(self.active_block if block is None else block))
+
+    def planned_epochs(self) -> int:
+        """Epochs until the last block's horizon ends, counted from the active block's first."""
+        rest = range(self.active_block + 1, self.num_blocks)
+        horizon = self.horizon if self.horizon is not None else self.schedule.horizon(self.active_block, self.steps_per_epoch())
+        return horizon + sum(self.schedule.horizon(b, self.steps_per_epoch(b)) for b in rest)
+
+    @property
+    def decays(self) -> bool:
+        """Whether NeuroFlux decays the learning rate (the recipe brought no scheduler of its own)."""
+        return self.schedule.decay == "cosine" and not self.schedulers
+
+    def begin_epoch(self, steps: int | None = None) -> None:
+        """Start a training epoch of ``steps`` batches (the whole training set if None).
+
+        The first epoch of a block fixes the block's horizon.
+        """
+        self._epoch_steps = steps or self.steps_per_epoch()
+        self._step_in_epoch = 0
+        if self.horizon is None:
+            self.horizon = self.schedule.horizon(self.active_block, self._epoch_steps)
 
     # ---------------------------------------------------------------- training
     def train_loader(self) -> DataLoader:
@@ -328,8 +383,12 @@ class BlockwiseRun:
             backward=backward,
         )
         block.train(True)
+        if self.decays:
+            self._set_learning_rates()
         peaks: list[int] = []
         losses = train_with_retry(block, x, y, lambda: self._guard(block, peaks), self._on_shrink)
+        self.block_step += 1
+        self._step_in_epoch += 1
         if peaks:
             self.last_step_peak = max(peaks)
             self.peaks[self.active_block] = max(self.peaks.get(self.active_block, 0), self.last_step_peak)
@@ -338,6 +397,17 @@ class BlockwiseRun:
                 spec.scheduler.step()
         self.seconds["train"] += time.perf_counter() - start
         return losses
+
+    def _set_learning_rates(self) -> None:
+        """Cosine decay over the block's horizon, by the fraction of it done."""
+        steps = self._epoch_steps or self.steps_per_epoch()
+        if self.horizon is None:
+            self.horizon = self.schedule.horizon(self.active_block, steps)
+        progress = (self.epochs_in_block + min(self._step_in_epoch / steps, 1.0)) / self.horizon
+        factor = cosine_factor(progress)
+        for optimizer, base in zip(self.optimizers, self._base_lrs):
+            for group, lr in zip(optimizer.param_groups, base):
+                group["lr"] = lr * factor
 
     def _block_input_from_raw(self, x: Tensor) -> Tensor:
         first = self.active_units[0]
@@ -367,6 +437,8 @@ class BlockwiseRun:
     def end_epoch(self, epoch: int, metrics: dict[str, float] | None = None) -> str:
         """Close training epoch ``epoch``: step epoch schedulers, end the block when it is done.
 
+        A block is done at the end of its horizon, or earlier once its exits
+        stopped improving for ``schedule.patience`` epochs (after ``min_epochs``).
         Idempotent per epoch (a resumed run may see the same epoch end twice).
         ``metrics`` feeds ``ReduceLROnPlateau`` schedulers their monitored value.
         Returns ``"continue"``, ``"next_block"`` (caches written, next block
@@ -377,15 +449,28 @@ class BlockwiseRun:
         self.last_epoch = epoch
         self.epochs_in_block += 1
         self._step_epoch_schedulers(epoch, metrics or {})
-        if self.epochs_in_block < self.plan.epochs_per_block[self.active_block]:
+        stalled = self.patience.update(self._epoch_best) if self._epoch_best is not None else False
+        self._epoch_best = None
+        if self.horizon is None:
+            self.horizon = self.schedule.horizon(self.active_block, self.steps_per_epoch())
+        if self.epochs_in_block >= self.horizon:
+            reason = "horizon"
+        elif stalled and self.epochs_in_block >= self.schedule.min_epochs:
+            reason = "patience"
+        else:
             return CONTINUE
+        self.ended_blocks.append(
+            {"block": self.active_block, "epochs": self.epochs_in_block, "horizon": self.horizon,
+             "steps": self.block_step, "reason": reason, "best_accuracy": self.patience.best}
+        )
         if self.active_block == self.num_blocks - 1:
             self.finished = True
             return DONE
         if self.uses_cache:
             for split in SPLITS:
                 self._write_cache(self.active_block, split)
-        self.epochs_in_block = 0
+        self.epochs_in_block, self.horizon, self.block_step = 0, None, 0
+        self.patience = Patience(self.schedule.patience, self.schedule.min_delta)
         self._enter(self.active_block + 1)
         return NEXT_BLOCK
 
@@ -452,6 +537,7 @@ class BlockwiseRun:
         if record:
             for unit, accuracy in accuracies.items():
                 self.records[unit] = ExitRecord(unit, accuracy, exit_parameters(self.units, self.exits, unit))
+            self._epoch_best = max(accuracies.values())
         return accuracies
 
     def exit_forward(self, x: Tensor, unit: int) -> Tensor:
@@ -593,6 +679,11 @@ class BlockwiseRun:
             "plan": self.plan.to_dict(),
             "active_block": self.active_block,
             "epochs_in_block": self.epochs_in_block,
+            "horizon": self.horizon,
+            "block_step": self.block_step,
+            "patience": {"best": self.patience.best, "stale": self.patience.stale},
+            "ended_blocks": list(self.ended_blocks),
+            "schedule": self.schedule.to_dict(),
             "last_epoch": self.last_epoch,
             "finished": self.finished,
             "records": [record.to_dict() for record in self.records.values()],
@@ -622,6 +713,10 @@ class BlockwiseRun:
         self.exits.load_state_dict(state["exits"])
         self.active_block = int(state["active_block"])
         self.epochs_in_block = int(state["epochs_in_block"])
+        self.horizon = state["horizon"]
+        self.block_step = int(state["block_step"])
+        self.patience = Patience(self.schedule.patience, self.schedule.min_delta, **state["patience"])
+        self.ended_blocks = list(state["ended_blocks"])
         self.last_epoch = int(state["last_epoch"])
         self.finished = bool(state["finished"])
         self.records = {r.unit: r for r in (ExitRecord.from_dict(d) for d in state["records"])}

@@ -44,6 +44,7 @@ from nf_lightning.core.decompose import Decomposition, decompose
 from nf_lightning.core.memory import device_memory_bytes
 from nf_lightning.core.optim_recipe import SchedulerSpec
 from nf_lightning.core.run import BlockwiseRun, DataSources
+from nf_lightning.core.schedule import BlockSchedule
 from nf_lightning.lightning._internals import (
     TrainerDevices,
     parse_optimizer_recipe,
@@ -81,8 +82,17 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         cache_seed: base seed of the shuffling of cached training data.
         input_shape: one sample's shape; from the data module's ``input_shape``,
             the module's ``example_input_array`` or the first batch if None.
-        lr_reference_batch: if set, every block's learning rate is scaled by
-            ``batch_size / lr_reference_batch`` (linear scaling rule).
+        lr_reference_batch: the batch size your recipe's learning rate was tuned for; the
+            training loader's batch size if None. Each block's rate follows its own batch
+            size from there by ``lr_scaling`` (``"linear"``, ``"sqrt"`` or ``"none"``).
+        lr_decay: ``"cosine"`` decays each block's rate to zero over its horizon, ``"none"``
+            keeps it; either way only when ``configure_optimizers`` brings no scheduler
+            (yours are stepped instead, fresh for every block).
+        min_steps_per_block: lengthen a block's horizon (``epochs_per_block``) until it gets
+            at least this many steps, up to ``max_epochs_per_block``.
+        min_epochs_per_block: epochs before ``block_patience`` may end a block.
+        block_patience: end a block once its best exit has not improved by
+            ``block_min_delta`` for this many epochs; None trains every horizon to its end.
         single_block: all units as one block at one batch size (classic local learning).
         exit_tolerance: exits within this accuracy (a fraction) of the best count
             as equally good and the one with the fewest parameters is deployed.
@@ -107,6 +117,13 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         cache_seed: int = 0,
         input_shape: Sequence[int] | None = None,
         lr_reference_batch: int | None = None,
+        lr_scaling: str = "linear",
+        lr_decay: str = "cosine",
+        min_steps_per_block: int = 0,
+        max_epochs_per_block: int = 1000,
+        min_epochs_per_block: int = 1,
+        block_patience: int | None = None,
+        block_min_delta: float = 0.0,
         single_block: bool = False,
         exit_tolerance: float = 0.0,
         evaluate: str = "exit",
@@ -138,6 +155,16 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         self.cache_seed = cache_seed
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.lr_reference_batch = lr_reference_batch
+        self.schedule = BlockSchedule.from_epochs(
+            epochs_per_block,
+            min_steps=min_steps_per_block,
+            max_epochs=max_epochs_per_block,
+            min_epochs=min_epochs_per_block,
+            patience=block_patience,
+            min_delta=block_min_delta,
+            decay=lr_decay,
+            lr_scaling=lr_scaling,
+        )
         self.single_block = single_block
         self.exit_tolerance = exit_tolerance
         self.evaluate = evaluate
@@ -211,6 +238,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
             "cache_seed": self.cache_seed,
             "lr_reference_batch": self.lr_reference_batch,
             "exit_tolerance": self.exit_tolerance,
+            "schedule": self.schedule,
         }
         if self._saved_state is not None:
             self.run = BlockwiseRun.from_state(self.decomposition, self._saved_state, self._recipe, **options)
@@ -229,7 +257,6 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
                 **options,
             )
         rank_zero_info(self.run.plan.describe())
-        self._warn_if_max_epochs_cut_plan(trainer)
         datamodule = trainer.datamodule
         self._sources.data_id = str(getattr(datamodule, "fingerprint", "") or "")
         if hasattr(datamodule, "train_dataset"):
@@ -277,17 +304,15 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
                 f"{self.root_device} ({format_bytes(available)}): the plan may not fit"
             )
 
-    def _warn_if_max_epochs_cut_plan(self, trainer: pl.Trainer) -> None:
+    def warn_if_max_epochs_cut_plan(self, trainer: pl.Trainer) -> None:
+        """Warn when the Trainer's ``max_epochs`` ends the run before the plan's horizons do."""
         assert self.run is not None
-        plan, run = self.run.plan, self.run
-        remaining = plan.epochs_per_block[run.active_block] - run.epochs_in_block + sum(
-            plan.epochs_per_block[run.active_block + 1 :]
-        )
-        needed = trainer.current_epoch + remaining
+        run = self.run
+        needed = trainer.current_epoch - run.epochs_in_block + run.planned_epochs()
         if trainer.max_epochs is not None and 0 <= trainer.max_epochs < needed:
             rank_zero_warn(
-                f"max_epochs={trainer.max_epochs} ends the run before NeuroFlux's plan does ({needed} epochs over "
-                f"{len(plan.blocks)} blocks): later blocks will not train"
+                f"max_epochs={trainer.max_epochs} ends the run before NeuroFlux's plan does (up to {needed} epochs "
+                f"over {run.num_blocks} blocks): later blocks may not train"
             )
 
     # ------------------------------------------------------------------ data
@@ -426,6 +451,13 @@ class NeuroFluxHooks(pl.Callback):
         version = run.loader_version
         run.catch_up(trainer.current_epoch)  # a checkpoint taken before the last epoch's end
         self._after_change(trainer, run, version)
+        trainer.strategy.warn_if_max_epochs_cut_plan(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = self._run(trainer)
+        if run is not None:
+            batches = trainer.num_training_batches
+            run.begin_epoch(int(batches) if batches != float("inf") else None)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = self._run(trainer)
