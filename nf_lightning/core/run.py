@@ -68,6 +68,8 @@ from nf_lightning.core.cache import (
     open_cache,
 )
 from nf_lightning.core.decompose import Decomposition
+from nf_lightning.core.feature_augment import POLICIES as AUGMENT_POLICIES
+from nf_lightning.core.feature_augment import augment_features
 from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, select_exit
 from nf_lightning.core.local_learning import LocalBlock, train_with_retry
 from nf_lightning.core.memory import meter_for
@@ -122,6 +124,9 @@ class BlockwiseRun:
         exit_tolerance: exits within this accuracy of the best count as equal; the smallest wins.
         schedule: each block's horizon, patience and learning-rate decay
             (:class:`~nf_lightning.core.schedule.BlockSchedule`); the plan's epochs, cosine decay if None.
+        feature_augment: what blocks reading cached activations do to them each step
+            (:func:`~nf_lightning.core.feature_augment.augment_features`): ``"flip_crop"``,
+            ``"flip"``, ``"crop"`` or ``"none"``.
     """
 
     def __init__(
@@ -139,7 +144,10 @@ class BlockwiseRun:
         lr_reference_batch: int | None = None,
         exit_tolerance: float = 0.0,
         schedule: BlockSchedule | None = None,
+        feature_augment: str = "flip_crop",
     ) -> None:
+        if feature_augment not in AUGMENT_POLICIES:
+            raise ValueError(f"feature_augment must be one of {AUGMENT_POLICIES}, got {feature_augment!r}")
         if len(exits) != len(decomposition.units):
             raise ValueError(f"need one exit per unit, got {len(exits)} exits for {len(decomposition.units)} units")
         self.decomposition = decomposition
@@ -155,6 +163,8 @@ class BlockwiseRun:
         self.lr_reference_batch = lr_reference_batch
         self.exit_tolerance = exit_tolerance
         self.schedule = schedule or BlockSchedule.from_epochs(plan.epochs_per_block)
+        self.feature_augment = feature_augment
+        self._augment_rng = torch.Generator().manual_seed(cache_seed)
 
         self.active_block = 0
         self.epochs_in_block = 0
@@ -375,7 +385,10 @@ class BlockwiseRun:
         if self.finished:
             raise RuntimeError("the run is finished: every block has been trained")
         start = time.perf_counter()
-        x = self._block_input_from_raw(x) if not self.uses_cache else x
+        if not self.uses_cache:
+            x = self._block_input_from_raw(x)
+        elif self.active_units[0] > 0:
+            x = augment_features(x, self.feature_augment, generator=self._augment_rng)
         block = LocalBlock(
             [self.units[i] for i in self.active_units],
             [self.exits[i] for i in self.active_units],

@@ -94,6 +94,8 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         block_patience: end a block once its best exit has not improved by
             ``block_min_delta`` for this many epochs; None trains every horizon to its end.
         single_block: all units as one block at one batch size (classic local learning).
+        feature_augment: random flips and shifted crops of cached activations, so blocks after
+            the first see fresh views every epoch: ``"flip_crop"``, ``"flip"``, ``"crop"`` or ``"none"``.
         exit_tolerance: exits within this accuracy (a fraction) of the best count
             as equally good and the one with the fewest parameters is deployed.
         evaluate: what ``validate``/``test``/``predict`` outside ``fit`` run:
@@ -125,6 +127,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         block_patience: int | None = None,
         block_min_delta: float = 0.0,
         single_block: bool = False,
+        feature_augment: str = "flip_crop",
         exit_tolerance: float = 0.0,
         evaluate: str = "exit",
         device: str | torch.device | None = None,
@@ -167,6 +170,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         )
         self.single_block = single_block
         self.exit_tolerance = exit_tolerance
+        self.feature_augment = feature_augment
         self.evaluate = evaluate
         self._device = torch.device(device) if device is not None else None
 
@@ -239,6 +243,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
             "lr_reference_batch": self.lr_reference_batch,
             "exit_tolerance": self.exit_tolerance,
             "schedule": self.schedule,
+            "feature_augment": self.feature_augment,
         }
         if self._saved_state is not None:
             self.run = BlockwiseRun.from_state(self.decomposition, self._saved_state, self._recipe, **options)

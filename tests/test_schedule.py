@@ -1,0 +1,191 @@
+"""Block schedule (horizon, decay, patience, resume mid-block) and feature augmentation, on the pure core."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from nf_lightning.core.decompose import decompose
+from nf_lightning.core.feature_augment import augment_features, random_crop
+from nf_lightning.core.partitioner import Block
+from nf_lightning.core.plan import TrainingPlan
+from nf_lightning.core.run import BlockwiseRun, DataSources, build_exits
+from nf_lightning.core.schedule import BlockSchedule, Patience, cosine_factor
+
+
+def test_horizon_is_lengthened_to_the_minimum_of_steps_and_capped() -> None:
+    schedule = BlockSchedule(epochs=(2, 3), min_steps=100, max_epochs=20)
+    assert schedule.horizon(0, steps_per_epoch=50) == 2  # 100 steps in 2 epochs already
+    assert schedule.horizon(1, steps_per_epoch=50) == 3  # the base wins
+    assert schedule.horizon(0, steps_per_epoch=7) == 15  # ceil(100 / 7)
+    assert schedule.horizon(0, steps_per_epoch=1) == 20  # capped
+    with pytest.raises(ValueError, match="block 2"):
+        schedule.horizon(2, steps_per_epoch=5)
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [({"epochs": 0}, "at least one epoch"), ({"patience": 0}, "patience"), ({"decay": "step"}, "decay"),
+     ({"lr_scaling": "cubic"}, "lr_scaling"), ({"min_steps": -1}, "min_steps")],
+)
+def test_bad_schedules_are_refused(options: dict, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        BlockSchedule(**options)
+
+
+def test_learning_rate_follows_the_batch_size() -> None:
+    assert BlockSchedule(lr_scaling="linear").lr_scale(64, 128) == 0.5
+    assert BlockSchedule(lr_scaling="sqrt").lr_scale(512, 128) == 2.0
+    assert BlockSchedule(lr_scaling="none").lr_scale(512, 128) == 1.0
+    assert BlockSchedule().lr_scale(512, None) == 1.0
+
+
+def test_cosine_factor_and_patience() -> None:
+    assert [round(cosine_factor(p), 6) for p in (0.0, 0.25, 0.5, 1.0, 2.0)] == [1.0, 0.853553, 0.5, 0.0, 0.0]
+    patience = Patience(patience=2, min_delta=0.01)
+    assert [patience.update(a) for a in (0.5, 0.505, 0.52, 0.525, 0.529)] == [False, False, False, False, True]
+    assert Patience(patience=None).update(0.0) is False
+
+
+def tiny_run(root: Path | None, schedule: BlockSchedule, lr: float = 0.1) -> tuple[BlockwiseRun, nn.Module]:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 4, (96,), generator=g)
+    x = torch.randn(96, 3, 8, 8, generator=g) + y.view(-1, 1, 1, 1)
+    data = TensorDataset(x, y)
+    parts = decompose(net)
+    plan = TrainingPlan(budget=10**8, batch_limit=16, rho=0.0, aux_policy="adaptive", input_shape=(3, 8, 8),
+                        unit_models=[], blocks=[Block((0,), 16, 0), Block((1,), 16, 0)], epochs_per_block=[1, 1])
+    recipe = lambda: (torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9), [])  # noqa: E731
+    run = BlockwiseRun(parts, build_exits(parts, (3, 8, 8)), plan, recipe, cache_dir=root, schedule=schedule)
+    run.attach_data(DataSources(DataLoader(data, batch_size=16, shuffle=True), DataLoader(data, batch_size=16)))
+    return run, net
+
+
+def train_epoch(run: BlockwiseRun, epoch: int, validate: bool = True) -> str:
+    run.begin_epoch()
+    for x, y in run.train_loader():
+        run.train_batch(x, y)
+    if validate:
+        run.begin_validation()
+        for x, y in run._sources.val:
+            run.validate_batch(x, y)
+        run.end_validation()
+    return run.end_epoch(epoch)
+
+
+def test_learning_rate_decays_to_zero_over_the_horizon(tmp_path: Path) -> None:
+    run, _ = tiny_run(tmp_path, BlockSchedule(epochs=1, min_steps=12), lr=0.1)
+    run.start()
+    assert run.num_blocks == 2
+    seen = []
+    run.begin_epoch()
+    assert run.horizon == 2  # 6 steps per epoch (96 / 16), lengthened to 12 steps
+    for epoch in range(2):
+        if epoch:
+            run.begin_epoch()
+        for x, y in run.train_loader():
+            run.train_batch(x, y)
+            seen.append(run.optimizers[0].param_groups[0]["lr"])
+        event = run.end_epoch(epoch)
+    assert event == "next_block" and run.ended_blocks[0]["reason"] == "horizon"
+    expected = [0.1 * cosine_factor(step / 12) for step in range(12)]  # lr scaling: loader batch = block batch
+    assert seen == pytest.approx(expected)
+
+
+def test_the_recipes_own_scheduler_replaces_the_decay(tmp_path: Path) -> None:
+    net_holder = {}
+
+    def recipe():
+        optimizer = torch.optim.SGD(net_holder["net"].parameters(), lr=0.1)
+        from nf_lightning.core.optim_recipe import SchedulerSpec
+
+        return optimizer, [SchedulerSpec(torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5))]
+
+    run, net = tiny_run(tmp_path, BlockSchedule(epochs=2))
+    net_holder["net"] = net
+    run.recipe = recipe
+    run.start()
+    assert not run.decays
+    train_epoch(run, 0, validate=False)
+    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)  # StepLR stepped, no cosine
+
+
+def test_patience_ends_a_block_whose_exits_stopped_improving(tmp_path: Path) -> None:
+    # lr 0 and a gain of 0.5 needed: nothing improves after the first epoch
+    run, _ = tiny_run(tmp_path, BlockSchedule(epochs=50, patience=1, min_epochs=2, min_delta=0.5), lr=0.0)
+    run.start()
+    events = [train_epoch(run, epoch) for epoch in range(3)]
+    assert events == ["continue", "next_block", "continue"]
+    assert run.ended_blocks[0] == {
+        "block": 0, "epochs": 2, "horizon": 50, "steps": 12, "reason": "patience",
+        "best_accuracy": run.ended_blocks[0]["best_accuracy"],
+    }
+
+
+def test_stop_and_resume_mid_block_continues_the_same_schedule(tmp_path: Path) -> None:
+    schedule = BlockSchedule(epochs=1, min_steps=18, patience=5)
+    run, _ = tiny_run(tmp_path / "a", schedule)
+    run.start()
+    train_epoch(run, 0)
+    state = run.state_dict()
+    uninterrupted = [train_epoch(run, epoch) for epoch in (1, 2, 3)]
+
+    resumed, net = tiny_run(tmp_path / "b", schedule)
+    resumed.decomposition.units[0].load_state_dict(run.decomposition.units[0].state_dict())  # weights travel separately
+    resumed = BlockwiseRun.from_state(resumed.decomposition, state, resumed.recipe, cache_dir=tmp_path / "b",
+                                      schedule=schedule)
+    resumed.attach_data(run._sources)
+    resumed.start()
+    assert (resumed.horizon, resumed.epochs_in_block, resumed.block_step) == (3, 1, 6)
+    assert resumed.patience.best == state["patience"]["best"]
+    assert [train_epoch(resumed, epoch) for epoch in (1, 2, 3)][:2] == uninterrupted[:2]
+    assert resumed.ended_blocks[0]["steps"] == run.ended_blocks[0]["steps"] == 18
+
+
+def test_flip_is_a_mirror_and_crop_a_shift_with_zeros() -> None:
+    x = torch.randn(64, 3, 8, 8)
+    flipped = augment_features(x, "flip", generator=torch.Generator().manual_seed(0))
+    same = (flipped == x).flatten(1).all(1)
+    mirrored = (flipped == x.flip(3)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 10 < int(mirrored.sum()) < 54
+    ones = torch.ones(200, 1, 8, 8)
+    cropped = random_crop(ones, 1, generator=torch.Generator().manual_seed(0))
+    assert set(cropped.unique().tolist()) <= {0.0, 1.0}
+    zeros_per_sample = (cropped == 0).flatten(1).sum(1)
+    assert set(zeros_per_sample.tolist()) == {0, 8, 15}  # no shift, one axis, both axes
+    shifted = random_crop(torch.arange(64.0).view(1, 1, 8, 8).repeat(50, 1, 1, 1), 1, torch.Generator().manual_seed(1))
+    interior = shifted[:, 0, 1:7, 1:7]
+    diffs = interior - torch.arange(64.0).view(8, 8)[1:7, 1:7]
+    assert set(diffs.flatten().unique().tolist()) <= {-9, -8, -7, -1, 0, 1, 7, 8, 9}  # a shift by at most one
+
+
+def test_small_maps_are_only_flipped_and_none_is_the_identity() -> None:
+    x = torch.randn(4, 2, 3, 3)
+    assert augment_features(x, "crop") is x  # round(3 / 8) == 0: nothing to shift
+    assert augment_features(x, "none") is x
+    assert augment_features(torch.randn(4, 10), "flip_crop").shape == (4, 10)
+    with pytest.raises(ValueError, match="feature_augment"):
+        augment_features(x, "rotate")
+
+
+def test_cached_blocks_see_augmented_inputs(tmp_path: Path) -> None:
+    run, _ = tiny_run(tmp_path, BlockSchedule(epochs=1), lr=0.1)
+    run.start()
+    train_epoch(run, 0)
+    assert run.active_block == 1
+    seen = []
+    hook = run.units[run.active_units[0]].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    x, y = next(iter(run.train_loader()))
+    run.train_batch(x, y)
+    hook.remove()
+    assert seen[0].shape == x.shape and not torch.equal(seen[0], x)
+    assert run.feature_augment == "flip_crop"
