@@ -1,11 +1,13 @@
-"""Tests of nf_lightning.data: real CIFAR-10 JPEG archive plus small fixtures in the official layouts."""
+"""Tests of nf_lightning.data: the real CIFAR-10 and Tiny ImageNet archives, small fixtures in official layouts."""
 
 from __future__ import annotations
 
+import doctest
 import io
 import logging
 import pickle
 import tarfile
+import zipfile
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -29,6 +31,7 @@ from nf_lightning.data import (
     collate_batch,
     create,
 )
+from nf_lightning.data import tiny_imagenet
 from nf_lightning.data.array_store import ArrayStore
 from nf_lightning.data.sampling import balanced_choice
 from nf_lightning.data.tensor_dataset import random_crop_flip
@@ -461,14 +464,27 @@ def test_cifar_pickle_with_wrong_shape_is_rejected(tmp_path: Path) -> None:
         CIFAR100DataModule(tmp_path, val_size=100).setup()
 
 
-# --- Tiny ImageNet (fixture in the standard layout) --------------------------------------------
+# --- Tiny ImageNet (fixtures in the standard layout) -------------------------------------------
+
+TINY_WNIDS = ("n03000003", "n01000001", "n02000002")  # wnids.txt need not be sorted
+SHARED_TINY_IMAGENET = Path(__file__).resolve().parents[2] / "shared/datasets/tiny-imagenet-100-classes.tar.gz"
 
 
-def write_tiny_imagenet(root: Path, train_per_class: int = 2) -> dict[str, tuple[int, int, int]]:
-    """200 classes of solid-colour 64x64 JPEGs (one class grayscale); returns each wnid's colour."""
-    rng = np.random.default_rng(0)
-    wnids = [f"n{index:08d}" for index in rng.permutation(200)]  # wnids.txt is not sorted
-    colours = {wnid: tuple(int(c) for c in rng.integers(0, 256, 3)) for wnid in wnids}
+def write_tiny_imagenet(
+    root: Path,
+    wnids: tuple[str, ...] = TINY_WNIDS,
+    train_per_class: int = 2,
+    val_per_class: int = 2,
+    unlisted: tuple[str, ...] = (),
+) -> dict[str, tuple[int, int, int]]:
+    """``root/tiny-imagenet-200/`` of solid-colour 64x64 JPEGs (the first class grayscale).
+
+    ``wnids.txt`` lists ``wnids``; the ``unlisted`` classes have train/ folders and
+    validation images too, as in a class subset cut from the official folder.
+    Returns each class's colour.
+    """
+    rng = np.random.default_rng(len(wnids))
+    colours = {wnid: tuple(int(c) for c in rng.integers(0, 256, 3)) for wnid in wnids + unlisted}
     colours[wnids[0]] = (200, 200, 200)
 
     def write(path: Path, wnid: str) -> None:
@@ -479,41 +495,273 @@ def write_tiny_imagenet(root: Path, train_per_class: int = 2) -> dict[str, tuple
     (base / "val" / "images").mkdir(parents=True)
     (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
     annotations = []
-    for i, wnid in enumerate(wnids):
+    for j in range(val_per_class):  # annotations interleave the classes, as the official file does
+        for wnid in wnids + unlisted:
+            name = f"val_{len(annotations)}.JPEG"
+            write(base / "val" / "images" / name, wnid)
+            annotations.append(f"{name}\t{wnid}\t0\t0\t63\t63")
+    for wnid in wnids + unlisted:
         images = base / "train" / wnid / "images"
         images.mkdir(parents=True)
         for j in range(train_per_class):
             write(images / f"{wnid}_{j}.JPEG", wnid)
         (base / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
-        write(base / "val" / "images" / f"val_{i}.JPEG", wnid)
-        annotations.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t63\t63")
     (base / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
-    return colours
+    return {wnid: colours[wnid] for wnid in wnids}
 
 
-def test_tiny_imagenet(tmp_path: Path) -> None:
-    colours = write_tiny_imagenet(tmp_path / "data")
-    dm = TinyImageNetDataModule(tmp_path / "data", cache_dir=tmp_path / "cache", val_size=200)
+def pack_tiny_imagenet(source: Path, archive: Path) -> None:
+    """``source/tiny-imagenet-200/`` as a .zip or .tar.gz, plus an unlabelled test/ that must be ignored."""
+    test_image = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(test_image, "JPEG")
+    paths = [path for path in sorted(source.rglob("*")) if path.is_file()]
+    files = {path.relative_to(source).as_posix(): path.read_bytes() for path in paths}
+    files["tiny-imagenet-200/test/images/test_0.JPEG"] = test_image.getvalue()
+    files["tiny-imagenet-200/words.txt"] = b"n01000001\tone\n"
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive, "w") as zipped:
+            for name, data in files.items():
+                zipped.writestr(name, data)
+    else:
+        with tarfile.open(archive, "w:gz") as tar:
+            for name, data in files.items():
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+
+
+def tiny_dm(data_dir: Path, cache_dir: Path, **options: object) -> TinyImageNetDataModule:
+    return TinyImageNetDataModule(data_dir, cache_dir=cache_dir, **options)
+
+
+def test_tiny_imagenet_classes_come_from_wnids(tmp_path: Path) -> None:
+    colours = write_tiny_imagenet(tmp_path / "data", train_per_class=4, val_per_class=2)
+    dm = tiny_dm(tmp_path / "data", tmp_path / "cache", val_size=3)
+    assert dm.num_classes == 3 and dm.wnids == tuple(sorted(TINY_WNIDS))
+    assert not (tmp_path / "cache").exists()  # the class count is read without decoding anything
+    assert TinyImageNetDataModule.num_classes == 200  # on the class (no data read): the official count
     dm.prepare_data()
     dm.setup()
-    assert list(dm.classes) == sorted(colours)
+    assert dm.num_classes == 3 and dm.classes == tuple(sorted(TINY_WNIDS))
     train, val, test = dm.train_dataset(augment=False), dm.val_dataset(), dm.test_dataset()
-    assert (len(train), len(val), len(test)) == (200, 200, 200)
-    assert class_counts(val.labels, 200) == [1] * 200
+    assert (len(train), len(val), len(test)) == (9, 3, 6)
+    assert class_counts(train.labels, 3) == [3, 3, 3] and class_counts(val.labels, 3) == [1, 1, 1]
     batch = test.__getitems__(range(len(test)))
-    assert batch.images.shape == (200, 3, 32, 32)
+    assert batch.images.shape == (6, 3, 32, 32)
+    # val_annotations.txt lists val_0 .. val_5 as n03, n01, n02, n03, n01, n02: label = index in sorted wnids
+    assert batch.labels.tolist() == [2, 0, 1, 2, 0, 1]
     pixels = torch.stack([to_pixels(image, dm.mean, dm.std) for image in batch.images])
     expected = torch.tensor([colours[dm.classes[label]] for label in batch.labels], dtype=torch.float32)
     torch.testing.assert_close(pixels.mean((2, 3)), expected, atol=3, rtol=0)  # JPEG of a flat colour
+    for image, label in (train[i] for i in range(len(train))):
+        colour = torch.tensor(colours[dm.classes[label]], dtype=torch.float32)
+        torch.testing.assert_close(to_pixels(image, dm.mean, dm.std).mean((1, 2)), colour, atol=3, rtol=0)
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 4
 
 
-def test_tiny_imagenet_annotation_with_unknown_class_is_rejected(tmp_path: Path) -> None:
-    write_tiny_imagenet(tmp_path, train_per_class=1)
+def test_tiny_imagenet_val_size_defaults_to_a_tenth_of_the_training_images(tmp_path: Path) -> None:
+    write_tiny_imagenet(tmp_path / "data", train_per_class=10, val_per_class=1)
+    dm = tiny_dm(tmp_path / "data", tmp_path / "cache")
+    assert dm.val_size == 3  # reading it loads the data: 30 training images
+    assert (len(dm.train_dataset(augment=False)), len(dm.val_dataset())) == (27, 3)
+    given = create("tiny_imagenet", data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", val_size=6)
+    assert given.val_size == 6
+
+
+def test_tiny_imagenet_class_subset_skips_other_validation_images(tmp_path: Path) -> None:
+    write_tiny_imagenet(tmp_path / "data", val_per_class=2, unlisted=("n09000009", "n00000000"))
+    dm = tiny_dm(tmp_path / "data", tmp_path / "cache", val_size=3)
+    assert dm.num_classes == 3
+    message = (
+        r"val_annotations.txt: skipped 4 validation images whose class is not in wnids.txt "
+        r"\(n00000000, n09000009\); the test split holds the 3 classes of wnids.txt only"
+    )
+    with pytest.warns(UserWarning, match=message):
+        dm.setup()
+    assert dm.classes == tuple(sorted(TINY_WNIDS))  # the unlisted train/ folders are ignored too
+    assert (len(dm.train_dataset(augment=False)), len(dm.val_dataset()), len(dm.test_dataset())) == (3, 3, 6)
+    assert class_counts(dm.test_dataset().labels, 3) == [2, 2, 2]
+
+
+@pytest.mark.parametrize("archive_name", ["tiny-imagenet-3-classes.tar.gz", "tiny-imagenet-200.zip"])
+def test_tiny_imagenet_archive_matches_folder(archive_name: str, tmp_path: Path) -> None:
+    write_tiny_imagenet(tmp_path / "unpacked")
+    (tmp_path / "packed").mkdir()
+    pack_tiny_imagenet(tmp_path / "unpacked", tmp_path / "packed" / archive_name)
+    before = tree(tmp_path / "packed")
+    folder = tiny_dm(tmp_path / "unpacked", tmp_path / "cache", val_size=3)
+    packed = tiny_dm(tmp_path / "packed", tmp_path / "cache", val_size=3)
+    assert packed.num_classes == 3 and packed.fingerprint == folder.fingerprint  # read before any decode
+    packed.prepare_data()
+    packed.setup()
+    assert packed.classes == folder.classes == tuple(sorted(TINY_WNIDS))
+    for split in ("train", "val", "test"):
+        a = getattr(packed, f"{split}_dataset")(**({"augment": False} if split == "train" else {}))
+        b = getattr(folder, f"{split}_dataset")(**({"augment": False} if split == "train" else {}))
+        a_batch, b_batch = a.__getitems__(range(len(a))), b.__getitems__(range(len(b)))
+        assert torch.equal(a_batch.images, b_batch.images) and torch.equal(a_batch.labels, b_batch.labels)
+    assert tree(tmp_path / "packed") == before  # the archive is read, never unpacked next to it
+    assert len(list((tmp_path / "cache").glob("decoded/*"))) == 2  # one entry per source
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "message"),
+    [
+        ("delete", DatasetNotFoundError, r"looked for .*tiny-imagenet-200/wnids.txt"),
+        ("empty", ValueError, r"wnids.txt lists no classes: it must hold the class ids"),
+        ("blank_lines", ValueError, r"wnids.txt lists no classes"),
+        ("repeat", ValueError, r"wnids.txt: class ids listed more than once: n01000001$"),
+        ("two_per_line", ValueError, r"wnids.txt: expected one class id \(wnid\) per line, got 'n01 n02'"),
+        ("no_images", ValueError, r"n05000005/images: no training images for class n05000005, which wnids.txt"),
+    ],
+)
+def test_tiny_imagenet_bad_wnids_are_rejected(damage: str, error: type, message: str, tmp_path: Path) -> None:
+    write_tiny_imagenet(tmp_path, train_per_class=1, val_per_class=1)
+    wnids = tmp_path / "tiny-imagenet-200" / "wnids.txt"
+    content = {
+        "empty": "",
+        "blank_lines": "\n  \n",
+        "repeat": wnids.read_text() + "n01000001\n",
+        "two_per_line": wnids.read_text() + "n01 n02\n",
+        "no_images": wnids.read_text() + "n05000005\n",
+    }
+    if damage == "delete":
+        wnids.unlink()
+    else:
+        wnids.write_text(content[damage])
+    with pytest.raises(error, match=message):
+        tiny_dm(tmp_path, tmp_path / "cache").prepare_data()
+    if damage != "no_images":
+        with pytest.raises(error, match=message):
+            tiny_dm(tmp_path, tmp_path / "cache").num_classes  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("val_x.JPEG", r"val_annotations.txt:7: expected '<file>\\t<wnid>\\t...', got 'val_x.JPEG'"),
+        ("val_x.JPEG\tn01000001\t0\t0\t1\t1", r"val_annotations.txt:7: val_x.JPEG is not an image in .*/images"),
+    ],
+)
+def test_tiny_imagenet_bad_annotations_are_rejected(line: str, message: str, tmp_path: Path) -> None:
+    write_tiny_imagenet(tmp_path, train_per_class=1, val_per_class=2)
     annotations = tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt"
-    annotations.write_text(annotations.read_text() + "val_x.JPEG\tn99999999\t0\t0\t1\t1\n")
-    with pytest.raises(ValueError, match=r"val_annotations.txt:201: .* a wnid from wnids.txt"):
-        TinyImageNetDataModule(tmp_path, cache_dir=tmp_path / "cache").prepare_data()
+    annotations.write_text(annotations.read_text() + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        tiny_dm(tmp_path, tmp_path / "cache").prepare_data()
+
+
+def test_tiny_imagenet_no_validation_image_of_a_listed_class_is_rejected(tmp_path: Path) -> None:
+    write_tiny_imagenet(tmp_path, train_per_class=1, val_per_class=0)
+    with pytest.raises(ValueError, match=r"val_annotations.txt: no validation images of the 3 classes in wnids"):
+        tiny_dm(tmp_path, tmp_path / "cache").prepare_data()
+
+
+def test_tiny_imagenet_fingerprint_includes_the_classes(tmp_path: Path) -> None:
+    write_tiny_imagenet(tmp_path / "three")
+    write_tiny_imagenet(tmp_path / "two", wnids=TINY_WNIDS[:2])
+    write_tiny_imagenet(tmp_path / "other", wnids=("n04000004", *TINY_WNIDS[1:]))
+
+    def fingerprint(data: str, **options: object) -> str:
+        return tiny_dm(tmp_path / data, tmp_path / "cache", val_size=2, **options).fingerprint
+
+    three = fingerprint("three")
+    assert three == fingerprint("three", batch_size=7, augment=False)
+    assert len({three, fingerprint("two"), fingerprint("other"), fingerprint("three", seed=1)}) == 4
+    dm = tiny_dm(tmp_path / "three", tmp_path / "cache", val_size=2)
+    dm.setup()
+    assert dm.fingerprint == three
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("corrupt", r"tiny-imagenet-200.tar.gz: cannot read the archive"),
+        ("no_annotations", r"tiny-imagenet-200.tar.gz:tiny-imagenet-200/val/val_annotations.txt is missing"),
+        ("no_wnids", r"tiny-imagenet-200.tar.gz: expected one tiny-imagenet-200/wnids.txt .* found no wnids.txt"),
+    ],
+)
+def test_tiny_imagenet_bad_archive_is_rejected(damage: str, message: str, tmp_path: Path) -> None:
+    write_tiny_imagenet(tmp_path / "unpacked", train_per_class=1, val_per_class=1)
+    base = tmp_path / "unpacked" / "tiny-imagenet-200"
+    if damage != "corrupt":
+        (base / {"no_annotations": "val/val_annotations.txt", "no_wnids": "wnids.txt"}[damage]).unlink()
+    (tmp_path / "data").mkdir()
+    archive = tmp_path / "data" / "tiny-imagenet-200.tar.gz"
+    pack_tiny_imagenet(tmp_path / "unpacked", archive)
+    if damage == "corrupt":
+        archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(ValueError, match=message):
+        tiny_dm(tmp_path / "data", tmp_path / "cache").prepare_data()
+
+
+def test_tiny_imagenet_doctests() -> None:
+    assert doctest.testmod(tiny_imagenet).failed == 0
+
+
+def test_tiny_imagenet_several_archives_are_ambiguous(tmp_path: Path) -> None:
+    (tmp_path / "tiny-imagenet-200.zip").write_bytes(b"")
+    (tmp_path / "tiny-imagenet-100-classes.tar.gz").write_bytes(b"")
+    names = r"tiny-imagenet-100-classes.tar.gz, tiny-imagenet-200.zip; keep only the one to use"
+    with pytest.raises(ValueError, match=rf"several archives in .*: {names}"):
+        tiny_dm(tmp_path, tmp_path / "cache").prepare_data()
+
+
+# --- the real Tiny ImageNet class subset (tiny-imagenet-100-classes.tar.gz) --------------------
+
+
+@pytest.fixture(scope="module")
+def real_tiny_imagenet(data_cache_dir: Path) -> TinyImageNetDataModule:
+    if not SHARED_TINY_IMAGENET.is_file():
+        pytest.skip(f"the shared Tiny ImageNet archive {SHARED_TINY_IMAGENET} is missing")
+    dm = create("tiny_imagenet", data_dir=SHARED_TINY_IMAGENET.parent, cache_dir=data_cache_dir)
+    assert isinstance(dm, TinyImageNetDataModule)
+    assert dm.num_classes == 100  # from wnids.txt, the archive's first member; nothing decoded yet
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def test_real_tiny_imagenet_has_100_classes(real_tiny_imagenet: TinyImageNetDataModule) -> None:
+    dm = real_tiny_imagenet
+    assert dm.num_classes == 100 and len(dm.classes) == 100 and list(dm.classes) == sorted(dm.classes)
+    train, val, test = dm.train_dataset(augment=False), dm.val_dataset(), dm.test_dataset()
+    assert (len(train) + len(val), len(test)) == (10_000, 5_000)
+    assert (len(train), len(val)) == (9_000, 1_000)  # val_size: a tenth of the training images
+    assert class_counts(train.labels, 100) == [90] * 100 and class_counts(val.labels, 100) == [10] * 100
+    assert class_counts(test.labels, 100) == [50] * 100
+    for split, count in ((train, 9_000), (val, 1_000), (test, 5_000)):
+        batch = split.__getitems__(range(len(split)))
+        assert batch.images.shape == (count, 3, 32, 32) and batch.images.dtype == torch.float32
+    for labels in (train.labels, test.labels):
+        assert labels.dtype == torch.int64 and 0 <= int(labels.min()) and int(labels.max()) < 100
+
+
+def test_real_tiny_imagenet_pixels_are_the_resized_jpeg(real_tiny_imagenet: TinyImageNetDataModule) -> None:
+    with tarfile.open(SHARED_TINY_IMAGENET, "r|gz") as tar:  # val/ comes last, its annotations after its images
+        val = {m.name: tar.extractfile(m).read() for m in tar if m.isfile() and "/val/" in m.name}  # type: ignore
+    first = val["tiny-imagenet-200/val/val_annotations.txt"].decode().splitlines()[0].split("\t")
+    with Image.open(io.BytesIO(val[f"tiny-imagenet-200/val/images/{first[0]}"])) as jpeg:
+        assert jpeg.size == (64, 64)
+        expected = np.asarray(jpeg.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+    image, label = real_tiny_imagenet.test_dataset()[0]
+    assert real_tiny_imagenet.classes[label] == first[1]
+    pixels = to_pixels(image, real_tiny_imagenet.mean, real_tiny_imagenet.std)
+    torch.testing.assert_close(pixels, torch.from_numpy(expected).float(), atol=1e-3, rtol=0)
+
+
+def test_real_tiny_imagenet_decode_is_reused(
+    real_tiny_imagenet: TinyImageNetDataModule, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = tree(real_tiny_imagenet.cache_dir)
+    again = TinyImageNetDataModule(SHARED_TINY_IMAGENET.parent, cache_dir=real_tiny_imagenet.cache_dir)
+    with caplog.at_level(logging.INFO, logger="nf_lightning.data"):
+        again.prepare_data()
+        again.setup()
+    assert not any("decoding" in record.message for record in caplog.records)
+    assert tree(real_tiny_imagenet.cache_dir) == before
+    assert again.fingerprint == real_tiny_imagenet.fingerprint
+    assert torch.equal(again.test_dataset()[123][0], real_tiny_imagenet.test_dataset()[123][0])
 
 
 # --- building blocks ---------------------------------------------------------------------------
