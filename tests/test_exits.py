@@ -43,6 +43,16 @@ def test_tolerance_admits_smaller_exits_within_it() -> None:
     assert select_exit(records, tolerance=1.0).unit == 0
 
 
+def test_reference_accuracy_picks_the_smallest_exit_reaching_it() -> None:
+    records = table((0.60, 100), (0.70, 300), (0.705, 900), (0.72, 2000))
+    assert select_exit(records, reference=0.70).unit == 1
+    assert select_exit(records, reference=0.701).unit == 2
+    assert select_exit(records, reference=0.5).unit == 0
+    assert select_exit(records, reference=0.9).unit == 3  # nothing reaches it: the best
+    with pytest.raises(ValueError, match="reference"):
+        select_exit(records, reference=1.5)
+
+
 def test_fewest_parameters_need_not_be_shallowest() -> None:
     records = [ExitRecord(4, 0.8, 500), ExitRecord(2, 0.8, 400), ExitRecord(3, 0.79, 300)]
     assert select_exit(records, tolerance=0.01).unit == 3

@@ -56,15 +56,21 @@ class ExitRecord:
         return cls(unit=int(data["unit"]), accuracy=float(data["accuracy"]), parameters=int(data["parameters"]))
 
 
-def select_exit(records: Iterable[ExitRecord], tolerance: float = 0.0) -> ExitRecord:
-    """The exit with the fewest parameters among those within ``tolerance`` of the best accuracy.
+def select_exit(
+    records: Iterable[ExitRecord], tolerance: float = 0.0, reference: float | None = None
+) -> ExitRecord:
+    """The exit with the fewest parameters among those good enough.
 
-    Ties in parameters go to the shallower exit. ``tolerance`` is absolute, in
-    accuracy fractions (``0.01`` = one percentage point); ``0`` keeps only the
-    best accuracy, ``1`` admits every exit.
+    Good enough means within ``tolerance`` of the best accuracy or, when
+    ``reference`` (an absolute accuracy) is given, reaching ``reference``; if no
+    exit reaches it, the best exit. Ties in parameters go to the shallower exit.
+    Both are accuracy fractions (``0.01`` = one percentage point); tolerance ``0``
+    keeps only the best accuracy, ``1`` admits every exit.
 
     >>> select_exit([ExitRecord(0, 0.5, 10), ExitRecord(1, 0.5, 10), ExitRecord(2, 0.4, 5)]).unit
     0
+    >>> select_exit([ExitRecord(0, 0.5, 10), ExitRecord(1, 0.7, 20), ExitRecord(2, 0.8, 40)], reference=0.65).unit
+    1
     """
     records = list(records)
     if not records:
@@ -73,8 +79,11 @@ def select_exit(records: Iterable[ExitRecord], tolerance: float = 0.0) -> ExitRe
         raise ValueError(
             f"tolerance is a fraction of accuracy in [0, 1] (0.01 = one percentage point), got {tolerance}"
         )
+    if reference is not None and not 0.0 <= reference <= 1.0:
+        raise ValueError(f"reference is an accuracy fraction in [0, 1], got {reference}")
     best = max(record.accuracy for record in records)
-    candidates = [record for record in records if record.accuracy >= best - tolerance - ACCURACY_EPSILON]
+    floor = best - tolerance if reference is None or reference > best else reference
+    candidates = [record for record in records if record.accuracy >= floor - ACCURACY_EPSILON]
     return min(candidates, key=lambda record: (record.parameters, record.unit))
 
 

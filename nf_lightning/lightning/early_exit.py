@@ -62,6 +62,9 @@ class EarlyExitSelector(pl.Callback):
             good, and the one with the fewest parameters wins. A fraction of
             accuracy: ``0.01`` is one percentage point. Also what the run deploys
             during ``fit``.
+        reference_accuracy: export the smallest exit whose validation accuracy reaches this
+            absolute accuracy (a fraction) instead; the best exit if none does. Deployment
+            during ``fit`` still follows ``tolerance``.
         depth_patience: stop training deeper once this many consecutive blocks
             have left the selected exit unchanged (``None`` trains every block).
         export_dir: where the files go; ``<default_root_dir>/export`` if None.
@@ -74,7 +77,10 @@ class EarlyExitSelector(pl.Callback):
         depth_patience: int | None = None,
         export_dir: str | Path | None = None,
         export: bool = True,
+        reference_accuracy: float | None = None,
     ) -> None:
+        if reference_accuracy is not None and not 0.0 <= reference_accuracy <= 1.0:
+            raise ValueError(f"reference_accuracy is a fraction in [0, 1], got {reference_accuracy}")
         if not 0.0 <= tolerance <= 1.0:
             raise ValueError(
                 f"tolerance is a fraction of accuracy in [0, 1] (0.01 = one percentage point), got {tolerance}"
@@ -82,6 +88,7 @@ class EarlyExitSelector(pl.Callback):
         if depth_patience is not None and depth_patience < 1:
             raise ValueError(f"depth_patience must be None or >= 1, got {depth_patience}")
         self.tolerance = tolerance
+        self.reference_accuracy = reference_accuracy
         self.depth_patience = depth_patience
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.export = export
@@ -146,7 +153,7 @@ class EarlyExitSelector(pl.Callback):
         if not self.records:
             rank_zero_warn("EarlyExitSelector recorded no exit (did validation run?); nothing to select")
             return
-        self.selected = select_exit(self.records, self.tolerance)
+        self.selected = select_exit(self.records, self.tolerance, self.reference_accuracy)
         self.exit_model = run.exit_model(self.selected.unit)
         self.summary = self._summarize(run)
         if self.export and trainer.is_global_zero:
@@ -180,6 +187,7 @@ class EarlyExitSelector(pl.Callback):
             "compression": full_parameters / self.selected.parameters,
             "full_accuracy": run.records[last].accuracy if last in run.records else None,
             "tolerance": self.tolerance,
+            "reference_accuracy": self.reference_accuracy,
             "num_units": len(run.units),
             "input_shape": list(run.plan.input_shape),
             "num_classes": num_classes,
