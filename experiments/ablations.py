@@ -19,9 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from nf_lightning.cli.common import CONF_DIR
+from nf_lightning.cli.common import compose_config
 from nf_lightning.cli.train import run
 
 VARIANTS: dict[str, list[str]] = {
@@ -39,11 +37,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     rows = []
     for name, overrides in VARIANTS.items():
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(
-                "train",
-                overrides=["experiment=quickstart", "trainer.enable_progress_bar=false", *overrides, *args.overrides],
-            )
+        cfg = compose_config(
+            "train", ["experiment=quickstart", "trainer.enable_progress_bar=false", *overrides, *args.overrides]
+        )
         out = args.out / name.split(" ")[0] / "_".join(o.replace("=", "-") for o in overrides)
         results = run(cfg, out)
         exit_info = results.get("exit") or {}

@@ -39,19 +39,20 @@ from typing import Any, NamedTuple
 
 import figures
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from nf_lightning import models
-from nf_lightning.cli.common import CONF_DIR
-from nf_lightning.cli.train import METHODS, run
+from nf_lightning.cli.common import compose_config as compose_app_config
+from nf_lightning.cli.train import run
 from nf_lightning.core.budget import format_bytes, parse_bytes
 from nf_lightning.data import KNOWN_DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_MARGIN = 0.01
 """The default target is BP's final accuracy at the most generous budget minus this (one point)."""
-EXIT_ACCURACY_PREFIX = "val/acc_exit_"
+METHODS = ("bp", "classic_ll", "neuroflux")
+"""The compared methods (configs in ``conf/method``)."""
+EXIT_ACCURACY_PREFIX = "neuroflux/acc_exit_"
 HEAD_ACCURACY = "val/acc"
 CSV_FIELDS = (
     "budget", "budget_bytes", "method", "could_run", "batch_sizes", "train_seconds", "time_to_target_seconds",
@@ -101,7 +102,8 @@ def accuracy_curve(history: Sequence[dict[str, Any]]) -> list[tuple[float, float
 def time_to_target(history: Sequence[dict[str, Any]], target: float) -> float | None:
     """Seconds until the accuracy reached (see :func:`accuracy_curve`) is at least ``target``; ``None`` if never.
 
-    >>> time_to_target([{"seconds": 5.0, "val/acc_exit_0": 0.4}, {"seconds": 9.0, "val/acc_exit_1": 0.6}], 0.5)
+    >>> history = [{"seconds": 5.0, "neuroflux/acc_exit_0": 0.4}, {"seconds": 9.0, "neuroflux/acc_exit_1": 0.6}]
+    >>> time_to_target(history, 0.5)
     9.0
     """
     return next((seconds for seconds, accuracy in accuracy_curve(history) if accuracy >= target), None)
@@ -213,8 +215,7 @@ def compose_config(method: str, budget: str, args: argparse.Namespace) -> DictCo
         "trainer.enable_progress_bar=false",
         *args.set,
     ]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_app_config("train", overrides)
 
 
 def run_dir(out: Path, budget: str, method: str) -> Path:

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from nf_lightning.cli.common import CONF_DIR
+from nf_lightning.cli.common import compose_config as compose_app_config
 from nf_lightning.cli.throughput import format_table, measure_run
 from nf_lightning.cli.train import run
 
@@ -54,8 +53,7 @@ def compose_config(model: str, args: argparse.Namespace) -> DictConfig:
         "trainer.enable_progress_bar=false",
         f"exit.tolerance={args.tolerance}",
     ]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_app_config("train", overrides)
 
 
 def table_row(model: str, results: dict[str, Any]) -> dict[str, Any]:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.errors import ConfigCompositionException, InstantiationException
 
-from nf_lightning.cli.common import CONF_DIR
+from nf_lightning.cli import common
+from nf_lightning.cli.common import compose_config
 from nf_lightning.cli.plan import plan_report
 from nf_lightning.cli.train import run
+from nf_lightning.lightning import history
 
 TINY = [
     "model=vgg11",
@@ -25,6 +27,11 @@ TINY = [
     "budget=8MB",
     "trainer.enable_progress_bar=false",
 ]
+RESULT_KEYS = {
+    "method", "model", "data", "budget", "budget_bytes", "epochs", "could_run", "batch_sizes", "train_seconds",
+    "validation_seconds", "measured_peak_bytes", "history", "final_accuracy",
+}
+LOCAL_LEARNING_KEYS = {"plan", "exit_accuracies", "exit", "cache_bytes", "dataset_bytes"}
 
 
 @pytest.fixture
@@ -35,73 +42,90 @@ def cifar(shared_datasets_dir: Path, data_cache_dir: Path, monkeypatch: pytest.M
     return shared_datasets_dir
 
 
-def config(overrides: list[str], name: str = "train") -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+def test_docstring_examples() -> None:
+    assert doctest.testmod(common).failed == 0
+    assert doctest.testmod(history).failed == 0
 
 
 @pytest.mark.parametrize("method", ["bp", "classic_ll", "neuroflux"])
 @pytest.mark.parametrize("model", ["vgg11", "vgg16", "vgg19", "resnet18", "mobilenetv2"])
 def test_every_method_and_model_composes(method: str, model: str) -> None:
-    cfg = config([f"method={method}", f"model={model}", "data=cifar10", "budget=100MB"])
+    cfg = compose_config("train", [f"method={method}", f"model={model}", "data=cifar10", "budget=100MB"])
     assert cfg.method.name == method and cfg.model.name == model and cfg.budget == "100MB"
+    strategy = cfg.trainer.strategy
+    if method == "bp":  # plain Lightning training, its batch sized by a hook
+        assert strategy == "auto" and cfg.method.before_fit._target_.endswith("fit_backprop_to_budget")
+    else:
+        assert strategy._target_.endswith("NeuroFluxStrategy") and strategy.memory_budget == "100MB"
+        assert strategy.single_block == (method == "classic_ll") and "early_exit" in cfg.callbacks
 
 
 def test_quickstart_is_small() -> None:
-    cfg = config(["experiment=quickstart"])
+    cfg = compose_config("train", ["experiment=quickstart"])
     assert cfg.model.name == "vgg11" and cfg.model.width_mult < 1 and cfg.data.train_subset <= 10_000
 
 
 def test_unknown_model_lists_known(tmp_path: Path, cifar: Path) -> None:
-    cfg = config(["model=vgg11", "model.name=vgg13"])
-    with pytest.raises(ValueError, match="vgg16"):
+    cfg = compose_config("train", ["model=vgg11", "model.name=vgg13"])
+    with pytest.raises(InstantiationException, match="vgg16"):
         run(cfg, tmp_path)
 
 
-def test_unknown_method_is_rejected(tmp_path: Path) -> None:
-    cfg = config(["method=bp", "method.name=sgd"])
-    with pytest.raises(ValueError, match="bp.*classic_ll.*neuroflux"):
-        run(cfg, tmp_path)
+def test_unknown_method_lists_the_method_configs() -> None:
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config("train", ["method=sgd"])
+    assert all(name in str(error.value) for name in ("bp", "classic_ll", "neuroflux"))
 
 
 @pytest.mark.parametrize("method", ["bp", "classic_ll", "neuroflux"])
-def test_each_method_trains_on_real_cifar10(
-    method: str, tmp_path: Path, cifar: Path
-) -> None:
+def test_each_method_trains_on_real_cifar10(method: str, tmp_path: Path, cifar: Path) -> None:
     # classic LL needs far more memory (batch 64 at 100MB) than NeuroFlux, which gets 3 blocks at 5MB
     budget = "100MB" if method == "classic_ll" else "5MB"
-    cfg = config([*TINY, f"method={method}", f"budget={budget}"])
-    results = run(cfg, tmp_path)
+    # a callback is configuration only: an extra checkpoint callback, added from the command line
+    extra = [
+        "+callbacks.extra_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"+callbacks.extra_checkpoint.dirpath={tmp_path / 'extra'}",
+    ]
+    results = run(compose_config("train", [*TINY, f"method={method}", f"budget={budget}", *extra]), tmp_path)
     written = json.loads((tmp_path / "results.json").read_text())
+    assert written == json.loads(json.dumps(results, default=str))
+    local_learning = method != "bp"
+    assert RESULT_KEYS <= set(written) and (LOCAL_LEARNING_KEYS <= set(written)) == local_learning
     assert written["method"] == method and written["could_run"]
     assert written["final_accuracy"] > 0.12  # 10 classes: chance is 0.10
-    assert written["history"] and written["train_seconds"] > 0
-    assert results["batch_sizes"] and all(b >= 1 for b in results["batch_sizes"])
+    assert 0 < written["validation_seconds"] < written["train_seconds"]
+    assert written["history"] and all("val/acc" in record for record in written["history"])  # the user's own step
+    assert written["batch_sizes"] and all(b >= 1 for b in written["batch_sizes"])
     assert 0 < written["measured_peak_bytes"]
-    if method != "bp":
+    assert list((tmp_path / "extra").glob("*.ckpt"))
+    if local_learning:
         assert written["measured_peak_bytes"] <= written["budget_bytes"]
         assert written["plan"]["blocks"] and written["exit"]
+        assert written["final_accuracy"] == max(written["exit_accuracies"].values())
+        last = written["history"][-1]
+        assert last["block"] == len(written["plan"]["blocks"]) - 1
+        assert f"neuroflux/acc_exit_{written['exit']['unit']}" in last
+    else:
+        assert written["final_accuracy"] == written["history"][-1]["val/acc"]
     if method == "neuroflux":
-        assert len(written["plan"]["blocks"]) > 1 and written["cache_bytes"] > 0 and written["dataset_bytes"] == 1200 * 3 * 32 * 32
+        assert len(written["plan"]["blocks"]) > 1 and written["cache_bytes"] > 0
+        assert written["dataset_bytes"] == 1200 * 3 * 32 * 32
 
 
-def test_infeasible_budget_is_recorded_not_crashed(
-    tmp_path: Path, cifar: Path
-) -> None:
-    cfg = config([*TINY, "method=bp", "budget=100kB"])
-    results = run(cfg, tmp_path)
+def test_infeasible_budget_is_recorded_not_crashed(tmp_path: Path, cifar: Path) -> None:
+    results = run(compose_config("train", [*TINY, "method=bp", "budget=100kB"]), tmp_path)
     assert not results["could_run"]
     assert "smallest feasible budget" in results["reason"]
     assert json.loads((tmp_path / "results.json").read_text())["could_run"] is False
 
 
 def test_plan_report_and_tiny_budget() -> None:
-    report = plan_report(config(["model=vgg16", "model.width_mult=0.25", "budget=50MB"], name="plan"))
+    report = plan_report(compose_config("plan", ["model=vgg16", "model.width_mult=0.25", "budget=50MB"]))
     assert report["neuroflux"]["could_run"] and report["bp"]["could_run"]
     blocks = report["neuroflux"]["blocks"]
     assert [u for b in blocks for u in b["units"]] == list(range(13))
     assert all(b["predicted_peak"] <= report["budget_bytes"] for b in blocks)
-    tiny = plan_report(config(["model=vgg16", "model.width_mult=0.25", "budget=1MB"], name="plan"))
+    tiny = plan_report(compose_config("plan", ["model=vgg16", "model.width_mult=0.25", "budget=1MB"]))
     assert not tiny["neuroflux"]["could_run"] and "smallest feasible budget" in tiny["neuroflux"]["reason"]
     assert not tiny["bp"]["could_run"]
 
@@ -120,16 +144,25 @@ def test_nf_plan_json_from_another_directory(tmp_path: Path, cifar: Path) -> Non
     assert "NeuroFlux cannot run: budget 100.0 kB is below the smallest feasible budget" in failed.stdout
 
 
-def test_nf_train_multirun_writes_one_result_per_run(
-    tmp_path: Path, cifar: Path
-) -> None:
+def test_nf_train_single_infeasible_run_exits_2(tmp_path: Path, cifar: Path) -> None:
+    done = _cli(["nf-train", *TINY, "method=bp", "budget=10kB", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["could_run"] is False
+
+
+def test_nf_train_multirun_writes_one_result_per_run(tmp_path: Path, cifar: Path) -> None:
     done = _cli(
         ["nf-train", "-m", *TINY, "data.train_subset=200", "data.val_subset=100", "epochs=1", "method=bp,neuroflux",
          "budget=8MB,10kB", f"hydra.sweep.dir={tmp_path}/sweep"],
         tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
+    runs = sorted((tmp_path / "sweep").glob("*/results.json"))
+    results = [json.loads(p.read_text()) for p in runs]
     assert sorted((r["method"], r["budget"], r["could_run"]) for r in results) == [
         ("bp", "10kB", False), ("bp", "8MB", True), ("neuroflux", "10kB", False), ("neuroflux", "8MB", True)
     ]
+    for path, result in zip(runs, results):  # each run wrote its logs and export into its own directory
+        if result["could_run"]:
+            assert list((path.parent / "logs").glob("version_*/metrics.csv"))
+            assert (path.parent / "export" / "exit.json").is_file() == (result["method"] == "neuroflux")

@@ -1,12 +1,32 @@
-"""What the Hydra apps share: where the configs live and where a run writes."""
+"""What the Hydra apps share: where the configs live, composing them, and where a run writes.
+
+The configs ship inside the package as ``nf_lightning.conf`` (the project's
+top-level ``conf/``), so the apps find them from any install and any directory.
+
+Example:
+    >>> cfg = compose_config("train", ["experiment=quickstart", "method=bp"])
+    >>> cfg.method.name, cfg.model.name
+    ('bp', 'vgg11')
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONFIG_MODULE = "nf_lightning.conf"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+"""``config_path`` of the apps' ``hydra.main``."""
+
+
+def compose_config(name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
+    """The app config ``name`` (``"train"`` or ``"plan"``) with command-line style ``overrides``, outside an app."""
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
 
 
 def output_dir() -> Path:

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from nf_lightning import models
-from nf_lightning.cli.common import CONF_DIR
+from nf_lightning.cli.common import CONFIG_PATH
 from nf_lightning.core.aux_heads import build_aux_heads
 from nf_lightning.core.budget import format_bytes, parse_bytes
 from nf_lightning.core.decompose import decompose
@@ -124,7 +124,7 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path=CONF_DIR, config_name="plan", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="plan", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     report = plan_report(cfg)
     print(json.dumps(report, indent=2) if cfg.output == "json" else format_report(report))

@@ -5,158 +5,162 @@ Examples:
     nf-train model=vgg16 data=cifar10_folder budget=300MB method=neuroflux
     nf-train -m method=bp,classic_ll,neuroflux budget=100MB,300MB,500MB
 
+The app is thin: every object comes from the config's ``_target_`` entries
+(see ``conf/train.yaml``), so a method or a callback is a config file, not
+code here. A method whose config has ``method.before_fit`` gets that hook
+called before the Trainer is built (BP sizes its batch to the budget there).
 Every run writes ``results.json`` into its output directory (see the README).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning.pytorch as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-import torch
-import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from nf_lightning import data, models
-from nf_lightning.cli.common import CONF_DIR, output_dir
+from nf_lightning.cli.common import CONFIG_PATH, output_dir
 from nf_lightning.core.budget import parse_bytes
 from nf_lightning.core.cache import cache_size_report
 from nf_lightning.core.partitioner import BudgetTooSmall
 from nf_lightning.core.profiler import profile_backprop
-from nf_lightning.lightning.classifier import ClassifierModule
+from nf_lightning.core.run import BlockwiseRun
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
-from nf_lightning.lightning.memory_profiler import MemoryProfiler
 from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
-from nf_lightning.lightning.strategy import NeuroFluxStrategy
-
-METHODS = ("bp", "classic_ll", "neuroflux")
 
 
-def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    """The data module named by ``cfg.data.name`` with the group's other keys as arguments."""
-    options = OmegaConf.to_container(cfg.data, resolve=True)
-    assert isinstance(options, dict)
-    return data.create(options.pop("name"), **options)
+def fit_backprop_to_budget(
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    *,
+    budget: str | int,
+    batch_limit: int,
+    reference_batch: int,
+) -> dict[str, Any]:
+    """BP's ``before_fit`` hook: train at the largest batch the profiler fits under ``budget``.
 
+    Sets ``datamodule.batch_size`` and scales ``module.hparams.lr`` (the rate
+    at ``reference_batch``) linearly to it. Returns the ``results.json``
+    entries it decided; raises :class:`BudgetTooSmall` if batch 1 does not fit.
 
-def build_module(cfg: DictConfig, num_classes: int) -> ClassifierModule:
-    """A plain classifier around the configured model (knows nothing of NeuroFlux)."""
-    net = models.create(cfg.model.name, num_classes=num_classes, width_mult=cfg.model.width_mult)
-    return ClassifierModule(
-        net, num_classes, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
-    )
+    Example (``conf/method/bp.yaml``)::
 
-
-def bp_batch_size(module: ClassifierModule, input_shape: tuple[int, ...], budget: int, batch_limit: int) -> int:
-    """Largest batch for backpropagation under ``budget``; raises :class:`BudgetTooSmall` if none fits."""
+        before_fit:
+          _target_: nf_lightning.cli.train.fit_backprop_to_budget
+          _partial_: true
+          budget: ${budget}
+          batch_limit: ${batch_limit}
+          reference_batch: ${optim.reference_batch}
+    """
     hp = module.hparams
     model = profile_backprop(
-        module.net,
-        input_shape,
+        module,
+        tuple(datamodule.input_shape),
         optimizer_factory=lambda params: torch.optim.SGD(
             params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
         ),
     )
-    batch = min(model.max_batch(budget), batch_limit)
+    budget_bytes = parse_bytes(budget)
+    batch = min(model.max_batch(budget_bytes), batch_limit)
     if batch < 1:
         needed = math.ceil(model.predict(1))
-        raise BudgetTooSmall(budget, needed, -1, needed_by="backpropagation through the whole model (batch 1)")
-    return batch
+        raise BudgetTooSmall(budget_bytes, needed, -1, needed_by="backpropagation through the whole model (batch 1)")
+    datamodule.batch_size = batch
+    hp.lr = hp.lr * batch / reference_batch
+    return {"batch_sizes": [batch]}
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """Train once as ``cfg`` says; write and return the results."""
-    method = cfg.method.name
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    """Train once as ``cfg`` says, into ``out``; write and return the results.
+
+    Example:
+        >>> from nf_lightning.cli.common import compose_config
+        >>> results = run(compose_config("train", ["experiment=quickstart"]), Path("out"))  # doctest: +SKIP
+        >>> results["could_run"], results["final_accuracy"]  # doctest: +SKIP
+        (True, 0.43)
+    """
+    cfg = OmegaConf.merge(cfg, {"paths": {"output_dir": str(out)}})
     pl.seed_everything(cfg.seed, workers=True)
     out.mkdir(parents=True, exist_ok=True)
-    budget = parse_bytes(cfg.budget)
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule.num_classes)
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    module = instantiate(cfg.module, net=net, num_classes=datamodule.num_classes)
     results: dict[str, Any] = {
-        "method": method,
+        "method": cfg.method.name,
         "model": OmegaConf.to_container(cfg.model),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "budget": cfg.budget,
-        "budget_bytes": budget,
+        "budget_bytes": parse_bytes(cfg.budget),
         "epochs": cfg.epochs,
         "could_run": True,
     }
     history = ValidationHistory()
-    trainer_kwargs: dict[str, Any] = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
-    trainer_kwargs.update(default_root_dir=str(out), logger=CSVLogger(str(out), name="logs"), callbacks=[history])
     start = time.perf_counter()
     try:
-        if method == "bp":
-            batch = bp_batch_size(module, datamodule.input_shape, budget, cfg.batch_limit)
-            datamodule.batch_size = batch
-            module.hparams.lr = cfg.optim.lr * batch / cfg.optim.reference_batch
-            results["batch_sizes"] = [batch]
-            trainer_kwargs["callbacks"].append(PeakMemoryMonitor())
-            trainer = pl.Trainer(max_epochs=cfg.epochs, **trainer_kwargs)
-        else:
-            strategy = NeuroFluxStrategy(
-                memory_budget=budget,
-                epochs_per_block=cfg.epochs,
-                batch_limit=cfg.batch_limit,
-                rho=cfg.method.rho,
-                aux=cfg.method.aux,
-                cache=cfg.method.cache,
-                cache_dir=out / "cache",
-                cache_dtype=cfg.method.cache_dtype,
-                lr_reference_batch=cfg.optim.reference_batch,
-                single_block=cfg.method.single_block,
-            )
-            selector = EarlyExitSelector(
-                tolerance=cfg.exit.tolerance, depth_patience=cfg.exit.depth_patience, export=cfg.export
-            )
-            trainer_kwargs["callbacks"].append(selector)
-            trainer = pl.Trainer(strategy=strategy, **trainer_kwargs)
+        if cfg.method.get("before_fit") is not None:
+            results.update(instantiate(cfg.method.before_fit)(module=module, datamodule=datamodule))
+        trainer = instantiate(
+            cfg.trainer, callbacks=[history, *_instantiate_all(cfg.callbacks)], logger=_instantiate_all(cfg.logger)
+        )
         trainer.fit(module, datamodule=datamodule)
     except BudgetTooSmall as error:
         results.update(could_run=False, reason=str(error))
-        print(f"[nf-train] {method} cannot run: {error}")
+        print(f"[nf-train] {cfg.method.name} cannot run: {error}")
         _write(out, results)
         return results
     results["train_seconds"] = time.perf_counter() - start
-    results["history"] = history.records
-    results["final_accuracy"] = history.final_accuracy()
-    if method != "bp":
-        plan = trainer.strategy.plan
-        results["plan"] = plan.to_dict()
-        results["batch_sizes"] = [plan.batch_size(i) for i in range(len(plan.blocks))]
-        results["exit_accuracies"] = history.final_exit_accuracies()
-        results["exit"] = selector.summary
-        cache = cache_size_report(out / "cache") if (out / "cache").is_dir() else {}
-        results["cache_bytes"] = sum(cache.values())
-        samples = len(datamodule.train_dataset(augment=False)) + len(datamodule.val_dataset())
-        results["dataset_bytes"] = samples * math.prod(datamodule.input_shape)  # as uint8 images
-    results["measured_peak_bytes"] = _measured_peak(trainer)
+    results.update(_outcome(trainer, datamodule, history))
     _write(out, results)
     print(
-        f"[nf-train] {method} {cfg.model.name} @ {cfg.budget}: validation accuracy "
+        f"[nf-train] {cfg.method.name} {cfg.model.name} @ {cfg.budget}: validation accuracy "
         f"{results['final_accuracy']:.4f} in {results['train_seconds']:.1f} s -> {out / 'results.json'}"
     )
     return results
 
 
-def _measured_peak(trainer: pl.Trainer) -> int | None:
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """One object per entry of a ``{name: {_target_: ...}}`` group; entries set to null are left out."""
+    return [instantiate(entry) for entry in (group or {}).values() if entry is not None]
+
+
+def _outcome(trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: ValidationHistory) -> dict[str, Any]:
+    """What a finished run measured: from the history, the block-wise run (if any) and the meters."""
+    outcome: dict[str, Any] = {
+        "validation_seconds": history.validation_seconds,
+        "history": history.records,
+        "final_accuracy": history.final_accuracy(),
+        "measured_peak_bytes": None,
+    }
+    run = getattr(trainer.strategy, "run", None)
+    if isinstance(run, BlockwiseRun):
+        plan = run.plan
+        cache = cache_size_report(run.cache_dir) if run.cache_dir is not None and run.cache_dir.is_dir() else {}
+        samples = len(datamodule.train_dataset(augment=False)) + len(datamodule.val_dataset())
+        outcome.update(
+            plan=plan.to_dict(),
+            batch_sizes=[plan.batch_size(i) for i in range(len(plan.blocks))],
+            exit_accuracies=history.final_exit_accuracies(),
+            measured_peak_bytes=max(run.peaks.values(), default=None),
+            cache_bytes=sum(cache.values()),
+            dataset_bytes=samples * math.prod(datamodule.input_shape),  # as uint8 images
+        )
     for callback in trainer.callbacks:
         if isinstance(callback, PeakMemoryMonitor):
-            return callback.peak_bytes
-        if isinstance(callback, MemoryProfiler) and callback.peaks:
-            return max(callback.peaks.values())
-    return None
+            outcome["measured_peak_bytes"] = callback.peak_bytes
+        elif isinstance(callback, EarlyExitSelector):
+            outcome["exit"] = callback.summary
+    return outcome
 
 
 def _write(out: Path, results: dict[str, Any]) -> None:
@@ -165,7 +169,7 @@ def _write(out: Path, results: dict[str, Any]) -> None:
     tmp.replace(out / "results.json")
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     results = run(cfg, output_dir())
     if not results["could_run"] and HydraConfig.get().mode != RunMode.MULTIRUN:

@@ -1,9 +1,9 @@
 """``ValidationHistory``: validation metrics per epoch with the wall time at which they were reached.
 
 Example:
-    >>> history = ValidationHistory()
-    >>> history.records
-    []
+    >>> history = ValidationHistory()  # then pl.Trainer(callbacks=[history]).fit(...)
+    >>> history.records, history.validation_seconds, history.final_accuracy()
+    ([], 0.0, None)
 """
 
 from __future__ import annotations
@@ -12,18 +12,26 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
+
+RECORDED_PREFIXES = ("val/", "neuroflux/")
+EXIT_ACCURACY_PREFIX = "neuroflux/acc_exit_"
 
 
 class ValidationHistory(pl.Callback):
-    """Records every ``val/*`` metric after each validation, with seconds since ``fit`` began.
+    """Records every ``val/*`` and ``neuroflux/*`` metric after each validation, with seconds since ``fit`` began.
 
     The clock starts when the callback is set up, before profiling and
-    planning, so the times include everything a user waits for.
+    planning, so the times include everything a user waits for. Each record
+    also holds ``epoch`` and ``block`` (NeuroFlux's active block, else None);
+    :attr:`validation_seconds` sums the wall time of validation during ``fit``.
     """
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
+        self.validation_seconds = 0.0
         self._start: float | None = None
+        self._validation_start: float | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._start is None:
@@ -33,11 +41,20 @@ class ValidationHistory(pl.Callback):
     def elapsed(self) -> float:
         return 0.0 if self._start is None else time.perf_counter() - self._start
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._validation_start is not None:
+            self.validation_seconds += time.perf_counter() - self._validation_start
+            self._validation_start = None
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        block = getattr(trainer.strategy, "active_block", None)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(RECORDED_PREFIXES)}
+        block = getattr(getattr(trainer.strategy, "run", None), "active_block", None)
         self.records.append({"epoch": trainer.current_epoch, "seconds": self.elapsed, "block": block, **metrics})
 
     def final_exit_accuracies(self) -> dict[int, float]:
@@ -45,8 +62,8 @@ class ValidationHistory(pl.Callback):
         final: dict[int, float] = {}
         for record in self.records:
             for key, value in record.items():
-                if key.startswith("val/acc_exit_"):
-                    final[int(key.rsplit("_", 1)[1])] = value
+                if key.startswith(EXIT_ACCURACY_PREFIX):
+                    final[int(key.removeprefix(EXIT_ACCURACY_PREFIX))] = value
         return final
 
     def final_accuracy(self) -> float | None:
@@ -57,8 +74,9 @@ class ValidationHistory(pl.Callback):
         return self.records[-1].get("val/acc") if self.records else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"records": list(self.records), "elapsed": self.elapsed}
+        return {"records": list(self.records), "elapsed": self.elapsed, "validation_seconds": self.validation_seconds}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.records = list(state_dict["records"])
         self._start = time.perf_counter() - float(state_dict["elapsed"])
+        self.validation_seconds = float(state_dict.get("validation_seconds", 0.0))
