@@ -51,7 +51,9 @@ def test_cosine_factor_and_patience() -> None:
     assert Patience(patience=None).update(0.0) is False
 
 
-def tiny_run(root: Path | None, schedule: BlockSchedule, lr: float = 0.1) -> tuple[BlockwiseRun, nn.Module]:
+def tiny_run(
+    root: Path | None, schedule: BlockSchedule, lr: float = 0.1, feature_augment: str = "none"
+) -> tuple[BlockwiseRun, nn.Module]:
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
@@ -65,7 +67,10 @@ def tiny_run(root: Path | None, schedule: BlockSchedule, lr: float = 0.1) -> tup
     plan = TrainingPlan(budget=10**8, batch_limit=16, rho=0.0, aux_policy="adaptive", input_shape=(3, 8, 8),
                         unit_models=[], blocks=[Block((0,), 16, 0), Block((1,), 16, 0)], epochs_per_block=[1, 1])
     recipe = lambda: (torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9), [])  # noqa: E731
-    run = BlockwiseRun(parts, build_exits(parts, (3, 8, 8)), plan, recipe, cache_dir=root, schedule=schedule)
+    run = BlockwiseRun(
+        parts, build_exits(parts, (3, 8, 8)), plan, recipe, cache_dir=root, schedule=schedule,
+        feature_augment=feature_augment,
+    )
     run.attach_data(DataSources(DataLoader(data, batch_size=16, shuffle=True), DataLoader(data, batch_size=16)))
     return run, net
 
@@ -178,7 +183,7 @@ def test_small_maps_are_only_flipped_and_none_is_the_identity() -> None:
 
 
 def test_cached_blocks_see_augmented_inputs(tmp_path: Path) -> None:
-    run, _ = tiny_run(tmp_path, BlockSchedule(epochs=1), lr=0.1)
+    run, _ = tiny_run(tmp_path, BlockSchedule(epochs=1), lr=0.1, feature_augment="flip_crop")
     run.start()
     train_epoch(run, 0)
     assert run.active_block == 1

@@ -7,6 +7,12 @@ feature maps (the image recipe's "pad 4, crop 32", scaled to the map's size:
 a shift of up to ``H/8`` positions) give it fresh views each epoch, on the
 device, at no disk cost.
 
+Measured on VGG-11 x0.25 with 5,000 CIFAR-10 images (experiments/README.md),
+both cost accuracy (flips and crops: -4.2 points at 5 epochs per block; flips:
+-2.6 points at 10), as did exact image augmentation through the frozen blocks
+(``cache=False``: -3.8 points at 5): at this scale later blocks gain more from
+clean, consistent inputs than from variety. So the default is ``"none"``.
+
 Example:
     >>> import torch
     >>> x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)

@@ -144,7 +144,7 @@ class BlockwiseRun:
         lr_reference_batch: int | None = None,
         exit_tolerance: float = 0.0,
         schedule: BlockSchedule | None = None,
-        feature_augment: str = "flip_crop",
+        feature_augment: str = "none",
     ) -> None:
         if feature_augment not in AUGMENT_POLICIES:
             raise ValueError(f"feature_augment must be one of {AUGMENT_POLICIES}, got {feature_augment!r}")

@@ -127,7 +127,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         block_patience: int | None = None,
         block_min_delta: float = 0.0,
         single_block: bool = False,
-        feature_augment: str = "flip_crop",
+        feature_augment: str = "none",
         exit_tolerance: float = 0.0,
         evaluate: str = "exit",
         device: str | torch.device | None = None,
