@@ -170,6 +170,7 @@ def test_bp_infeasible_budget_trains_under_neuroflux(tmp_path: Path) -> None:
     bp_minimum = profile_backprop(module.net, shape).predict(1)
     assert nf_minimum < bp_minimum
     budget = int(nf_minimum + 0.9 * (bp_minimum - nf_minimum))  # BP cannot run even one sample
+    pl.seed_everything(0)
     train, val = loaders()
     t = trainer(tmp_path, tight_strategy(tmp_path, memory_budget=budget), enable_checkpointing=False)
     t.fit(module, train, val)
@@ -219,8 +220,9 @@ def test_sigkill_in_second_block_then_resume(tmp_path: Path) -> None:
 
 
 def test_without_cache_blocks_train_through_frozen_prefix(tmp_path: Path) -> None:
+    pl.seed_everything(0)
     train, val = loaders()
-    strategy = tight_strategy(tmp_path, cache=False)
+    strategy = tight_strategy(tmp_path, cache=False, epochs_per_block=2)
     t = trainer(tmp_path, strategy, enable_checkpointing=False)
     t.fit(PlainClassifier(), train, val)
     assert len(strategy.plan.blocks) >= 2

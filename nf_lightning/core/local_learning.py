@@ -69,13 +69,21 @@ class LocalBlock:
         for module in self.modules():
             module.train(mode)
 
-    def unit_step(self, index: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Update unit ``index`` (and its exit) on one batch; returns its detached output and loss."""
+    def unit_step(
+        self, index: int, x: Tensor, y: Tensor, before_update: Callable[[Optimizer], None] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Update unit ``index`` (and its exit) on one batch; returns its detached output and loss.
+
+        ``before_update(optimizer)`` runs after the backward pass and right
+        before the update; if it raises, nothing has been updated.
+        """
         out = self.units[index](x)
         loss = self.loss(self.exits[index](out), y)
         optimizer = self.optimizers[index]
         optimizer.zero_grad(set_to_none=True)
         self.backward(loss)
+        if before_update is not None:
+            before_update(optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return out.detach(), loss.detach()
@@ -103,25 +111,29 @@ def train_with_retry(
     block: LocalBlock,
     x: Tensor,
     y: Tensor,
-    guard: Callable[[], AbstractContextManager[object]],
+    guard: Callable[[int, Tensor], AbstractContextManager[Callable[[Optimizer], None]]],
     on_shrink: Callable[[int, int, int], None],
     start: int = 0,
 ) -> list[Tensor]:
-    """Algorithm 2 for one batch: every unit from ``start`` takes :meth:`LocalBlock.unit_step` under ``guard()``,
-    splitting the batch when a unit exceeds the budget.
+    """Algorithm 2 for one batch: every unit from ``start`` takes :meth:`LocalBlock.unit_step` inside
+    ``guard(unit index, its input)``, splitting the batch when a unit does not fit.
 
-    Units before the failing one already took the whole batch; the failing unit
+    ``guard`` yields the ``before_update`` check of the step (see
+    :class:`~nf_lightning.core.enforcement.BudgetGuard`). "Does not fit" is an
+    out-of-memory error (CUDA's, or :class:`~nf_lightning.core.memory.MemoryLimitExceeded`)
+    raised before the unit's update, so a retried unit is never updated twice:
+    units before the failing one already took the whole batch; the failing unit
     and those after it take it in smaller pieces. ``on_shrink(unit, old, new)``
-    is told of every reduction. An out-of-memory error (CUDA's, or the
-    tracked meter's :class:`~nf_lightning.core.memory.MemoryLimitExceeded`)
-    is what "does not fit" means; it propagates when even a batch of one fails. Returns the (mean) loss of every unit from ``start``.
+    is told of every reduction; the error propagates when even a batch of one
+    fails. Returns the (mean) loss of every unit from ``start``.
     """
     losses: list[Tensor] = []
     for index in range(start, len(block.units)):
         try:
-            with guard():
-                x, loss = block.unit_step(index, x, y)
+            with guard(index, x) as before_update:
+                x, loss = block.unit_step(index, x, y, before_update)
         except torch.OutOfMemoryError:
+            block.optimizers[index].zero_grad(set_to_none=True)  # the failed attempt's gradients go
             smaller = shrink(len(x))
             if smaller == 0:
                 raise

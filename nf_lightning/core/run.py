@@ -72,7 +72,7 @@ from nf_lightning.core.feature_augment import POLICIES as AUGMENT_POLICIES
 from nf_lightning.core.feature_augment import augment_features
 from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, select_exit
 from nf_lightning.core.local_learning import LocalBlock, train_with_retry
-from nf_lightning.core.memory import meter_for
+from nf_lightning.core.enforcement import BudgetGuard
 from nf_lightning.core.optim_recipe import Recipe, SchedulerSpec, replicate_recipe
 from nf_lightning.core.plan import TrainingPlan, make_plan
 from nf_lightning.core.schedule import BlockSchedule, Patience, cosine_factor
@@ -127,6 +127,10 @@ class BlockwiseRun:
         feature_augment: what blocks reading cached activations do to them each step
             (:func:`~nf_lightning.core.feature_augment.augment_features`): ``"flip_crop"``,
             ``"flip"``, ``"crop"`` or ``"none"``.
+        meter_full_steps, meter_sample_every: every unit step of a block's first
+            ``meter_full_steps`` batches (and after a shrink) is metered and held to the
+            budget, then one batch in ``meter_sample_every``
+            (:class:`~nf_lightning.core.enforcement.BudgetGuard`).
     """
 
     def __init__(
@@ -145,6 +149,8 @@ class BlockwiseRun:
         exit_tolerance: float = 0.0,
         schedule: BlockSchedule | None = None,
         feature_augment: str = "none",
+        meter_full_steps: int = 20,
+        meter_sample_every: int = 10,
     ) -> None:
         if feature_augment not in AUGMENT_POLICIES:
             raise ValueError(f"feature_augment must be one of {AUGMENT_POLICIES}, got {feature_augment!r}")
@@ -193,6 +199,8 @@ class BlockwiseRun:
         self._epoch_steps: int | None = None
         self._step_in_epoch = 0
         self._base_lrs: list[list[float]] = []
+        self._lr_batch = plan.batch_size(0)
+        self.guard = BudgetGuard(self.device, plan.budget, full_steps=meter_full_steps, sample_every=meter_sample_every)
 
     # ---------------------------------------------------------------- creation
     @classmethod
@@ -305,6 +313,8 @@ class BlockwiseRun:
             self.optimizers.append(optimizer)
             self.schedulers += schedulers
         self._base_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in self.optimizers]
+        self._lr_batch = self.batch_size
+        self.guard.restart()
         pending = self._pending_optim
         if pending is not None and pending["block"] == block:
             for optimizer, state in zip(self.optimizers, pending["optimizers"]):
@@ -399,12 +409,18 @@ class BlockwiseRun:
         if self.decays:
             self._set_learning_rates()
         peaks: list[int] = []
-        losses = train_with_retry(block, x, y, lambda: self._guard(block, peaks), self._on_shrink)
+        metered = self.guard.next_batch()
+        tracked = [*block.modules(), *(getattr(opt, "optimizer", opt) for opt in block.optimizers), x, y]
+
+        def window(index: int, unit_input: Tensor) -> contextlib.AbstractContextManager[Any]:
+            return self._unit_window(index, unit_input, tracked, metered, peaks)
+
+        losses = train_with_retry(block, x, y, window, self._on_shrink)
         self.block_step += 1
         self._step_in_epoch += 1
+        self.last_step_peak = max(peaks) if peaks else None
         if peaks:
-            self.last_step_peak = max(peaks)
-            self.peaks[self.active_block] = max(self.peaks.get(self.active_block, 0), self.last_step_peak)
+            self.peaks[self.active_block] = max(self.peaks.get(self.active_block, 0), max(peaks))
         for spec in self.schedulers:
             if spec.interval == "step" and not spec.reduce_on_plateau:
                 spec.scheduler.step()
@@ -427,16 +443,38 @@ class BlockwiseRun:
         return self._stream(self.units[:first], x) if first > 0 else x
 
     @contextlib.contextmanager
-    def _guard(self, block: LocalBlock, peaks: list[int]) -> Iterator[None]:
-        """Measure one unit step and hold it to the budget (raises ``torch.OutOfMemoryError`` past it)."""
-        meter = meter_for(self.device, limit=self.plan.budget)
-        meter.track(*block.modules(), *(getattr(opt, "optimizer", opt) for opt in block.optimizers))
-        with meter:
-            yield
-        peaks.append(meter.peak_bytes)
+    def _unit_window(
+        self, index: int, x: Tensor, tracked: list[Any], metered: bool, peaks: list[int]
+    ) -> Iterator[Callable[[Optimizer], None]]:
+        """One unit step as a transaction under the budget (see :class:`BudgetGuard`), with the
+        learning rate following the batch size the step actually uses."""
+        unit = self.active_units[index]
+        ratio = self.schedule.lr_scale(len(x), self.reference_batch()) / self.schedule.lr_scale(
+            self._lr_batch, self.reference_batch()
+        )
+        changed: list[tuple[dict[str, Any], Any]] = []
+        before = self.guard.metered_steps
+        optimizer = self.optimizers[index]
+        with self.guard.unit_step(self.active_block, unit, len(x), [*tracked, x], optimizer, metered) as check:
+
+            def before_update(optimizer: Optimizer) -> None:
+                check(optimizer)
+                if ratio != 1.0:
+                    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+                        changed.append((group, group["lr"]))
+                        group["lr"] = group["lr"] * ratio
+
+            try:
+                yield before_update
+            finally:
+                for group, lr in changed:
+                    group["lr"] = lr
+        if self.guard.metered_steps > before:
+            peaks.append(self.guard.last_peak)
 
     def _on_shrink(self, unit: int, old: int, new: int) -> None:
         block = self.active_block
+        self.guard.restart()
         self.plan.batch_overrides[block] = min(new, self.plan.batch_size(block))
         self.shrinks.append({"block": block, "unit": unit, "from": old, "to": new})
         self.loader_version += 1
@@ -702,6 +740,7 @@ class BlockwiseRun:
             "records": [record.to_dict() for record in self.records.values()],
             "exit_tolerance": self.exit_tolerance,
             "peaks": dict(self.peaks),
+            "enforcement": self.guard.state_dict(),
             "shrinks": list(self.shrinks),
             "manifests": dict(self.manifests),
             "seconds": dict(self.seconds),
@@ -735,6 +774,7 @@ class BlockwiseRun:
         self.records = {r.unit: r for r in (ExitRecord.from_dict(d) for d in state["records"])}
         self.exit_tolerance = float(state.get("exit_tolerance", self.exit_tolerance))
         self.peaks = {int(k): int(v) for k, v in state["peaks"].items()}
+        self.guard.load_state_dict(state["enforcement"])
         self.shrinks = list(state["shrinks"])
         self.manifests = dict(state["manifests"])
         self.seconds = {**self.seconds, **state.get("seconds", {})}

@@ -96,6 +96,9 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         single_block: all units as one block at one batch size (classic local learning).
         feature_augment: random flips and shifted crops of cached activations, so blocks after
             the first see fresh views every epoch: ``"flip_crop"``, ``"flip"``, ``"crop"`` or ``"none"``.
+        meter_full_steps, meter_sample_every: every unit step of a block's first
+            ``meter_full_steps`` batches (and again after a shrink) is metered and held to the
+            budget as a transaction, then one batch in ``meter_sample_every`` (1: all).
         exit_tolerance: exits within this accuracy (a fraction) of the best count
             as equally good and the one with the fewest parameters is deployed.
         evaluate: what ``validate``/``test``/``predict`` outside ``fit`` run:
@@ -128,6 +131,8 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         block_min_delta: float = 0.0,
         single_block: bool = False,
         feature_augment: str = "none",
+        meter_full_steps: int = 20,
+        meter_sample_every: int = 10,
         exit_tolerance: float = 0.0,
         evaluate: str = "exit",
         device: str | torch.device | None = None,
@@ -171,6 +176,8 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         self.single_block = single_block
         self.exit_tolerance = exit_tolerance
         self.feature_augment = feature_augment
+        self.meter_full_steps = meter_full_steps
+        self.meter_sample_every = meter_sample_every
         self.evaluate = evaluate
         self._device = torch.device(device) if device is not None else None
 
@@ -244,6 +251,8 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
             "exit_tolerance": self.exit_tolerance,
             "schedule": self.schedule,
             "feature_augment": self.feature_augment,
+            "meter_full_steps": self.meter_full_steps,
+            "meter_sample_every": self.meter_sample_every,
         }
         if self._saved_state is not None:
             self.run = BlockwiseRun.from_state(self.decomposition, self._saved_state, self._recipe, **options)
