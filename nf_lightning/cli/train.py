@@ -1,9 +1,9 @@
-"""``nf-train``: train a model under a memory budget with BP, classic LL or NeuroFlux.
+"""``nf-train``: train a model under a memory budget with BP, BP with checkpointing, classic LL or NeuroFlux.
 
 Examples:
     nf-train experiment=quickstart
     nf-train model=vgg16 data=cifar10_folder budget=300MB method=neuroflux
-    nf-train -m method=bp,classic_ll,neuroflux budget=100MB,300MB,500MB
+    nf-train -m method=bp,bp_ckpt,classic_ll,neuroflux budget=100MB,300MB,500MB
 
 The app is thin: every object comes from the config's ``_target_`` entries
 (see ``conf/train.yaml``), so a method or a callback is a config file, not
@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 from nf_lightning.cli.common import CONFIG_PATH, output_dir
 from nf_lightning.core.budget import parse_bytes
 from nf_lightning.core.cache import cache_size_report
+from nf_lightning.core.checkpointing import CheckpointedNetwork
 from nf_lightning.core.partitioner import BudgetTooSmall
-from nf_lightning.core.profiler import profile_backprop
+from nf_lightning.core.plan import profile_batch_sizes
+from nf_lightning.core.profiler import LinearMemoryModel, profile_backprop
 from nf_lightning.core.run import BlockwiseRun
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
@@ -47,14 +50,20 @@ def fit_backprop_to_budget(
     budget: str | int,
     batch_limit: int,
     reference_batch: int,
+    checkpoint: bool = False,
 ) -> dict[str, Any]:
     """BP's ``before_fit`` hook: train at the largest batch the profiler fits under ``budget``.
 
     Sets ``datamodule.batch_size`` and scales ``module.hparams.lr`` (the rate
-    at ``reference_batch``) linearly to it. Returns the ``results.json``
-    entries it decided; raises :class:`BudgetTooSmall` if batch 1 does not fit.
+    at ``reference_batch``) linearly to it. With ``checkpoint`` the module's
+    network (``module.net``) is first wrapped in
+    :class:`~nf_lightning.core.checkpointing.CheckpointedNetwork` (activation
+    checkpointing over its units, the ``bp_ckpt`` method) and that is what is
+    profiled and trained. The batch comes from :func:`largest_backprop_batch`.
+    Returns the ``results.json`` entries it decided; raises
+    :class:`BudgetTooSmall` if batch 1 does not fit.
 
-    Example (``conf/method/bp.yaml``)::
+    Example (``conf/method/bp.yaml``; ``bp_ckpt.yaml`` adds ``checkpoint: true``)::
 
         before_fit:
           _target_: nf_lightning.cli.train.fit_backprop_to_budget
@@ -63,22 +72,67 @@ def fit_backprop_to_budget(
           batch_limit: ${batch_limit}
           reference_batch: ${optim.reference_batch}
     """
-    hp = module.hparams
+    if checkpoint:
+        module.net = CheckpointedNetwork(module.net)
+    budget_bytes = parse_bytes(budget)
+    batch, model, peak = largest_backprop_batch(module, tuple(datamodule.input_shape), budget_bytes, batch_limit)
+    if batch < 1:
+        needed = math.ceil(max(model.predict(1), peak))
+        what = "backpropagation with activation checkpointing" if checkpoint else "backpropagation"
+        raise BudgetTooSmall(budget_bytes, needed, -1, needed_by=f"{what} through the whole model (batch 1)")
+    datamodule.batch_size = batch
+    module.hparams.lr = module.hparams.lr * batch / reference_batch
+    return {"batch_sizes": [batch], "predicted_peak_bytes": peak, "memory_model": model.to_dict()}
+
+
+def largest_backprop_batch(
+    module: pl.LightningModule, input_shape: tuple[int, ...], budget_bytes: int, batch_limit: int
+) -> tuple[int, LinearMemoryModel, int]:
+    """The largest batch (at most ``batch_limit``) whose backprop step of ``module`` fits ``budget_bytes``.
+
+    ``module`` is profiled as NeuroFlux profiles its units: a step on fake
+    tensors measured by the tracked meter, at the batch sizes of
+    :func:`~nf_lightning.core.plan.profile_batch_sizes` (2 to ``batch_limit``),
+    fitted by a line. A line fitted over that whole range can miss the peak of a
+    small batch by a few percent, so the batch it proposes is then checked with
+    a step of its own and lowered until its measured peak fits: BP is held to
+    the budget as exactly as the meter allows.
+    Returns the batch (0 if none fits), the memory model and the measured peak
+    at that batch (at batch 1 when none fits).
+    """
     model = profile_backprop(
         module,
-        tuple(datamodule.input_shape),
-        optimizer_factory=lambda params: torch.optim.SGD(
-            params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-        ),
+        input_shape,
+        batch_sizes=profile_batch_sizes(batch_limit, "cpu"),
+        optimizer_factory=backprop_optimizer(module),
     )
-    budget_bytes = parse_bytes(budget)
     batch = min(model.max_batch(budget_bytes), batch_limit)
-    if batch < 1:
-        needed = math.ceil(model.predict(1))
-        raise BudgetTooSmall(budget_bytes, needed, -1, needed_by="backpropagation through the whole model (batch 1)")
-    datamodule.batch_size = batch
-    hp.lr = hp.lr * batch / reference_batch
-    return {"batch_sizes": [batch]}
+    peak = backprop_step_peak(module, input_shape, max(batch, 1))
+    while batch >= 1 and peak > budget_bytes:
+        batch -= 1
+        peak = backprop_step_peak(module, input_shape, max(batch, 1))
+    return batch, model, peak
+
+
+def backprop_step_peak(module: pl.LightningModule, input_shape: tuple[int, ...], batch: int) -> int:
+    """Peak bytes of one backprop step of ``module`` at ``batch``, measured on fake tensors (as the profiler does).
+
+    What :func:`largest_backprop_batch` checks against the budget, and what
+    ``experiments/compare.py`` sizes BP's tightest budget with.
+    """
+    model = profile_backprop(
+        module, input_shape, batch_sizes=(batch, batch + 1), optimizer_factory=backprop_optimizer(module)
+    )
+    return dict(model.samples)[batch]
+
+
+def backprop_optimizer(module: pl.LightningModule) -> Callable[[Any], torch.optim.Optimizer]:
+    """The optimizer ``ClassifierModule.configure_optimizers`` builds, over other parameters (for profiling)."""
+    hp = module.hparams
+    nesterov = bool(hp.get("nesterov", False)) and hp.momentum > 0
+    return lambda params: torch.optim.SGD(
+        params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=nesterov
+    )
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -110,6 +164,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     try:
         if cfg.method.get("before_fit") is not None:
             results.update(instantiate(cfg.method.before_fit)(module=module, datamodule=datamodule))
+            results["before_fit_seconds"] = time.perf_counter() - start  # not on the history's clock
         trainer = instantiate(
             cfg.trainer, callbacks=[history, *_instantiate_all(cfg.callbacks)], logger=_instantiate_all(cfg.logger)
         )
