@@ -105,7 +105,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train_subset": 1000, "val_subset": 500, "test_subset": 0, "seeds": 1, "lrs": [0.05],
         "bp_epochs": 4, "nf_epochs": 2,
     },
-    "default": {  # about 3 h on 2 busy cores (estimated from the quick run; experiments/README.md)
+    "default": {  # about 2.5 h on 2 busy cores (estimated from the quick run; experiments/README.md)
         "train_subset": 5000, "val_subset": 1000, "test_subset": 0, "seeds": 3, "lrs": [0.025, 0.05, 0.1],
         "bp_epochs": 30, "nf_epochs": 10,
     },
