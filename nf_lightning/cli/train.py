@@ -40,6 +40,7 @@ from nf_lightning.core.profiler import LinearMemoryModel, profile_backprop
 from nf_lightning.core.run import BlockwiseRun
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
+from nf_lightning.lightning.neuron_budget import load_pretrained
 from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
 
 
@@ -150,6 +151,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model, num_classes=datamodule.num_classes)
     module = instantiate(cfg.module, net=net, num_classes=datamodule.num_classes)
+    pretrained = load_pretrained(module, cfg.pretrained) if cfg.get("pretrained") else None
     results: dict[str, Any] = {
         "method": cfg.method.name,
         "model": OmegaConf.to_container(cfg.model),
@@ -159,6 +161,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "epochs": cfg.epochs,
         "could_run": True,
     }
+    if pretrained is not None:
+        results["pretrained"] = pretrained
     history = ValidationHistory()
     start = time.perf_counter()
     try:

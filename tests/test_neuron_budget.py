@@ -1,0 +1,511 @@
+"""Budgeted neuron updates: hand-computed pieces, exact freezing, real Trainer runs (BP and NeuroFlux),
+resume, nf-train, and measured memory against full fine-tuning."""
+
+from __future__ import annotations
+
+import csv
+import doctest
+import itertools
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from nf_lightning import NeuroFluxStrategy
+from nf_lightning.cli.common import compose_config
+from nf_lightning.core import neuron_budget as core
+from nf_lightning.core.neuron_budget import (
+    ExactFreezer,
+    VelocityTracker,
+    auto_sparse_update,
+    budget_params,
+    channel_cosine,
+    conv_neurons,
+    fill_budget,
+    neuron_costs,
+    parse_sparse_update,
+    random_order,
+    sparse_update_masks,
+    velocity_order,
+    velocity_step,
+)
+from nf_lightning.lightning import neuron_budget as callback_module
+from nf_lightning.lightning.classifier import ClassifierModule
+from nf_lightning.lightning.neuron_budget import NeuronUpdateBudget, load_pretrained
+from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
+from nf_lightning.models import create
+
+
+def test_docstring_examples() -> None:
+    assert doctest.testmod(core).failed == 0
+    assert doctest.testmod(callback_module).failed == 0
+
+
+# ---------------------------------------------------------------- costs and budgets
+def test_neuron_costs_count_filter_and_bias() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),  # 27 + 1
+        nn.Conv2d(4, 4, 3, groups=4, bias=False),  # depthwise: 9
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 6, (1, 3)),  # 12 + 1
+        nn.Linear(6, 2),  # a classifier: not a neuron
+    )
+    layers = conv_neurons(net.named_modules())
+    assert [(layer.name, layer.cost, layer.params) for layer in layers] == [("0", 28, 112), ("1", 9, 36), ("3", 13, 78)]
+    assert neuron_costs(layers).tolist() == [28] * 4 + [9] * 4 + [13] * 6
+    assert budget_params(layers, 0.1) == 22  # floor(0.1 * 226)
+    with pytest.raises(ValueError, match="fraction"):
+        budget_params(layers, 1.5)
+
+
+def test_budget_filling_with_unequal_sizes_by_hand() -> None:
+    costs = torch.tensor([10, 3, 7, 5, 1])
+    # in order 0, 1, 2, ...: 10 fits, 10 + 3 = 13 > 12 ends the fill (the next ones are not looked at)
+    assert fill_budget(torch.arange(5), costs, 12).tolist() == [True, False, False, False, False]
+    # in order 4, 1, 3, 2, 0: 1, 4, 9, then 9 + 7 = 16 > 12
+    assert fill_budget(torch.tensor([4, 1, 3, 2, 0]), costs, 12).tolist() == [False, True, False, True, True]
+    assert fill_budget(torch.arange(5), costs, 26).all() and not fill_budget(torch.arange(5), costs, 0).any()
+    with pytest.raises(ValueError, match="permutation"):
+        fill_budget(torch.tensor([0, 0, 1, 2, 3]), costs, 12)
+
+
+def test_budget_filling_is_never_over_and_a_maximal_prefix() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=generator))
+        costs = torch.randint(1, 500, (n,), generator=generator)
+        budget = int(torch.randint(0, int(costs.sum()) + 1, (1,), generator=generator))
+        order = torch.randperm(n, generator=generator)
+        selected = fill_budget(order, costs, budget)
+        taken = int(selected.sum())
+        assert int(costs[selected].sum()) <= budget
+        assert selected[order[:taken]].all()  # a prefix of the order
+        if taken < n:
+            assert int(costs[order[: taken + 1]].sum()) > budget  # the next one would not fit
+
+
+def test_random_fill_is_fresh_each_epoch_reproducible_and_within_budget() -> None:
+    costs = torch.tensor([5, 1, 9, 2, 7, 3, 3, 8, 4, 6] * 3)
+    budget = 30
+    draws = []
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        order = random_order(len(costs), generator)
+        assert sorted(order.tolist()) == list(range(len(costs)))
+        selected = fill_budget(order, costs, budget)
+        assert int(costs[selected].sum()) <= budget
+        draws.append(selected)
+    assert len({tuple(d.tolist()) for d in draws}) > 1  # a new permutation each epoch
+    again = torch.Generator().manual_seed(7)
+    assert torch.equal(fill_budget(random_order(len(costs), again), costs, budget), draws[0])
+
+
+def test_velocity_ranking_divides_by_cost() -> None:
+    velocity = torch.tensor([0.5, -0.4, 0.05, -0.3])
+    costs = torch.tensor([100, 10, 1, 10])
+    # |v|/cost: 0.005, 0.04, 0.05, 0.03
+    assert velocity_order(velocity, costs).tolist() == [2, 1, 3, 0]
+    assert fill_budget(velocity_order(velocity, costs), costs, 25).tolist() == [False, True, True, True]
+
+
+# ---------------------------------------------------------------- velocity
+def test_channel_cosine_by_hand() -> None:
+    previous = torch.tensor([[[1.0, 0.0], [3.0, 4.0]], [[0.0, 1.0], [0.0, 0.0]]])  # (N=2, C=2, L=2)
+    current = torch.tensor([[[1.0, 1.0], [-3.0, -4.0]], [[0.0, 2.0], [1.0, 0.0]]])
+    cosine = channel_cosine(previous, current)
+    expected = torch.tensor([[2**-0.5, -1.0], [1.0, 0.0]])  # one zero vector against a non-zero one: 0
+    assert torch.allclose(cosine, expected)
+
+
+def test_velocity_recursion_on_hand_computed_values() -> None:
+    phis = [0.9, 0.95, 0.97, 0.98]
+    # phi_0 = 1: deltas -0.1, 0.05, 0.02, 0.01
+    # paper:       v1 = -0.1, v2 = 0.05 + 0.05 = 0.1, v3 = 0.02 - 0.05 = -0.03, v4 = 0.01 + 0.015 = 0.025
+    # public code: u1 = -0.1, u2 = 0.05 + 0.1 - 0.05 = 0.1, u3 = 0.02 - 0.05 + 0.05 = 0.02, u4 = 0.01 - 0.02 + 0.01 = 0
+    expected = {"paper": [-0.1, 0.1, -0.03, 0.025], "public_code": [-0.1, 0.1, 0.02, 0.0]}
+    for recursion, values in expected.items():
+        phi_prev, velocity, delta = torch.tensor([1.0], dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        got = []
+        for phi in phis:
+            phi = torch.tensor([phi], dtype=torch.float64)
+            delta, velocity = velocity_step(phi, phi_prev, velocity, delta, 0.5, recursion)
+            phi_prev = phi
+            got.append(float(velocity))
+        assert got == pytest.approx(values, abs=1e-12), recursion
+    with pytest.raises(ValueError, match="recursion"):
+        velocity_step(torch.ones(1), torch.ones(1), torch.zeros(1), torch.zeros(1), 0.5, "nesterov")
+
+
+def test_velocity_tracker_on_hand_computed_outputs() -> None:
+    """One channel of two samples over two positions, rotated a little more each pass."""
+    import math
+
+    angles = [0.0, math.acos(0.9), math.acos(0.9) + math.acos(0.8)]  # cosines 0.9, then 0.8 between passes
+    tracker = VelocityTracker(["c"], mu=0.5)
+    for angle in angles:
+        tracker.begin_pass()
+        out = torch.tensor([[math.cos(angle), math.sin(angle)]]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
+        tracker.observe("c", out[:1])  # two probe batches of one sample
+        tracker.observe("c", out[1:])
+        tracker.end_pass()
+    # phi: 0.9 then 0.8; delta: -0.1 (phi_0 = 1) then -0.1; velocity: -0.1 then -0.1 + 0.05 = -0.05
+    assert tracker.phi["c"].tolist() == pytest.approx([0.8], abs=1e-6)
+    assert tracker.delta["c"].tolist() == pytest.approx([-0.1], abs=1e-6)
+    assert tracker.velocity["c"].tolist() == pytest.approx([-0.05], abs=1e-6)
+    assert tracker.outputs["c"].device.type == "cpu" and tracker.nbytes == 2 * 1 * 2 * 4
+    copy = VelocityTracker.from_state(tracker.state_dict())
+    assert copy.passes == 3 and torch.equal(copy.velocity["c"], tracker.velocity["c"])
+    tracker.begin_pass()
+    tracker.observe("c", torch.zeros(1, 1, 1, 2))
+    with pytest.raises(ValueError, match="probe samples"):
+        tracker.end_pass()
+
+
+# ---------------------------------------------------------------- sparse update
+def test_sparse_update_config_parsing() -> None:
+    assert parse_sparse_update({"layers": [-1, -3], "ratios": [1.0, 0.25]}, 6) == {5: 1.0, 3: 0.25}
+    assert parse_sparse_update({"layers": [0, 1], "ratios": 0.5}, 6) == {0: 0.5, 1: 0.5}
+    assert parse_sparse_update({"-2": "0.5", 1: 1}, 6) == {4: 0.5, 1: 1.0}
+    assert parse_sparse_update({"-1": 0.5, "0": 1}, 6) == {5: 0.5, 0: 1.0}
+    assert parse_sparse_update([[2, 0.125], [-1, 1]], 6) == {2: 0.125, 5: 1.0}
+    for bad, message in [
+        ({"layers": [1, 2], "ratios": [0.5]}, "2 layers but 1 ratios"),
+        ({"7": 0.5}, "does not exist"),
+        ({"1": 1.5}, r"\[0, 1\]"),
+        ({"layers": [-1, 5], "ratios": 1.0}, "given twice"),
+        ("last three", "sparse update scheme is"),
+        ({"x": 0.5}, "bad entry"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_sparse_update(bad, 6)
+
+
+def test_sparse_update_takes_the_largest_filters_and_auto_fills_the_budget() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 1, bias=False), nn.Conv2d(4, 4, 1, bias=False), nn.Conv2d(4, 2, 1, bias=False))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([1.0, 3.0, 2.0, 0.5]).view(4, 1, 1, 1) * torch.ones(4, 4, 1, 1))
+    layers = conv_neurons(net.named_modules())
+    masks = sparse_update_masks(layers, parse_sparse_update({"layers": [1, -1], "ratios": [0.5, 1.0]}, 3))
+    assert [m.tolist() for m in masks] == [[False] * 4, [False, True, True, False], [True, True]]
+    # costs: 1, 4, 4 per neuron; 4 + 16 + 8 = 28 parameters
+    assert auto_sparse_update(layers, 8) == {2: 1.0}
+    assert auto_sparse_update(layers, 17) == {2: 1.0, 1: 0.5}
+    assert auto_sparse_update(layers, 28) == {2: 1.0, 1: 1.0, 0: 1.0}
+
+
+# ---------------------------------------------------------------- exact freezing
+def _conv_and_data(seed: int = 0) -> tuple[nn.Conv2d, torch.Tensor]:
+    torch.manual_seed(seed)
+    return nn.Conv2d(3, 6, 3), torch.randn(8, 3, 5, 5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=False),
+        lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, amsgrad=True),
+    ],
+    ids=["sgd_nesterov", "sgd_loop", "adam", "adamw_amsgrad"],
+)
+def test_frozen_rows_stay_bit_identical_after_many_steps(make) -> None:
+    conv, x = _conv_and_data()
+    optimizer = make(conv.parameters())
+    mask = torch.tensor([True, False, True, False, False, True])
+    for _ in range(3):  # some history first: momentum of every row is non-zero
+        optimizer.zero_grad()
+        conv(x).square().mean().backward()
+        optimizer.step()
+    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+    state = {k: v.clone() for k, v in optimizer.state[conv.weight].items() if v.ndim}
+    freezer = ExactFreezer()
+    freezer.apply({conv.weight: mask, conv.bias: mask}, [optimizer])
+    for step in range(60):
+        optimizer.zero_grad(set_to_none=step % 2 == 0)
+        conv(x * (1 + step / 10)).square().mean().backward()
+        assert conv.weight.grad[~mask].abs().sum() == 0  # frozen neurons have no gradient
+        optimizer.step()
+        assert freezer.pending_bytes() == 0
+    frozen = ~mask
+    assert torch.equal(conv.weight[frozen], weight[frozen]) and torch.equal(conv.bias[frozen], bias[frozen])
+    assert not torch.equal(conv.weight[mask], weight[mask]) and not torch.equal(conv.bias[mask], bias[mask])
+    for key, value in state.items():  # momentum / moments of frozen rows kept, bit for bit
+        assert torch.equal(optimizer.state[conv.weight][key][frozen], value[frozen]), key
+    freezer.release()
+    optimizer.zero_grad()
+    conv(x).square().mean().backward()
+    optimizer.step()
+    assert not torch.equal(conv.weight[frozen], weight[frozen])  # released: they train again
+
+
+def test_state_a_frozen_row_never_had_is_zero() -> None:
+    conv, x = _conv_and_data()
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    mask = torch.tensor([True] * 3 + [False] * 3)
+    ExactFreezer().apply({conv.weight: mask}, [optimizer])
+    before = conv.weight.detach().clone()
+    for _ in range(5):
+        optimizer.zero_grad()
+        conv(x).sum().backward()
+        optimizer.step()
+    assert torch.equal(conv.weight[3:], before[3:])
+    assert optimizer.state[conv.weight]["momentum_buffer"][3:].abs().sum() == 0
+
+
+def test_a_layer_frozen_entirely_has_no_gradient_no_state_and_stops_the_backward() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(2, 3, 7, 7)
+    net(x)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(x).sum().backward()
+    optimizer.step()
+    assert net[0].weight in optimizer.state
+    freezer = ExactFreezer()
+    freezer.apply({net[0].weight: torch.zeros(4, dtype=torch.bool), net[0].bias: torch.zeros(4, dtype=torch.bool)},
+                  [optimizer], frozen=list(net[1].parameters()))
+    assert net[0].weight.grad is None and net[0].weight not in optimizer.state  # state dropped
+    before = net[0].weight.detach().clone()
+    out = net[:3](x)
+    assert out.grad_fn is None  # nothing below the second conv needs a gradient: autograd records nothing
+    optimizer.zero_grad()
+    net(x).sum().backward()
+    optimizer.step()
+    assert net[0].weight.grad is None and net[1].weight.grad is None and net[3].weight.grad is not None
+    assert net[0].weight not in optimizer.state and torch.equal(net[0].weight, before)
+    freezer.release()
+    assert net[0].weight.requires_grad and net[1].weight.requires_grad
+
+
+# ---------------------------------------------------------------- real Trainer runs
+class Net(nn.Sequential):
+    def __init__(self, width: int = 8, classes: int = 4) -> None:
+        super().__init__(
+            nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(), nn.MaxPool2d(2)),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * width, classes),
+        )
+
+
+def data(n_train: int = 128, n_val: int = 64, batch: int = 32, shuffle: bool = True) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (n_train + n_val,), generator=g)
+    x = torch.randn(n_train + n_val, 3, 12, 12, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float() / 4
+    train = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=batch, shuffle=shuffle)
+    return train, DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=batch)
+
+
+def fit(tmp_path: Path, callbacks: list, max_epochs: int = 3, strategy="auto", module=None, ckpt_path=None, **kw):
+    train, val = kw.pop("loaders", None) or data()
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        strategy=strategy,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
+    )
+    module = module or ClassifierModule(Net(), num_classes=4, lr=0.05)
+    trainer.fit(module, train, val, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+class FrozenRowsWatch(pl.Callback):
+    """Checks, epoch by epoch, that every neuron the budget froze kept its weights bit for bit."""
+
+    def __init__(self, budget: NeuronUpdateBudget) -> None:
+        self.budget = budget
+        self.checked = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # the epoch's selection is made by now
+        self.masks = self.budget.masks
+        self.weights = {layer.name: layer.module.weight.detach().clone() for layer in self.budget.layers}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # before the budget's hook (listed before it)
+        for layer in self.budget.layers:
+            frozen = ~self.masks[layer.name]
+            assert torch.equal(layer.module.weight[frozen], self.weights[layer.name][frozen]), layer.name
+            if frozen.any():
+                self.checked += 1
+
+
+@pytest.mark.parametrize("policy", ["velocity", "random", "sparse_update"])
+def test_callback_under_backprop(tmp_path: Path, policy: str) -> None:
+    budget = NeuronUpdateBudget(policy=policy, budget=0.25, probe_size=16)
+    watch = FrozenRowsWatch(budget)
+    trainer, module = fit(tmp_path, [watch, budget], max_epochs=3)
+    history = budget.history
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    first = "sparse_update" if policy == "velocity" else policy
+    assert [h["policy"] for h in history] == [first] + [policy] * 2
+    assert all(0 < h["updated_params"] <= h["budget_params"] for h in history)
+    assert history[0]["budget_params"] == int(0.25 * history[0]["total_params"])
+    assert watch.checked >= 3
+    metrics = trainer.callback_metrics
+    assert metrics["neuron_budget/updated_params"] == history[-1]["updated_params"]
+    assert "neuron_budget/layer/net.3.0" in metrics
+    if policy == "velocity":
+        assert history[-1]["velocity_bytes"] > 0 and budget.velocity_bytes == history[-1]["velocity_bytes"]
+    if policy == "random":
+        assert history[1]["layers"] != history[2]["layers"]
+    if policy == "sparse_update":
+        assert history[0]["layers"] == history[2]["layers"] and history[0]["layers"]["net.0.0"] == 0.0
+    # fit is over: the module is whole again
+    assert all(p.requires_grad for p in module.parameters())
+
+
+def test_callback_inside_neuroflux_blocks(tmp_path: Path) -> None:
+    budget = NeuronUpdateBudget(policy="velocity", budget=0.3, probe_size=16, first_epoch="random")
+    watch = FrozenRowsWatch(budget)
+    strategy = NeuroFluxStrategy(memory_budget="1.2MB", epochs_per_block=2, batch_limit=64, cache_dir=tmp_path / "cache")
+    trainer, module = fit(tmp_path, [watch, budget], max_epochs=20, strategy=strategy)
+    run = trainer.strategy.run
+    assert run.finished and run.num_blocks >= 2
+    history = budget.history
+    blocks = [h["block"] for h in history]
+    assert blocks == sorted(blocks) and set(blocks) == set(range(run.num_blocks))
+    for block in range(run.num_blocks):
+        records = [h for h in history if h["block"] == block]
+        assert records[0]["policy"] == "random" and all(h["policy"] == "velocity" for h in records[1:])
+        units = run.units_of(block)
+        convs = [m for u in units for m in run.units[u].modules() if isinstance(m, nn.Conv2d)]
+        assert records[0]["total_params"] == sum(c.weight.numel() + c.bias.numel() for c in convs)  # per block
+        assert all(h["updated_params"] <= h["budget_params"] for h in records)
+    assert watch.checked >= 2
+    assert all(p.requires_grad for p in module.parameters())
+
+
+@pytest.mark.parametrize("policy", ["velocity", "random"])
+@pytest.mark.parametrize("at_train_epoch_end", [True, False], ids=["saved_after_epoch_end", "saved_at_validation"])
+def test_resume_mid_run_restores_the_selection(tmp_path: Path, policy: str, at_train_epoch_end: bool) -> None:
+    # saved at validation, the checkpoint holds the weights after epoch 1 but the callback's state from
+    # before that epoch's end: the resumed callback closes epoch 1 itself, from the restored weights
+    def run(root: Path, epochs: int, ckpt_path=None) -> NeuronUpdateBudget:
+        torch.manual_seed(0)
+        budget = NeuronUpdateBudget(policy=policy, budget=0.25, probe_size=16, seed=3)
+        checkpoints = ModelCheckpoint(
+            dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}",
+            save_on_train_epoch_end=at_train_epoch_end,
+        )
+        fit(root, [budget, checkpoints], max_epochs=epochs, loaders=data(shuffle=False), ckpt_path=ckpt_path,
+            module=ClassifierModule(Net(), num_classes=4, lr=0.05))
+        return budget
+
+    whole = run(tmp_path / "whole", 4)
+    saved = torch.load(tmp_path / "whole" / "ckpt" / "epoch=1.ckpt", weights_only=False)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("NeuronUpdateBudget")]
+    assert state["epoch_done"] == (1 if at_train_epoch_end else 0)
+    resumed = run(tmp_path / "resumed", 4, ckpt_path=tmp_path / "whole" / "ckpt" / "epoch=1.ckpt")
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history == whole.history  # the same selection, epoch by epoch, after the resume too
+    assert all(torch.equal(resumed.masks[k], whole.masks[k]) for k in whole.masks)
+    if policy == "velocity":
+        for name in whole._tracker.names:
+            assert torch.allclose(resumed._tracker.velocity[name], whole._tracker.velocity[name], atol=1e-6)
+
+
+def test_measured_peak_memory_is_below_full_fine_tuning_at_a_10_percent_budget(tmp_path: Path) -> None:
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 5, (32,))
+    loaders = (DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(TensorDataset(x[:16], y[:16]), batch_size=16))
+
+    def peak(update: NeuronUpdateBudget | None) -> int:
+        torch.manual_seed(0)
+        monitor = PeakMemoryMonitor()  # the project's tracked meter around every training step
+        callbacks = [monitor] + ([update] if update is not None else [])
+        module = ClassifierModule(create("resnet18", num_classes=5, width_mult=0.125), num_classes=5)
+        fit(tmp_path, callbacks, max_epochs=1, module=module, loaders=loaders, enable_checkpointing=False)
+        return monitor.peak_bytes
+
+    full = peak(None)
+    always = peak(NeuronUpdateBudget("sparse_update", budget=0.1))
+    ranged = peak(NeuronUpdateBudget("sparse_update", budget=0.1, norm="range"))
+    assert 0 < ranged < always < full
+    assert ranged < 0.5 * full  # the backward stops above the frozen bottom
+
+
+# ---------------------------------------------------------------- nf-train
+POLICIES = ["velocity", "random", "sparse_update", "full"]
+
+
+def test_update_multirun_composes() -> None:
+    """``nf-train -m method=bp update=velocity,random,sparse_update,full update.budget=0.1,0.2,0.3 seed=0,1,2``:
+    Hydra's own sweeper expands the sweep, and every job's config composes into a NeuronUpdateBudget."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.utils import instantiate
+
+    default = compose_config("train", ["method=bp"])
+    assert default["update"] is None and "neuron_budget" not in default.callbacks  # `update` is also a dict method
+    sweep = [f"update={','.join(POLICIES)}", "update.budget=0.1,0.2,0.3", "seed=0,1,2"]
+    (jobs,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(sweep), max_batch_size=None)
+    assert len(jobs) == 36
+    seen = set()
+    for job in jobs:
+        cfg = compose_config("train", ["method=bp", *job])
+        callback = cfg.callbacks.neuron_budget  # the `update` group lands among the run's callbacks
+        assert callback._target_.endswith("NeuronUpdateBudget")
+        seen.add((callback.policy, callback.budget, callback.seed))
+    assert seen == set(itertools.product(POLICIES, [0.1, 0.2, 0.3], [0, 1, 2]))
+    built = instantiate(cfg.callbacks.neuron_budget)
+    assert isinstance(built, NeuronUpdateBudget) and (built.policy, built.budget, built.seed) == ("full", 0.3, 2)
+    cfg = compose_config("train", ["method=neuroflux", "update=velocity", "update.sparse_update={layers:[-1],ratios:[0.5]}"])
+    assert cfg["update"].sparse_update.layers == [-1]
+    assert instantiate(cfg.callbacks.neuron_budget).policy == "velocity"
+
+
+def test_load_pretrained(tmp_path: Path) -> None:
+    source = ClassifierModule(create("vgg11", num_classes=5, width_mult=0.125), num_classes=5)
+    target = ClassifierModule(create("vgg11", num_classes=10, width_mult=0.125), num_classes=10)
+    torch.save(source.net.state_dict(), tmp_path / "net.pt")  # a bare network's state dict: keys without "net."
+    report = load_pretrained(target, tmp_path / "net.pt")
+    assert report["skipped"] == ["net.classifier.2.bias", "net.classifier.2.weight"]  # 5 classes, not 10
+    first = next(k for k in source.net.state_dict() if k.endswith("weight"))
+    assert torch.equal(target.net.state_dict()[first], source.net.state_dict()[first])
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, tmp_path / "last.ckpt")
+    assert load_pretrained(source, tmp_path / "last.ckpt")["skipped"] == []
+    torch.save({"other": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="matches"):
+        load_pretrained(target, tmp_path / "bad.pt")
+
+
+@pytest.fixture
+def cifar(shared_datasets_dir: Path, data_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("NF_DATA_DIR", str(shared_datasets_dir))
+    monkeypatch.setenv("NF_CACHE_DIR", str(data_cache_dir))
+    return shared_datasets_dir
+
+
+def test_tiny_nf_train_run_with_an_update_policy_and_a_pretrained_model(tmp_path: Path, cifar: Path) -> None:
+    from nf_lightning.cli.train import run
+
+    tiny = [
+        "model=vgg11", "model.width_mult=0.125", "data.train_subset=400", "data.val_subset=100", "epochs=2",
+        "batch_limit=64", "budget=8MB", "trainer.enable_progress_bar=false", "method=bp",
+    ]
+    pretrained = ClassifierModule(create("vgg11", num_classes=5, width_mult=0.125), num_classes=5)
+    torch.save({"state_dict": pretrained.state_dict()}, tmp_path / "pre.ckpt")
+    overrides = [*tiny, "update=velocity", "update.budget=0.2", "update.probe_size=32", f"pretrained={tmp_path / 'pre.ckpt'}"]
+    results = run(compose_config("train", overrides), tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["could_run"] and results["final_accuracy"] is not None
+    assert written["pretrained"]["loaded"] == len(pretrained.state_dict()) - 2  # all but the 10-class head
+    (metrics,) = (tmp_path / "run").rglob("metrics.csv")  # the run's CSV logger
+    rows = [row for row in csv.DictReader(metrics.open()) if row.get("neuron_budget/updated_params")]
+    assert len(rows) == 2  # one per epoch
+    for row in rows:
+        assert 0 < float(row["neuron_budget/updated_fraction"]) <= 0.2
+        assert float(row["neuron_budget/updated_params"]) <= float(row["neuron_budget/budget_params"])
