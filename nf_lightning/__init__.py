@@ -23,6 +23,7 @@ _EXPORTS = {
     "EarlyExitSelector": "nf_lightning.lightning.early_exit",
     "MemoryProfiler": "nf_lightning.lightning.memory_profiler",
     "NeuroFluxStrategy": "nf_lightning.lightning.strategy",
+    "NeuronUpdateBudget": "nf_lightning.lightning.neuron_budget",
     "decompose": "nf_lightning.core.decompose",
     "models": "nf_lightning.models",
 }
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from nf_lightning.lightning.classifier import ClassifierModule
     from nf_lightning.lightning.early_exit import EarlyExitSelector
     from nf_lightning.lightning.memory_profiler import MemoryProfiler
+    from nf_lightning.lightning.neuron_budget import NeuronUpdateBudget
     from nf_lightning.lightning.strategy import NeuroFluxStrategy
 
 

@@ -22,10 +22,19 @@ batching and prefetching: ``cache_loader``.
 from nf_lightning.core.cache_format import CacheCorrupt, CacheError, CacheMissing, FileEntry, Manifest
 from nf_lightning.core.cache_loader import CacheDataLoader, EpochShuffleSampler, cache_loader
 from nf_lightning.core.cache_reader import CachedActivations, cache_size_report, open_cache, verify_cache
-from nf_lightning.core.cache_writer import ActivationCacheWriter
+from nf_lightning.core.cache_writer import (
+    ActivationCacheWriter,
+    CacheInUse,
+    CacheSpaceError,
+    check_free_space,
+    claim_cache_dir,
+    release_cache_dir,
+)
 
 __all__ = [
     "ActivationCacheWriter",
+    "CacheInUse",
+    "CacheSpaceError",
     "CacheCorrupt",
     "CacheDataLoader",
     "CacheError",
@@ -36,6 +45,9 @@ __all__ = [
     "Manifest",
     "cache_loader",
     "cache_size_report",
+    "check_free_space",
+    "claim_cache_dir",
     "open_cache",
+    "release_cache_dir",
     "verify_cache",
 ]

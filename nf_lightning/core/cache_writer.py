@@ -27,6 +27,18 @@ from nf_lightning.core.cache_format import (
     checksum_file,
 )
 
+_SPACE_ERRORS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+OWNER_FILE = "OWNER.json"
+
+
+class CacheSpaceError(OSError):
+    """The disk (or a file-size limit) cannot take a cache; says what was needed, what is free, where."""
+
+
+class CacheInUse(RuntimeError):
+    """Another live run owns this cache directory."""
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Work directories: ".{name}.tmp-{pid}@{host}" while writing, ".{name}.old-{pid}@{host}" while replacing.
 _WORK_DIR = re.compile(r"\..+\.(?:tmp|old)-(?P<pid>\d+)@(?P<host>[^@]+)")
@@ -81,6 +93,8 @@ class ActivationCacheWriter:
 
         self.root.mkdir(parents=True, exist_ok=True)
         remove_stale_work_dirs(self.root)
+        needed = num_samples * (int(np.prod(self.sample_shape)) * np.dtype(dtype).itemsize + 8)
+        check_free_space(self.root, needed, what=f"cache {name!r}")
         self._work_dir = self.root / f".{name}.tmp-{os.getpid()}@{_HOST}"
         try:
             self._work_dir.mkdir()
@@ -91,6 +105,15 @@ class ActivationCacheWriter:
                 _preallocate(self._work_dir / ACTIVATIONS_FILE, np.dtype(dtype), (num_samples, *self.sample_shape)),
                 _preallocate(self._work_dir / LABELS_FILE, np.dtype(np.int64), (num_samples,)),
             )
+        except OSError as error:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+            if error.errno in _SPACE_ERRORS:
+                raise CacheSpaceError(
+                    error.errno,
+                    f"writing cache {name!r} ({needed / 1e6:.1f} MB) into {self.root} failed: {error.strerror}. "
+                    "Free space there (or raise the file-size limit), or point cache_dir at a larger disk, then resume",
+                ) from error
+            raise
         except BaseException:
             shutil.rmtree(self._work_dir, ignore_errors=True)
             raise
@@ -166,6 +189,59 @@ class ActivationCacheWriter:
         return self._arrays
 
 
+def check_free_space(root: Path, needed: int, what: str = "the cache") -> None:
+    """Raise :class:`CacheSpaceError` unless ``root``'s file system has ``needed`` bytes free."""
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise CacheSpaceError(
+            errno.ENOSPC,
+            f"{what} needs {needed / 1e6:.1f} MB in {root}, but only {free / 1e6:.1f} MB are free. "
+            "Free space there, or point cache_dir at a larger disk, then resume",
+        )
+
+
+def claim_cache_dir(root: Path, run_id: str) -> None:
+    """Make ``root`` belong to run ``run_id`` (this process): a second live run using it is an error.
+
+    A directory owned by a process of this host that is gone is taken over.
+    The claim is a file created exclusively, so two runs starting at once cannot both win.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    owner_file = root / OWNER_FILE
+    me = {"run_id": run_id, "pid": os.getpid(), "host": _HOST}
+    for _ in range(3):
+        try:
+            with open(owner_file, "x") as stream:
+                json.dump(me, stream)
+            return
+        except FileExistsError:
+            try:
+                owner = json.loads(owner_file.read_text())
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("run_id") == run_id:
+                owner_file.write_text(json.dumps(me))  # the same run, resumed (maybe by another process)
+                return
+            if owner.get("host") == _HOST and not _alive(int(owner.get("pid", 0) or 0)):
+                owner_file.unlink(missing_ok=True)  # its process is gone: take it over
+                continue
+            raise CacheInUse(
+                f"the cache directory {root} belongs to another run ({owner.get('run_id')}, process "
+                f"{owner.get('pid')} on {owner.get('host')}); give this run its own cache_dir"
+            ) from None
+    raise CacheInUse(f"could not claim the cache directory {root}")
+
+
+def release_cache_dir(root: Path, run_id: str) -> None:
+    """Give up ``root`` if run ``run_id`` owns it."""
+    owner_file = root / OWNER_FILE
+    try:
+        if json.loads(owner_file.read_text()).get("run_id") == run_id:
+            owner_file.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def remove_stale_work_dirs(root: Path) -> list[Path]:
     """Deletes work directories under ``root`` left by dead processes of this host; returns them."""
     removed = []
@@ -178,6 +254,8 @@ def remove_stale_work_dirs(root: Path) -> list[Path]:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

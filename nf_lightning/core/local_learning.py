@@ -75,10 +75,13 @@ class LocalBlock:
         """Update unit ``index`` (and its exit) on one batch; returns its detached output and loss.
 
         ``before_update(optimizer)`` runs after the backward pass and right
-        before the update; if it raises, nothing has been updated.
+        before the update; if it raises, nothing has been updated. A
+        non-finite loss raises ``FloatingPointError`` before anything is updated.
         """
         out = self.units[index](x)
         loss = self.loss(self.exits[index](out), y)
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(f"unit {index} of the block has a non-finite local loss ({float(loss)})")
         optimizer = self.optimizers[index]
         optimizer.zero_grad(set_to_none=True)
         self.backward(loss)

@@ -40,10 +40,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -65,7 +67,9 @@ from nf_lightning.core.cache import (
     CachedActivations,
     CacheMissing,
     cache_loader,
+    claim_cache_dir,
     open_cache,
+    release_cache_dir,
 )
 from nf_lightning.core.decompose import Decomposition
 from nf_lightning.core.feature_augment import POLICIES as AUGMENT_POLICIES
@@ -172,6 +176,7 @@ class BlockwiseRun:
         self.feature_augment = feature_augment
         self._augment_rng = torch.Generator().manual_seed(cache_seed)
 
+        self.run_id = uuid.uuid4().hex  # owns the cache directory; kept across resumes
         self.active_block = 0
         self.epochs_in_block = 0
         self.horizon: int | None = None  # epochs the active block trains at most, fixed when it starts
@@ -220,6 +225,7 @@ class BlockwiseRun:
         **options: Any,
     ) -> BlockwiseRun:
         """Build the exits, profile and partition under ``budget`` (Algorithm 1), and return a new run."""
+        check_input_shape(decomposition, input_shape)
         exits = build_exits(decomposition, input_shape, aux)
         plan = make_plan(
             decomposition.units,
@@ -288,8 +294,15 @@ class BlockwiseRun:
         self._sources = sources
 
     def start(self) -> None:
-        """Put the active block on the device with fresh (or restored) optimizers."""
+        """Claim the cache directory and put the active block on the device with fresh (or restored) optimizers."""
+        if self.cache_dir is not None:
+            claim_cache_dir(self.cache_dir, self.run_id)
         self._enter(self.active_block)
+
+    def release(self) -> None:
+        """Give up the cache directory (a resumed run claims it again)."""
+        if self.cache_dir is not None:
+            release_cache_dir(self.cache_dir, self.run_id)
 
     def _enter(self, block: int) -> None:
         if self._entered is not None and self.uses_cache:
@@ -394,6 +407,7 @@ class BlockwiseRun:
         """
         if self.finished:
             raise RuntimeError("the run is finished: every block has been trained")
+        self._check_batch(x, y)
         start = time.perf_counter()
         if not self.uses_cache:
             x = self._block_input_from_raw(x)
@@ -415,7 +429,13 @@ class BlockwiseRun:
         def window(index: int, unit_input: Tensor) -> contextlib.AbstractContextManager[Any]:
             return self._unit_window(index, unit_input, tracked, metered, peaks)
 
-        losses = train_with_retry(block, x, y, window, self._on_shrink)
+        try:
+            losses = train_with_retry(block, x, y, window, self._on_shrink)
+        except FloatingPointError as error:
+            raise FloatingPointError(
+                f"{error} at step {self.block_step} of block {self.active_block} (batch {len(y)}); the unit "
+                "diverged: lower the learning rate, or check the data"
+            ) from error
         self.block_step += 1
         self._step_in_epoch += 1
         self.last_step_peak = max(peaks) if peaks else None
@@ -426,6 +446,18 @@ class BlockwiseRun:
                 spec.scheduler.step()
         self.seconds["train"] += time.perf_counter() - start
         return losses
+
+    def _check_batch(self, x: Tensor, y: Tensor) -> None:
+        """Clear errors for inputs no step could learn from: NaN/Inf, labels outside the head's classes."""
+        where = f"step {self.block_step} of block {self.active_block}"
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"the input batch at {where} holds NaN or Inf values")
+        classes = num_classes(self.decomposition.head)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+            raise ValueError(
+                f"labels at {where} range over [{int(y.min())}, {int(y.max())}], but the network's head has "
+                f"{classes} classes (labels 0..{classes - 1})"
+            )
 
     def _set_learning_rates(self) -> None:
         """Cosine decay over the block's horizon, by the fraction of it done."""
@@ -497,29 +529,29 @@ class BlockwiseRun:
         """
         if epoch <= self.last_epoch or self.finished:
             return SEEN
-        self.last_epoch = epoch
-        self.epochs_in_block += 1
-        self._step_epoch_schedulers(epoch, metrics or {})
-        stalled = self.patience.update(self._epoch_best) if self._epoch_best is not None else False
-        self._epoch_best = None
+        epochs = self.epochs_in_block + 1
+        patience = dataclasses.replace(self.patience)
+        stalled = patience.update(self._epoch_best) if self._epoch_best is not None else False
         if self.horizon is None:
             self.horizon = self.schedule.horizon(self.active_block, self.steps_per_epoch())
-        if self.epochs_in_block >= self.horizon:
-            reason = "horizon"
-        elif stalled and self.epochs_in_block >= self.schedule.min_epochs:
+        reason = "horizon" if epochs >= self.horizon else None
+        if reason is None and stalled and epochs >= self.schedule.min_epochs:
             reason = "patience"
-        else:
+        last = self.active_block == self.num_blocks - 1
+        if reason is not None and not last and self.uses_cache:
+            for split in SPLITS:  # first, since it may fail (a full disk): the epoch then stays open
+                self._write_cache(self.active_block, split)
+        self.last_epoch, self.epochs_in_block, self.patience, self._epoch_best = epoch, epochs, patience, None
+        self._step_epoch_schedulers(epoch, metrics or {})
+        if reason is None:
             return CONTINUE
         self.ended_blocks.append(
-            {"block": self.active_block, "epochs": self.epochs_in_block, "horizon": self.horizon,
-             "steps": self.block_step, "reason": reason, "best_accuracy": self.patience.best}
+            {"block": self.active_block, "epochs": epochs, "horizon": self.horizon,
+             "steps": self.block_step, "reason": reason, "best_accuracy": patience.best}
         )
-        if self.active_block == self.num_blocks - 1:
+        if last:
             self.finished = True
             return DONE
-        if self.uses_cache:
-            for split in SPLITS:
-                self._write_cache(self.active_block, split)
         self.epochs_in_block, self.horizon, self.block_step = 0, None, 0
         self.patience = Patience(self.schedule.patience, self.schedule.min_delta)
         self._enter(self.active_block + 1)
@@ -692,7 +724,7 @@ class BlockwiseRun:
                 raise ValueError(f"the {split} data is empty: nothing to cache for block {block}")
             manifest = writer.commit()
         self.manifests[name] = manifest.to_dict()
-        cache = open_cache(self.cache_dir, name, verify=False)
+        cache = open_cache(self.cache_dir, name, fingerprint=self._fingerprint(block, split), verify=True)
         self._verified[name] = cache
         self.seconds["cache"] += time.perf_counter() - start
         log.info("cached block %d %s outputs: %.1f MB in %s", block, split, cache.nbytes / 1e6, self.cache_dir / name)
@@ -727,6 +759,7 @@ class BlockwiseRun:
         """Everything needed to continue the run, or to deploy its exits, as plain data and CPU tensors."""
         return {
             "version": STATE_VERSION,
+            "run_id": self.run_id,
             "plan": self.plan.to_dict(),
             "active_block": self.active_block,
             "epochs_in_block": self.epochs_in_block,
@@ -762,6 +795,7 @@ class BlockwiseRun:
                 f"{[b.units for b in self.plan.blocks]}: it belongs to another model or plan"
             )
         self.plan = saved
+        self.run_id = str(state["run_id"])
         self.exits.load_state_dict(state["exits"])
         self.active_block = int(state["active_block"])
         self.epochs_in_block = int(state["epochs_in_block"])
@@ -833,6 +867,22 @@ def build_exits(decomposition: Decomposition, input_shape: Sequence[int], aux: s
     """
     heads = build_aux_heads(decomposition.units, num_classes(decomposition.head), tuple(input_shape), policy=aux)
     return nn.ModuleList([*heads, decomposition.head])
+
+
+def check_input_shape(decomposition: Decomposition, input_shape: Sequence[int]) -> None:
+    """A clear error when the data's channels do not match the network's first convolution.
+
+    >>> check_input_shape(Decomposition([nn.Conv2d(3, 4, 3)], nn.Linear(4, 2)), (1, 32, 32))
+    Traceback (most recent call last):
+    ...
+    ValueError: the data has 1 input channel(s) (samples of shape (1, 32, 32)), but the network's first convolution expects 3
+    """
+    first = next((m for m in decomposition.units[0].modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and len(input_shape) == 3 and input_shape[0] != first.in_channels:
+        raise ValueError(
+            f"the data has {input_shape[0]} input channel(s) (samples of shape {tuple(input_shape)}), "
+            f"but the network's first convolution expects {first.in_channels}"
+        )
 
 
 def num_classes(head: nn.Module) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 
-RECORDED_PREFIXES = ("val/", "neuroflux/")
+RECORDED_PREFIXES = ("val/", "neuroflux/", "neuron_budget/")
 EXIT_ACCURACY_PREFIX = "neuroflux/acc_exit_"
 
 

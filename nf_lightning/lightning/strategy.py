@@ -40,6 +40,7 @@ from torch import Tensor
 from nf_lightning.core import batches
 from nf_lightning.core.batches import split_batch
 from nf_lightning.core.budget import format_bytes, parse_bytes
+from nf_lightning.core.cache import CacheSpaceError
 from nf_lightning.core.decompose import Decomposition, decompose
 from nf_lightning.core.memory import device_memory_bytes
 from nf_lightning.core.optim_recipe import SchedulerSpec
@@ -257,6 +258,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         if self._saved_state is not None:
             self.run = BlockwiseRun.from_state(self.decomposition, self._saved_state, self._recipe, **options)
             self._saved_state = None
+            self._check_budget_of_resumed_plan()
         else:
             self.run = BlockwiseRun.create(
                 self.decomposition,
@@ -301,6 +303,8 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         return optimizers[0], specs
 
     def teardown(self) -> None:
+        if self.run is not None:
+            self.run.release()
         if self.lightning_module is not None and self._automatic_optimization is not None:
             self.lightning_module.automatic_optimization = self._automatic_optimization
             self._automatic_optimization = None
@@ -309,6 +313,24 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
     @property
     def lightning_restore_optimizer(self) -> bool:
         return False  # the run restores its per-unit optimizers from its own state
+
+    def _check_budget_of_resumed_plan(self) -> None:
+        """A resumed run keeps its plan; a budget now below what its remaining blocks need is an error."""
+        assert self.run is not None
+        plan = self.run.plan
+        if self.memory_budget == plan.budget:
+            return
+        needed = max(block.predicted_peak for block in plan.blocks[self.run.active_block :])
+        if self.memory_budget < needed:
+            raise ValueError(
+                f"the checkpoint's plan was made for a {format_bytes(plan.budget)} budget and its remaining blocks "
+                f"need {format_bytes(needed)}; this run's budget is {format_bytes(self.memory_budget)}. Resume with "
+                f"memory_budget >= {format_bytes(needed)}, or start a new run (without ckpt_path) to plan anew"
+            )
+        rank_zero_warn(
+            f"resuming a run planned for {format_bytes(plan.budget)} under {format_bytes(self.memory_budget)}: "
+            "it keeps its plan (batch sizes and blocks) so that it continues exactly"
+        )
 
     def _warn_if_device_is_small(self) -> None:
         available = device_memory_bytes(self.root_device)
@@ -462,8 +484,17 @@ class NeuroFluxHooks(pl.Callback):
         run = self._run(trainer)
         if run is None:
             return
+        if trainer.limit_val_batches == 0 or trainer.val_dataloaders is None:
+            rank_zero_warn(
+                "validation is off: NeuroFlux cannot score its exits, so no exit is selected and block patience "
+                "never acts; give the Trainer a validation loader"
+            )
+        elif sum(trainer.num_val_batches) == 0:
+            raise ValueError(
+                "the validation loader is empty: NeuroFlux scores its exits on validation data; give it samples"
+            )
         version = run.loader_version
-        run.catch_up(trainer.current_epoch)  # a checkpoint taken before the last epoch's end
+        self._end_epochs(trainer, lambda: run.catch_up(trainer.current_epoch))  # a checkpoint taken mid-end
         self._after_change(trainer, run, version)
         trainer.strategy.warn_if_max_epochs_cut_plan(trainer)
 
@@ -494,8 +525,21 @@ class NeuroFluxHooks(pl.Callback):
             return
         version = run.loader_version
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        run.end_epoch(trainer.current_epoch, metrics)
+        self._end_epochs(trainer, lambda: run.end_epoch(trainer.current_epoch, metrics))
         self._after_change(trainer, run, version)
+
+    @staticmethod
+    def _end_epochs(trainer: pl.Trainer, end: Callable[[], Any]) -> None:
+        """Run ``end``; if a cache does not fit on disk, save a checkpoint to resume from, then fail clearly."""
+        try:
+            end()
+        except CacheSpaceError as error:
+            path = Path(trainer.default_root_dir) / "neuroflux-disk-full.ckpt"
+            trainer.save_checkpoint(path)
+            raise CacheSpaceError(
+                error.errno, f"{error.strerror}. A checkpoint was saved to {path}: once there is room, resume with "
+                f"trainer.fit(..., ckpt_path={str(path)!r})"
+            ) from error
 
     @staticmethod
     def _after_change(trainer: pl.Trainer, run: BlockwiseRun, loader_version: int) -> None:
