@@ -61,15 +61,17 @@ CHECKPOINT_KEY = "neuroflux"
 class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
     """Train a CNN block by block with local losses under a hard memory budget.
 
-    A bare ``Trainer(strategy="neuroflux")`` uses a 300 MB budget and one epoch
-    per block. The Trainer's ``max_epochs``/``max_time`` bound the run (a
+    A bare ``Trainer(strategy="neuroflux")`` uses a 300 MB budget; each block
+    trains for up to 20 epochs with its learning rate decaying (cosine) over them,
+    and ends once its best exit has not improved for 2 epochs. The Trainer's ``max_epochs``/``max_time`` bound the run (a
     warning says so when they cut the plan short); NeuroFlux ends it when the
     last block is trained.
 
     Args:
         memory_budget: device memory for training, e.g. ``"300MB"`` (10^6 bytes),
             ``"0.5GiB"`` (2^30) or a number of bytes.
-        epochs_per_block: epochs for every block, or one number per block.
+        epochs_per_block: each block's horizon in epochs (one number, or one per block): its
+            learning rate decays over it and it ends there at the latest.
         batch_limit: largest batch size any block uses (``B`` in Algorithm 1).
         rho: grouping threshold of Algorithm 1.
         aux: ``"adaptive"`` (AAN, the paper's heads) or ``"classic"`` (256 filters).
@@ -112,7 +114,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
     def __init__(
         self,
         memory_budget: str | int = "300MB",
-        epochs_per_block: int | Sequence[int] = 1,
+        epochs_per_block: int | Sequence[int] = 20,
         batch_limit: int = 256,
         rho: float = 0.4,
         aux: str = "adaptive",
@@ -128,7 +130,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         min_steps_per_block: int = 0,
         max_epochs_per_block: int = 1000,
         min_epochs_per_block: int = 1,
-        block_patience: int | None = None,
+        block_patience: int | None = 2,
         block_min_delta: float = 0.0,
         single_block: bool = False,
         feature_augment: str = "none",
