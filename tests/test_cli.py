@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,9 +131,12 @@ def test_plan_report_and_tiny_budget() -> None:
     assert not tiny["bp"]["could_run"]
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent
-    return subprocess.run([str(exe / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(exe / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=600,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_nf_plan_json_from_another_directory(tmp_path: Path, cifar: Path) -> None:
@@ -166,3 +170,26 @@ def test_nf_train_multirun_writes_one_result_per_run(tmp_path: Path, cifar: Path
         if result["could_run"]:
             assert list((path.parent / "logs").glob("version_*/metrics.csv"))
             assert (path.parent / "export" / "exit.json").is_file() == (result["method"] == "neuroflux")
+
+
+def test_a_killed_nf_train_run_resumes_with_one_command(tmp_path: Path, cifar: Path) -> None:
+    """SIGKILL at the start of epoch 2 (after epoch 1's checkpoint), then `nf-train resume=<run dir>`."""
+    run_dir = tmp_path / "run"
+    env_tests = {"PYTHONPATH": str(Path(__file__).parent)}
+    args = ["nf-train", *TINY, "data.train_subset=300", "data.val_subset=100", "epochs=3",
+            f"hydra.run.dir={run_dir}", "+callbacks.kill._target_=fault_injection.KillAtEpochStart",
+            "+callbacks.kill.epoch=2"]
+    killed = _cli(args, tmp_path, env_tests)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "results.json").exists()
+    # the saved config kills at epoch 2 too: resuming must not start at epoch 2 again, so drop the killer
+    config = (run_dir / "config.yaml").read_text().replace("fault_injection.KillAtEpochStart", "lightning.pytorch.Callback")
+    (run_dir / "config.yaml").write_text(config.replace("  kill:\n    _target_: lightning.pytorch.Callback\n    epoch: 2\n", ""))
+    resumed = _cli(["nf-train", f"resume={run_dir}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    epochs = [record["epoch"] for record in results["history"]]
+    assert epochs == list(range(len(epochs))) and epochs[:2] == [0, 1] and len(epochs) > 2  # both parts, once each
+    assert results["resumed_from"].endswith("last.ckpt")
+    assert results["train_seconds"] >= results["history"][-1]["seconds"] > results["history"][1]["seconds"]
+    assert not list(tmp_path.glob("outputs"))  # no stray run directory

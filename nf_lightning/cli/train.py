@@ -10,6 +10,7 @@ The app is thin: every object comes from the config's ``_target_`` entries
 code here. A method whose config has ``method.before_fit`` gets that hook
 called before the Trainer is built (BP sizes its batch to the budget there).
 Every run writes ``results.json`` into its output directory (see the README).
+A killed run continues with ``nf-train resume=<its output directory>``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
 from nf_lightning.lightning.neuron_budget import load_pretrained
 from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
+
+CONFIG_FILE = "config.yaml"  # the run's own config, what resume() reads
 
 
 def fit_backprop_to_budget(
@@ -136,8 +139,11 @@ def backprop_optimizer(module: pl.LightningModule) -> Callable[[Any], torch.opti
     )
 
 
-def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, Any]:
     """Train once as ``cfg`` says, into ``out``; write and return the results.
+
+    The config is saved as ``out/config.yaml`` first; with ``ckpt_path`` the
+    run continues from that checkpoint (see :func:`resume`).
 
     Example:
         >>> from nf_lightning.cli.common import compose_config
@@ -145,9 +151,10 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         >>> results["could_run"], results["final_accuracy"]  # doctest: +SKIP
         (True, 0.43)
     """
-    cfg = OmegaConf.merge(cfg, {"paths": {"output_dir": str(out)}})
+    cfg = OmegaConf.merge(cfg, {"paths": {"output_dir": str(out)}, "resume": None})
     pl.seed_everything(cfg.seed, workers=True)
     out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg))
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model, num_classes=datamodule.num_classes)
     module = instantiate(cfg.module, net=net, num_classes=datamodule.num_classes)
@@ -163,6 +170,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     }
     if pretrained is not None:
         results["pretrained"] = pretrained
+    if ckpt_path is not None:
+        results["resumed_from"] = str(ckpt_path)
     history = ValidationHistory()
     start = time.perf_counter()
     try:
@@ -172,13 +181,15 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         trainer = instantiate(
             cfg.trainer, callbacks=[history, *_instantiate_all(cfg.callbacks)], logger=_instantiate_all(cfg.logger)
         )
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except BudgetTooSmall as error:
         results.update(could_run=False, reason=str(error))
         print(f"[nf-train] {cfg.method.name} cannot run: {error}")
         _write(out, results)
         return results
     results["train_seconds"] = time.perf_counter() - start
+    if ckpt_path is not None:  # the history's clock was restored with it: both parts, without the downtime
+        results["train_seconds"] = history.elapsed
     results.update(_outcome(trainer, datamodule, history))
     _write(out, results)
     print(
@@ -228,9 +239,23 @@ def _write(out: Path, results: dict[str, Any]) -> None:
     tmp.replace(out / "results.json")
 
 
+def resume(run_dir: Path) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` (killed, or stopped) from its last checkpoint, with its own config.
+
+    It writes the same ``results.json``; its history and times span both parts
+    (the time the run was down is not counted).
+    """
+    run_dir = Path(run_dir)
+    config, checkpoint = run_dir / CONFIG_FILE, run_dir / "checkpoints" / "last.ckpt"
+    for needed in (config, checkpoint):
+        if not needed.is_file():
+            raise FileNotFoundError(f"cannot resume {run_dir}: {needed.name} is missing ({needed})")
+    return run(OmegaConf.load(config), run_dir, ckpt_path=checkpoint)
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    results = run(cfg, output_dir())
+    results = resume(Path(cfg.resume)) if cfg.get("resume") else run(cfg, output_dir())
     if not results["could_run"] and HydraConfig.get().mode != RunMode.MULTIRUN:
         sys.exit(2)  # a sweep records the infeasible run and goes on; a single run fails
 
