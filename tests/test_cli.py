@@ -82,11 +82,8 @@ def test_unknown_method_lists_the_method_configs() -> None:
 def test_each_method_trains_on_real_cifar10(method: str, tmp_path: Path, cifar: Path) -> None:
     # classic LL needs far more memory (batch 64 at 100MB) than NeuroFlux, which gets 3 blocks at 5MB
     budget = "100MB" if method == "classic_ll" else "5MB"
-    # a callback is configuration only: an extra checkpoint callback, added from the command line
-    extra = [
-        "+callbacks.extra_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"+callbacks.extra_checkpoint.dirpath={tmp_path / 'extra'}",
-    ]
+    # a callback is configuration only: Lightning's learning-rate monitor, added from the command line
+    extra = ["+callbacks.lr_monitor._target_=lightning.pytorch.callbacks.LearningRateMonitor"]
     results = run(compose_config("train", [*TINY, f"method={method}", f"budget={budget}", *extra]), tmp_path)
     written = json.loads((tmp_path / "results.json").read_text())
     assert written == json.loads(json.dumps(results, default=str))
@@ -98,7 +95,9 @@ def test_each_method_trains_on_real_cifar10(method: str, tmp_path: Path, cifar: 
     assert written["history"] and all("val/acc" in record for record in written["history"])  # the user's own step
     assert written["batch_sizes"] and all(b >= 1 for b in written["batch_sizes"])
     assert 0 < written["measured_peak_bytes"]
-    assert list((tmp_path / "extra").glob("*.ckpt"))
+    (metrics,) = (tmp_path / "logs").glob("version_*/metrics.csv")
+    assert "lr-SGD" in metrics.read_text().splitlines()[0]  # the added callback logged
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()  # what `nf-train resume=` continues from
     if local_learning:
         assert written["measured_peak_bytes"] <= written["budget_bytes"]
         assert written["plan"]["blocks"] and written["exit"]

@@ -125,7 +125,9 @@ class ThreadPrefetcher(Generic[T]):
     """Iterates ``source`` on a daemon thread, keeping up to ``depth`` items ready.
 
     An exception raised by ``source`` is re-raised by ``__next__``. Dropping the prefetcher
-    (or ``close()``) stops the thread once it finishes the item it is producing.
+    (or ``close()``) stops the thread once it finishes the item it is producing. The thread
+    starts on the first ``__next__``, not before: Lightning creates a loader's iterator and
+    only then sets its sampler's epoch, which must decide the order.
 
     Example:
         >>> for x, y in ThreadPrefetcher(iter(batches), depth=2):
@@ -136,10 +138,14 @@ class ThreadPrefetcher(Generic[T]):
         self._queue: queue.Queue[T | _End] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._finished = False
+        self._source: Iterator[T] | None = source
+
+    def _start(self) -> None:
         # The thread must not reference self, or an abandoned prefetcher would never be collected.
         threading.Thread(
-            target=_produce, args=(source, self._queue, self._stop), name="cache-prefetch", daemon=True
+            target=_produce, args=(self._source, self._queue, self._stop), name="cache-prefetch", daemon=True
         ).start()
+        self._source = None
 
     def __iter__(self) -> ThreadPrefetcher[T]:
         return self
@@ -147,6 +153,8 @@ class ThreadPrefetcher(Generic[T]):
     def __next__(self) -> T:
         if self._finished:
             raise StopIteration
+        if self._source is not None:
+            self._start()
         item = self._queue.get()
         if isinstance(item, _End):
             self._finished = True
