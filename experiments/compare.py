@@ -622,6 +622,7 @@ def run_overrides(spec: RunSpec, settings: dict[str, Any], budget: str) -> list[
         f"epochs={settings['bp_epochs'] if bp_like else settings['nf_epochs']}",
         "trainer.enable_progress_bar=false",
         "trainer.enable_checkpointing=false",
+        "~callbacks.checkpoint",
         "+callbacks.probe._target_=compare.BenchmarkProbe",
         f"+callbacks.probe.subset={settings['test_subset'] or 0}",
     ]
