@@ -9,7 +9,7 @@ device, at no disk cost.
 
 Measured on VGG-11 x0.25 with 5,000 CIFAR-10 images (experiments/README.md),
 both cost accuracy (flips and crops: -4.2 points at 5 epochs per block; flips:
--2.6 points at 10), as did exact image augmentation through the frozen blocks
+-3.6 points at 10), as did exact image augmentation through the frozen blocks
 (``cache=False``: -3.8 points at 5): at this scale later blocks gain more from
 clean, consistent inputs than from variety. So the default is ``"none"``.
 
