@@ -6,8 +6,7 @@ Which block is active is the run's state (:class:`~nf_lightning.core.run.Blockwi
 not the plan's: ``epochs_per_block`` is each block's allotment.
 
 Example:
-    >>> from nf_lightning.core.budget import format_bytes
-from nf_lightning.core.partitioner import Block
+    >>> from nf_lightning.core.partitioner import Block
     >>> plan = TrainingPlan(budget=10**8, batch_limit=256, rho=0.4, aux_policy="adaptive",
     ...     input_shape=(3, 32, 32), unit_models=[], blocks=[Block((0, 1), 64, 0), Block((2,), 256, 0)],
     ...     epochs_per_block=[2, 3])
@@ -118,18 +117,19 @@ def expand_epochs(epochs_per_block: int | Sequence[int], num_blocks: int) -> lis
 
 
 def profile_batch_sizes(batch_limit: int, device: torch.device | str) -> tuple[int, ...]:
-    """Batch sizes to profile at: the whole range up to ``batch_limit`` where profiling is fake (free),
-    small ones where it runs for real on a device that may be as small as the budget.
+    """Batch sizes to profile at: powers of two over the whole range the partitioner will use.
 
-    The true peak bends slightly upward with the batch, so fitting over the range
-    the partitioner will use keeps predictions honest at large batches.
+    The true peak bends slightly upward with the batch, so fitting over that
+    range keeps predictions honest at large batches. On CPU profiling runs on
+    fake tensors and costs nothing; on CUDA it runs real steps and stops at the
+    first batch the device cannot hold (``profile_unit``).
 
-    >>> profile_batch_sizes(256, "cpu"), profile_batch_sizes(256, "cuda")
-    ((2, 4, 8, 16, 32, 64, 128, 256), (2, 4, 8, 16, 32))
+    >>> profile_batch_sizes(256, "cpu") == profile_batch_sizes(256, "cuda") == (2, 4, 8, 16, 32, 64, 128, 256)
+    True
     """
-    limit = batch_limit if torch.device(device).type != "cuda" else min(batch_limit, 32)
+    del device  # the same range everywhere; kept for callers that name it
     sizes = [2]
-    while sizes[-1] * 2 <= limit:
+    while sizes[-1] * 2 <= batch_limit:
         sizes.append(sizes[-1] * 2)
     return tuple(sizes) if len(sizes) > 1 else (1, 2)
 

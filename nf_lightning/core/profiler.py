@@ -163,14 +163,19 @@ def profile_unit(
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         optimizer = (optimizer_factory or default_optimizer)(params)
         for index, batch in enumerate(batch_sizes):
-            x = _random_input(unit, input_shape, batch, device)
-            y = torch.randint(num_classes, (batch,), device=device)
-            if index == 0 or _warm_up_each_shape(device, fake):
-                _local_step(unit_copy, aux_copy, optimizer, x, y)  # creates the optimizer's state
-            meter = _new_meter(device, fake)
-            meter.track(*modules, optimizer, x, y)
-            with meter:
-                out = _local_step(unit_copy, aux_copy, optimizer, x, y)
+            try:
+                x = _random_input(unit, input_shape, batch, device)
+                y = torch.randint(num_classes, (batch,), device=device)
+                if index == 0 or _warm_up_each_shape(device, fake):
+                    _local_step(unit_copy, aux_copy, optimizer, x, y)  # creates the optimizer's state
+                meter = _new_meter(device, fake)
+                meter.track(*modules, optimizer, x, y)
+                with meter:
+                    out = _local_step(unit_copy, aux_copy, optimizer, x, y)
+            except torch.OutOfMemoryError:  # a real device too small for this batch: fit what was measured
+                if len(samples) < 2:
+                    raise
+                break
             del out
             samples.append((batch, meter.peak_bytes - baseline))
         static = _held_bytes(*modules, optimizer, device=device) + sum(_nbytes(p) for p in params)

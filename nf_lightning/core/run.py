@@ -294,9 +294,11 @@ class BlockwiseRun:
         self._sources = sources
 
     def start(self) -> None:
-        """Claim the cache directory and put the active block on the device with fresh (or restored) optimizers."""
+        """Claim the cache directory, cap a CUDA device's allocator at the budget, and put the active block on
+        the device with fresh (or restored) optimizers."""
         if self.cache_dir is not None:
             claim_cache_dir(self.cache_dir, self.run_id)
+        cap_cuda_allocator(self.device, self.plan.budget)
         self._enter(self.active_block)
 
     def release(self) -> None:
@@ -867,6 +869,21 @@ def build_exits(decomposition: Decomposition, input_shape: Sequence[int], aux: s
     """
     heads = build_aux_heads(decomposition.units, num_classes(decomposition.head), tuple(input_shape), policy=aux)
     return nn.ModuleList([*heads, decomposition.head])
+
+
+def cap_cuda_allocator(device: torch.device, budget: int) -> float | None:
+    """On CUDA, make the caching allocator itself refuse to hold more than ``budget`` bytes for this process.
+
+    The budget counts bytes of tensors the allocator hands out (``memory_allocated``); the CUDA
+    context and the allocator's cache above the cap are not in it. Returns the fraction set, or
+    None on other devices. (Unverified on a GPU in this project's CI: see the README.)
+    """
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, budget / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
 
 
 def check_input_shape(decomposition: Decomposition, input_shape: Sequence[int]) -> None:
