@@ -136,10 +136,14 @@ def train_with_retry(
             with guard(index, x) as before_update:
                 x, loss = block.unit_step(index, x, y, before_update)
         except torch.OutOfMemoryError:
+            if shrink(len(x)) == 0:
+                raise
+            failed = True  # retried below, outside this handler: its traceback would keep the attempt alive
+        else:
+            failed = False
+        if failed:
             block.optimizers[index].zero_grad(set_to_none=True)  # the failed attempt's gradients go
             smaller = shrink(len(x))
-            if smaller == 0:
-                raise
             on_shrink(index, len(x), smaller)
             pieces = [
                 train_with_retry(block, xs, ys, guard, on_shrink, start=index)
