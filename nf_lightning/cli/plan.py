@@ -21,12 +21,12 @@ from omegaconf import DictConfig
 
 from nf_lightning import models
 from nf_lightning.cli.common import CONFIG_PATH
+from nf_lightning.cli.train import largest_backprop_batch
 from nf_lightning.core.aux_heads import build_aux_heads
 from nf_lightning.core.budget import format_bytes, parse_bytes
 from nf_lightning.core.decompose import decompose
 from nf_lightning.core.partitioner import BudgetTooSmall
 from nf_lightning.core.plan import TrainingPlan, make_plan
-from nf_lightning.core.profiler import profile_backprop
 from nf_lightning.data import KNOWN_DATASETS
 
 
@@ -71,11 +71,11 @@ def plan_report(cfg: DictConfig) -> dict[str, Any]:
             report[name] = {"could_run": True, **_plan_summary(plan)}
         except BudgetTooSmall as error:
             report[name] = {"could_run": False, "reason": str(error), "minimum_budget_bytes": error.minimum_bytes}
-    bp = profile_backprop(net, input_shape, optimizer_factory=optimizer)
-    bp_batch = min(bp.max_batch(budget), cfg.batch_limit)
+    # the same sizing nf-train's BP uses: the profiler's line, then a measured step at that batch
+    bp_batch, bp, peak = largest_backprop_batch(net, input_shape, budget, cfg.batch_limit, optimizer)
     report["bp"] = {"could_run": bp_batch >= 1, "batch_size": bp_batch, "memory_model": bp.to_dict()}
     if bp_batch < 1:
-        report["bp"]["reason"] = f"needs {format_bytes(bp.predict(1))} at batch 1"
+        report["bp"]["reason"] = f"needs {format_bytes(max(bp.predict(1), peak))} at batch 1"
     report["seconds"] = time.perf_counter() - start
     return report
 

@@ -90,7 +90,11 @@ def fit_backprop_to_budget(
 
 
 def largest_backprop_batch(
-    module: pl.LightningModule, input_shape: tuple[int, ...], budget_bytes: int, batch_limit: int
+    module: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    budget_bytes: int,
+    batch_limit: int,
+    optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None,
 ) -> tuple[int, LinearMemoryModel, int]:
     """The largest batch (at most ``batch_limit``) whose backprop step of ``module`` fits ``budget_bytes``.
 
@@ -102,31 +106,34 @@ def largest_backprop_batch(
     a step of its own and lowered until its measured peak fits: BP is held to
     the budget as exactly as the meter allows.
     Returns the batch (0 if none fits), the memory model and the measured peak
-    at that batch (at batch 1 when none fits).
+    at that batch (at batch 1 when none fits). ``optimizer_factory`` is the
+    module's own recipe (``ClassifierModule``'s) if None.
     """
+    factory = optimizer_factory or backprop_optimizer(module)
     model = profile_backprop(
-        module,
-        input_shape,
-        batch_sizes=profile_batch_sizes(batch_limit, "cpu"),
-        optimizer_factory=backprop_optimizer(module),
+        module, input_shape, batch_sizes=profile_batch_sizes(batch_limit, "cpu"), optimizer_factory=factory
     )
     batch = min(model.max_batch(budget_bytes), batch_limit)
-    peak = backprop_step_peak(module, input_shape, max(batch, 1))
+    peak = backprop_step_peak(module, input_shape, max(batch, 1), factory)
     while batch >= 1 and peak > budget_bytes:
         batch -= 1
-        peak = backprop_step_peak(module, input_shape, max(batch, 1))
+        peak = backprop_step_peak(module, input_shape, max(batch, 1), factory)
     return batch, model, peak
 
 
-def backprop_step_peak(module: pl.LightningModule, input_shape: tuple[int, ...], batch: int) -> int:
+def backprop_step_peak(
+    module: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    batch: int,
+    optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None,
+) -> int:
     """Peak bytes of one backprop step of ``module`` at ``batch``, measured on fake tensors (as the profiler does).
 
     What :func:`largest_backprop_batch` checks against the budget, and what
     ``experiments/compare.py`` sizes BP's tightest budget with.
     """
-    model = profile_backprop(
-        module, input_shape, batch_sizes=(batch, batch + 1), optimizer_factory=backprop_optimizer(module)
-    )
+    factory = optimizer_factory or backprop_optimizer(module)
+    model = profile_backprop(module, input_shape, batch_sizes=(batch, batch + 1), optimizer_factory=factory)
     return dict(model.samples)[batch]
 
 
