@@ -73,8 +73,8 @@ class BudgetGuard:
 
     device: torch.device
     budget: int
-    full_steps: int = 20
-    sample_every: int = 10
+    full_steps: int = 5
+    sample_every: int = 20
     failed: list[Attempt] = field(default_factory=list)
     violations: list[Attempt] = field(default_factory=list)
     metered_steps: int = 0

@@ -153,8 +153,8 @@ class BlockwiseRun:
         exit_tolerance: float = 0.0,
         schedule: BlockSchedule | None = None,
         feature_augment: str = "none",
-        meter_full_steps: int = 20,
-        meter_sample_every: int = 10,
+        meter_full_steps: int = 5,
+        meter_sample_every: int = 20,
     ) -> None:
         if feature_augment not in AUGMENT_POLICIES:
             raise ValueError(f"feature_augment must be one of {AUGMENT_POLICIES}, got {feature_augment!r}")
