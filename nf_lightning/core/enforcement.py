@@ -174,6 +174,7 @@ class BudgetGuard:
     def state_dict(self) -> dict[str, Any]:
         return {
             **self.summary(),
+            "since_change": self._since_change,
             "failed": [a.to_dict() for a in self.failed],
             "violation_list": [a.to_dict() for a in self.violations],
         }
@@ -182,6 +183,7 @@ class BudgetGuard:
         self.metered_steps = int(state["metered_steps"])
         self.unmetered_steps = int(state["unmetered_steps"])
         self.peak = int(state["peak_bytes"])
+        self._since_change = int(state["since_change"])
         self.failed = [Attempt(**a) for a in state["failed"]]
         self.violations = [Attempt(**a) for a in state["violation_list"]]
 

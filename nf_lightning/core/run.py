@@ -329,7 +329,6 @@ class BlockwiseRun:
             self.schedulers += schedulers
         self._base_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in self.optimizers]
         self._lr_batch = self.batch_size
-        self.guard.restart()
         pending = self._pending_optim
         if pending is not None and pending["block"] == block:
             for optimizer, state in zip(self.optimizers, pending["optimizers"]):
@@ -556,6 +555,7 @@ class BlockwiseRun:
             return DONE
         self.epochs_in_block, self.horizon, self.block_step = 0, None, 0
         self.patience = Patience(self.schedule.patience, self.schedule.min_delta)
+        self.guard.restart()  # a new batch size: meter it in full again
         self._enter(self.active_block + 1)
         return NEXT_BLOCK
 

@@ -250,7 +250,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
             "cache_dtype": self.cache_dtype,
             "cache_workers": self.cache_workers,
             "cache_seed": self.cache_seed,
-            "lr_reference_batch": self.lr_reference_batch,
+            "lr_reference_batch": self.lr_reference_batch or _loader_batch_size(trainer),
             "exit_tolerance": self.exit_tolerance,
             "schedule": self.schedule,
             "feature_augment": self.feature_augment,
@@ -579,6 +579,14 @@ def __getattr__(name: str) -> Any:
         _deprecated(f"nf_lightning.lightning.strategy.{name}", f"nf_lightning.core.batches.{name}")
         return _MOVED[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _loader_batch_size(trainer: pl.Trainer) -> int | None:
+    """The batch size of the user's training loader: what their learning rate was tuned for.
+
+    Known before the first block's optimizers are built, so every block scales from the same reference.
+    """
+    return getattr(train_dataloader_of(trainer), "batch_size", None)
 
 
 def _infer_input_shape(trainer: pl.Trainer) -> tuple[int, ...]:
