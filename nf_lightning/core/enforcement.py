@@ -156,7 +156,7 @@ class BudgetGuard:
         inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper
         key = (id(inner), bool(inner.state))
         if key not in self._overheads:
-            self._overheads[key] = update_overhead(inner, self.device)
+            self._overheads[key] = update_overhead(inner)
         return self._overheads[key]
 
     def summary(self) -> dict[str, Any]:
@@ -188,16 +188,15 @@ class BudgetGuard:
         self.violations = [Attempt(**a) for a in state["violation_list"]]
 
 
-def update_overhead(optimizer: Optimizer, device: torch.device | str | None = None) -> int:
+def update_overhead(optimizer: Optimizer) -> int:
     """Bytes ``optimizer.step()`` allocates beyond what is live before it: state it creates, temporaries.
 
     Measured by stepping a twin optimizer over host copies of the parameters,
     gradients for every trainable one and the current state (so the first
     step's state creation is included until that state exists), with the
-    tracked meter; the real parameters are not touched. ``device`` is accepted for symmetry; the
-    measurement counts bytes, which do not depend on where they would live.
+    tracked meter; the real parameters are not touched. Bytes do not depend on
+    where they would live, so the host measures them for any device.
     """
-    del device
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not params:
         return 0
