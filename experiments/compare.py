@@ -6,11 +6,11 @@ Every method follows the same rules in one invocation:
   trains at batch 8 by the profiler (the peak of a batch-8 BP step, measured
   on fake tensors by the tracked meter, as ``nf-train method=bp`` sizes its
   batch); ``--budget`` overrides it. Every method gets its batch sizes from the
-  same profiler under it, and is metered by the same meter on the same
-  schedule (BP and BP-ckpt: ``PeakMemoryMonitor``; NeuroFlux: its own meter,
-  which also enforces the budget): NeuroFlux's default, every step of a
-  block's first steps then one in n, mirrored for BP, or every step of every
-  method with ``--meter-every-step``;
+  same profiler under it, and is held to it by the same meter and rule on the
+  same schedule (BP and BP-ckpt: ``BudgetedBackpropStrategy``; NeuroFlux: its
+  strategy; both through ``BudgetGuard``): NeuroFlux's default, every step of
+  a block's first steps then one in n, or every step of every method with
+  ``--meter-every-step``;
 - **schedule and convergence**: BP and BP-ckpt decay their rate by a cosine
   over ``--bp-epochs`` epochs (``ClassifierModule(lr_schedule="cosine")``),
   NeuroFlux uses its strategy's own per-block schedule with ``--nf-epochs``
@@ -70,7 +70,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_ROOT = REPO / "experiments" / "results" / "compare"
@@ -627,15 +626,14 @@ def run_overrides(spec: RunSpec, settings: dict[str, Any], budget: str) -> list[
         f"+callbacks.probe.subset={settings['test_subset'] or 0}",
     ]
     meter = settings.get("meter") or {"full_steps": 0, "sample_every": 1}
+    if settings.get("meter_every_step"):
+        meter = {"full_steps": 0, "sample_every": 1}
     if bp_like:
-        overrides += [
-            "+module.lr_schedule=cosine",
-            "callbacks.peak_memory._target_=compare.SampledPeakMemoryMonitor",
-            f"+callbacks.peak_memory.full_steps={meter['full_steps']}",
-            f"+callbacks.peak_memory.sample_every={meter['sample_every']}",
-        ]
-    elif settings.get("meter_every_step"):
-        overrides.append("+trainer.strategy.meter_sample_every=1")
+        overrides.append("+module.lr_schedule=cosine")
+    overrides += [  # every method's strategy meters on the same schedule, by the same guard
+        f"+trainer.strategy.meter_full_steps={meter['full_steps']}",
+        f"+trainer.strategy.meter_sample_every={meter['sample_every']}",
+    ]
     return [*overrides, *settings["set"]]
 
 
@@ -730,30 +728,6 @@ def neuroflux_metering() -> dict[str, int]:
     }
 
 
-class SampledPeakMemoryMonitor(PeakMemoryMonitor):
-    """``PeakMemoryMonitor`` on NeuroFlux's metering schedule, so BP pays the meter's cost as NeuroFlux does.
-
-    Meters every step of the first ``full_steps``, then one step in ``sample_every``
-    (``sample_every=1``: every step, the plain monitor). BP's steps all have the same
-    shapes, so the sampled steps show the same peak.
-    """
-
-    def __init__(self, full_steps: int = 0, sample_every: int = 1) -> None:
-        super().__init__()
-        if full_steps < 0 or sample_every < 1:
-            raise ValueError(f"need full_steps >= 0 and sample_every >= 1, got {full_steps}, {sample_every}")
-        self.full_steps = full_steps
-        self.sample_every = sample_every
-        self.metered_steps = 0
-        self._index = 0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        index, self._index = self._index, self._index + 1
-        if index < self.full_steps or (index - self.full_steps) % self.sample_every == 0:
-            self.metered_steps += 1
-            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-
-
 class BenchmarkProbe(pl.Callback):
     """What the benchmark measures inside a run, written to ``probe.json`` when ``fit`` ends.
 
@@ -797,9 +771,10 @@ class BenchmarkProbe(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
-        monitor = next((c for c in trainer.callbacks if isinstance(c, SampledPeakMemoryMonitor)), None)
+        run = getattr(trainer.strategy, "run", None)
+        guard = getattr(trainer.strategy, "guard", None) or getattr(run, "guard", None)
         out: dict[str, Any] = {
-            "metered_steps": monitor.metered_steps if monitor is not None else None,
+            "metered_steps": guard.metered_steps if guard is not None else None,
             "train_loop_seconds": self.train_loop_seconds,
             "steps": [self.steps.get(b, 0) for b in range(max(self.steps, default=-1) + 1)],
             **self._score_test_split(trainer, pl_module),

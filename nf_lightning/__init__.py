@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "ActivationCache": "nf_lightning.lightning.activation_cache",
     "BlockwiseRun": "nf_lightning.core.run",
+    "BudgetedBackpropStrategy": "nf_lightning.lightning.backprop",
     "ClassifierModule": "nf_lightning.lightning.classifier",
     "Decomposition": "nf_lightning.core.decompose",
     "EarlyExitSelector": "nf_lightning.lightning.early_exit",
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from nf_lightning.core.decompose import Decomposition, decompose
     from nf_lightning.core.run import BlockwiseRun
     from nf_lightning.lightning.activation_cache import ActivationCache
+    from nf_lightning.lightning.backprop import BudgetedBackpropStrategy
     from nf_lightning.lightning.classifier import ClassifierModule
     from nf_lightning.lightning.early_exit import EarlyExitSelector
     from nf_lightning.lightning.memory_profiler import MemoryProfiler

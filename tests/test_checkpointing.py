@@ -172,13 +172,15 @@ def test_nf_train_bp_ckpt_runs_on_real_cifar10(tmp_path: Path, cifar: Path) -> N
     ]
     cfg = compose_config("train", overrides)
     assert cfg.method.name == "bp_ckpt" and cfg.method.before_fit.checkpoint is True
-    assert "peak_memory" in cfg.callbacks  # held to the budget by BP's meter
+    assert cfg.trainer.strategy._target_.endswith("BudgetedBackpropStrategy")  # held to the budget by the guard
     results = run(cfg, tmp_path)
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["method"] == "bp_ckpt" and written["could_run"]
     (batch,) = written["batch_sizes"]
     assert 1 <= batch <= 64 and written["predicted_peak_bytes"] <= written["budget_bytes"]
-    assert 0 < written["measured_peak_bytes"]
+    assert 0 < written["measured_peak_bytes"] <= written["budget_bytes"]
+    guard = written["enforcement"]  # every step a transaction of the same guard as NeuroFlux's
+    assert guard["metered_steps"] >= 5 and guard["violations"] == 0 and guard["pieces"] == 1
     assert written["final_accuracy"] == results["final_accuracy"] > 0.1
     bp = run(compose_config("train", [*overrides, "method=bp"]), tmp_path / "bp")
     assert bp["batch_sizes"][0] < batch  # the same budget fits a larger batch with checkpointing

@@ -54,8 +54,9 @@ def test_every_method_and_model_composes(method: str, model: str) -> None:
     cfg = compose_config("train", [f"method={method}", f"model={model}", "data=cifar10", "budget=100MB"])
     assert cfg.method.name == method and cfg.model.name == model and cfg.budget == "100MB"
     strategy = cfg.trainer.strategy
-    if method == "bp":  # plain Lightning training, its batch sized by a hook
-        assert strategy == "auto" and cfg.method.before_fit._target_.endswith("fit_backprop_to_budget")
+    if method == "bp":  # plain Lightning training, its batch sized by a hook, its steps held by the same guard
+        assert strategy._target_.endswith("BudgetedBackpropStrategy") and strategy.memory_budget == "100MB"
+        assert cfg.method.before_fit._target_.endswith("fit_backprop_to_budget")
     else:
         assert strategy._target_.endswith("NeuroFluxStrategy") and strategy.memory_budget == "100MB"
         assert strategy.single_block == (method == "classic_ll") and "early_exit" in cfg.callbacks

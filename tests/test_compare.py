@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from nf_lightning.cli.common import compose_config
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # experiments/ is scripts, not a package
 
 import compare
@@ -143,17 +145,7 @@ def test_run_rows_failed_infeasible_and_bp_profiling_on_the_clock(tmp_path: Path
     assert compare.run_row(failed)["status"] == "failed"
 
 
-def test_bp_is_metered_on_neurofluxs_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
-    metered: list[int] = []
-    monkeypatch.setattr(compare.PeakMemoryMonitor, "on_train_batch_start", lambda self, t, m, b, i: metered.append(i))
-    monitor = compare.SampledPeakMemoryMonitor(full_steps=3, sample_every=4)
-    for index in range(15):
-        monitor.on_train_batch_start(None, None, None, index)
-    assert metered == [0, 1, 2, 3, 7, 11] and monitor.metered_steps == 6
-    every = compare.SampledPeakMemoryMonitor()
-    for index in range(5):
-        every.on_train_batch_start(None, None, None, index)
-    assert every.metered_steps == 5
+def test_every_method_is_metered_by_its_strategy_on_neurofluxs_schedule() -> None:
     from nf_lightning.lightning.strategy import NeuroFluxStrategy
 
     defaults = NeuroFluxStrategy()
@@ -162,11 +154,14 @@ def test_bp_is_metered_on_neurofluxs_schedule(monkeypatch: pytest.MonkeyPatch) -
     settings = {"model": "vgg11", "width": 0.25, "data": "cifar10_folder", "train_subset": 10, "val_subset": 10,
                 "data_seed": 0, "batch_limit": 8, "bp_epochs": 1, "nf_epochs": 1, "test_subset": 0, "set": [],
                 "meter": {"full_steps": 20, "sample_every": 10}}  # fmt: skip
-    bp = compare.run_overrides(compare.RunSpec("bp", 0.05, 0), settings, "1MB")
-    assert "callbacks.peak_memory._target_=compare.SampledPeakMemoryMonitor" in bp
-    assert "+callbacks.peak_memory.sample_every=10" in bp and "+module.lr_schedule=cosine" in bp
-    nf = compare.run_overrides(compare.RunSpec("neuroflux", 0.05, 0), {**settings, "meter_every_step": True}, "1MB")
-    assert "+trainer.strategy.meter_sample_every=1" in nf and not any("peak_memory" in o for o in nf)
+    for method in ("bp", "bp_ckpt", "neuroflux"):
+        overrides = compare.run_overrides(compare.RunSpec(method, 0.05, 0), settings, "1MB")
+        assert "+trainer.strategy.meter_full_steps=20" in overrides
+        assert "+trainer.strategy.meter_sample_every=10" in overrides
+        every = compare.run_overrides(compare.RunSpec(method, 0.05, 0), {**settings, "meter_every_step": True}, "1MB")
+        assert "+trainer.strategy.meter_sample_every=1" in every
+        cfg = compose_config("train", overrides)
+        assert cfg.trainer.strategy.meter_sample_every == 10 and cfg.trainer.strategy.memory_budget == "1MB"
 
 
 def hand_made_records() -> list[dict]:

@@ -23,7 +23,7 @@ from nf_lightning import models
 from nf_lightning.cli.common import CONFIG_PATH
 from nf_lightning.cli.train import largest_backprop_batch
 from nf_lightning.core.aux_heads import build_aux_heads
-from nf_lightning.core.budget import format_bytes, parse_bytes
+from nf_lightning.core.budget import format_bytes, tensor_budget
 from nf_lightning.core.decompose import decompose
 from nf_lightning.core.partitioner import BudgetTooSmall
 from nf_lightning.core.plan import TrainingPlan, make_plan
@@ -38,7 +38,7 @@ def plan_report(cfg: DictConfig) -> dict[str, Any]:
     info = KNOWN_DATASETS[cfg.data.name]  # the class knows classes and input shape; no data is loaded
     net = models.create(cfg.model.name, num_classes=info.num_classes, width_mult=cfg.model.width_mult)
     input_shape = tuple(info.input_shape)
-    budget = parse_bytes(cfg.budget)
+    budget = tensor_budget(cfg.budget, cfg.get("memory_overhead", 1.0))  # tensor bytes, as nf-train holds them
     decomposition = decompose(net)
 
     def optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -50,6 +50,7 @@ def plan_report(cfg: DictConfig) -> dict[str, Any]:
         "data": cfg.data.name,
         "budget": cfg.budget,
         "budget_bytes": budget,
+        "memory_overhead": cfg.get("memory_overhead", 1.0),
         "batch_limit": cfg.batch_limit,
         "rho": cfg.method.get("rho", 0.4),
     }

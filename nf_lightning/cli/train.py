@@ -32,13 +32,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nf_lightning.cli.common import CONFIG_PATH, output_dir
-from nf_lightning.core.budget import parse_bytes
+from nf_lightning.core.budget import parse_bytes, tensor_budget
 from nf_lightning.core.cache import cache_size_report
 from nf_lightning.core.checkpointing import CheckpointedNetwork
 from nf_lightning.core.partitioner import BudgetTooSmall
 from nf_lightning.core.plan import profile_batch_sizes
 from nf_lightning.core.profiler import LinearMemoryModel, profile_backprop
 from nf_lightning.core.run import BlockwiseRun
+from nf_lightning.lightning.backprop import BudgetedBackpropStrategy
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
 from nf_lightning.lightning.neuron_budget import load_pretrained
@@ -55,11 +56,13 @@ def fit_backprop_to_budget(
     batch_limit: int,
     reference_batch: int,
     checkpoint: bool = False,
+    memory_overhead: float = 1.0,
 ) -> dict[str, Any]:
     """BP's ``before_fit`` hook: train at the largest batch the profiler fits under ``budget``.
 
     Sets ``datamodule.batch_size`` and scales ``module.hparams.lr`` (the rate
-    at ``reference_batch``) linearly to it. With ``checkpoint`` the module's
+    at ``reference_batch``) linearly to it; tensor bytes are held to ``budget / memory_overhead``
+    (:func:`~nf_lightning.core.budget.tensor_budget`). With ``checkpoint`` the module's
     network (``module.net``) is first wrapped in
     :class:`~nf_lightning.core.checkpointing.CheckpointedNetwork` (activation
     checkpointing over its units, the ``bp_ckpt`` method) and that is what is
@@ -78,7 +81,7 @@ def fit_backprop_to_budget(
     """
     if checkpoint:
         module.net = CheckpointedNetwork(module.net)
-    budget_bytes = parse_bytes(budget)
+    budget_bytes = tensor_budget(budget, memory_overhead)
     batch, model, peak = largest_backprop_batch(module, tuple(datamodule.input_shape), budget_bytes, batch_limit)
     if batch < 1:
         needed = math.ceil(max(model.predict(1), peak))
@@ -231,7 +234,10 @@ def _outcome(trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: V
             measured_peak_bytes=max(run.peaks.values(), default=None),
             cache_bytes=sum(cache.values()),
             dataset_bytes=samples * math.prod(datamodule.input_shape),  # as uint8 images
+            enforcement=run.guard.summary(),
         )
+    elif isinstance(trainer.strategy, BudgetedBackpropStrategy):
+        outcome.update(measured_peak_bytes=trainer.strategy.guard.peak, enforcement=trainer.strategy.summary())
     for callback in trainer.callbacks:
         if isinstance(callback, PeakMemoryMonitor):
             outcome["measured_peak_bytes"] = callback.peak_bytes

@@ -74,3 +74,51 @@ def is_in_order(loader: Any) -> bool:
         and not loader.drop_last
         and loader.batch_size is not None
     )
+
+
+def chunk_batch(batch: Any, pieces: int) -> list[Any]:
+    """``batch`` cut into ``pieces`` consecutive parts along its first dimension (fewer if it is smaller).
+
+    Tensors in tuples, lists and dicts are cut alike; anything else is repeated in every part.
+
+    >>> import torch
+    >>> parts = chunk_batch((torch.arange(5), torch.arange(5) * 10, "tag"), 2)
+    >>> [p[1].tolist() for p in parts], parts[1][2]
+    ([[0, 10, 20], [30, 40]], 'tag')
+    """
+    if pieces < 1:
+        raise ValueError(f"pieces must be >= 1, got {pieces}")
+    size = _leading_size(batch)
+    if size is None:
+        raise TypeError(f"cannot cut a batch of type {type(batch).__name__}: it holds no tensor")
+    step = -(-size // pieces)
+    return [_slice(batch, start, start + step) for start in range(0, size, step)]
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """Samples in ``batch``: the first dimension of its first tensor (None if it holds none).
+
+    >>> import torch
+    >>> batch_size_of({"image": torch.zeros(3, 2), "label": torch.zeros(3)})
+    3
+    """
+    return _leading_size(batch)
+
+
+def _leading_size(batch: Any) -> int | None:
+    if isinstance(batch, Tensor):
+        return len(batch) if batch.dim() > 0 else None
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    return next((s for s in map(_leading_size, values) if s is not None), None)
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[start:stop] if batch.dim() > 0 else batch
+    if isinstance(batch, dict):
+        return {k: _slice(v, start, stop) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_slice(v, start, stop) for v in batch) if not hasattr(batch, "_fields") else type(batch)(
+            *(_slice(v, start, stop) for v in batch)
+        )
+    return batch

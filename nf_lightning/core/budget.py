@@ -18,7 +18,7 @@ import math
 import re
 from decimal import Decimal
 
-__all__ = ["format_bytes", "parse_bytes"]
+__all__ = ["format_bytes", "parse_bytes", "tensor_budget"]
 
 _UNITS = {
     "": 1,
@@ -83,3 +83,20 @@ def format_bytes(n: int | float) -> str:
             return f"{value:.1f} {unit}"
         value /= 1000
     return f"{value:.1f} TB"
+
+
+def tensor_budget(budget: str | int | float, memory_overhead: float = 1.0) -> int:
+    """Bytes of live tensors allowed under ``budget`` when the device holds ``memory_overhead`` bytes per tensor byte.
+
+    The meters count tensor bytes (on CUDA the allocator's ``memory_allocated``; on CPU
+    live tensor storage). A CPU process's resident memory for a training step is
+    higher, by 1.1-2.2x in ``experiments/results/meter_crosscheck`` (kernel scratch
+    space, allocator slack); a ``memory_overhead`` of that size makes the plan and the
+    guard hold resident memory, not only tensor bytes, to the budget.
+
+    >>> tensor_budget("300MB"), tensor_budget("300MB", 1.5)
+    (300000000, 200000000)
+    """
+    if not isinstance(memory_overhead, (int, float)) or isinstance(memory_overhead, bool) or memory_overhead < 1.0:
+        raise ValueError(f"memory_overhead is bytes held per tensor byte, at least 1.0; got {memory_overhead!r}")
+    return int(parse_bytes(budget) / memory_overhead)

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from nf_lightning.core import batches
 from nf_lightning.core.batches import split_batch
-from nf_lightning.core.budget import format_bytes, parse_bytes
+from nf_lightning.core.budget import format_bytes, parse_bytes, tensor_budget
 from nf_lightning.core.cache import CacheSpaceError
 from nf_lightning.core.decompose import Decomposition, decompose
 from nf_lightning.core.memory import device_memory_bytes
@@ -72,6 +72,10 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
             ``"0.5GiB"`` (2^30) or a number of bytes.
         epochs_per_block: each block's horizon in epochs (one number, or one per block): its
             learning rate decays over it and it ends there at the latest.
+        memory_overhead: device bytes held per tensor byte the meter counts; the plan and the
+            guard hold tensor bytes to ``memory_budget / memory_overhead``. 1.0 (the default)
+            makes the budget one of tensor bytes (CUDA's ``memory_allocated``); on CPU a step's
+            resident memory measured 1.1-2.2x its tensor bytes (see the README).
         batch_limit: largest batch size any block uses (``B`` in Algorithm 1).
         rho: grouping threshold of Algorithm 1.
         aux: ``"adaptive"`` (AAN, the paper's heads) or ``"classic"`` (256 filters).
@@ -115,6 +119,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         self,
         memory_budget: str | int = "300MB",
         epochs_per_block: int | Sequence[int] = 20,
+        memory_overhead: float = 1.0,
         batch_limit: int = 256,
         rho: float = 0.4,
         aux: str = "adaptive",
@@ -155,6 +160,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         if not 0.0 <= exit_tolerance <= 1.0:
             raise ValueError(f"exit_tolerance is a fraction of accuracy in [0, 1], got {exit_tolerance}")
         self.memory_budget = parse_bytes(memory_budget)
+        self.tensor_budget = tensor_budget(memory_budget, memory_overhead)
         self.epochs_per_block = epochs_per_block
         self.batch_limit = batch_limit
         self.rho = rho
@@ -266,7 +272,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
                 self.decomposition,
                 self._recipe,
                 self.input_shape or _infer_input_shape(trainer),
-                self.memory_budget,
+                self.tensor_budget,
                 epochs_per_block=self.epochs_per_block,
                 batch_limit=self.batch_limit,
                 rho=self.rho,
@@ -320,17 +326,17 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         """A resumed run keeps its plan; a budget now below what its remaining blocks need is an error."""
         assert self.run is not None
         plan = self.run.plan
-        if self.memory_budget == plan.budget:
+        if self.tensor_budget == plan.budget:
             return
         needed = max(block.predicted_peak for block in plan.blocks[self.run.active_block :])
-        if self.memory_budget < needed:
+        if self.tensor_budget < needed:
             raise ValueError(
                 f"the checkpoint's plan was made for a {format_bytes(plan.budget)} budget and its remaining blocks "
-                f"need {format_bytes(needed)}; this run's budget is {format_bytes(self.memory_budget)}. Resume with "
+                f"need {format_bytes(needed)}; this run's budget is {format_bytes(self.tensor_budget)}. Resume with "
                 f"memory_budget >= {format_bytes(needed)}, or start a new run (without ckpt_path) to plan anew"
             )
         rank_zero_warn(
-            f"resuming a run planned for {format_bytes(plan.budget)} under {format_bytes(self.memory_budget)}: "
+            f"resuming a run planned for {format_bytes(plan.budget)} under {format_bytes(self.tensor_budget)}: "
             "it keeps its plan (batch sizes and blocks) so that it continues exactly"
         )
 
