@@ -1016,6 +1016,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lrs", type=float, nargs="+", help="learning-rate grid at batch 128, the same for every method")
     parser.add_argument("--seeds", type=int, help="seeds per method (the grid runs on seed 0)")
     parser.add_argument("--classic-ll", action="store_true", help="also run classic local learning")
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, "classic_ll"],
+                        help=f"the methods to run (default: {', '.join(METHODS)}); bp must be one, it sets the target")
     parser.add_argument("--meter-every-step", action="store_true",
                         help="meter every training step of every method (default: every method on NeuroFlux's "
                         "own schedule, every step of the first ones, then one in n)")  # fmt: skip
@@ -1040,7 +1042,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    methods = [*METHODS, *(["classic_ll"] if args.classic_ll else [])]
+    methods = list(args.methods or METHODS)
+    if args.classic_ll and "classic_ll" not in methods:
+        methods.append("classic_ll")
+    if "bp" not in methods:
+        raise SystemExit("--methods must include bp: BP's best validation accuracy sets the target")
     keys = ("preset", "model", "width", "data", "train_subset", "val_subset", "test_subset", "data_seed",
             "batch_limit", "bp_epochs", "nf_epochs", "lrs", "seeds", "jobs", "threads", "set")  # fmt: skip
     meter = {"full_steps": 0, "sample_every": 1} if args.meter_every_step else neuroflux_metering()

@@ -291,3 +291,12 @@ def test_tiny_benchmark_end_to_end_and_resumed(tmp_path: Path, cifar: Path, caps
     assert "reusing" in capsys.readouterr().out
     assert [p.stat().st_mtime for p in records] == stamps
     assert json.loads(json.dumps(again["results"]["runs"])) == json.loads(json.dumps(summary["results"]["runs"]))
+
+
+def test_methods_can_be_chosen_but_bp_sets_the_target() -> None:
+    args = compare.parse_args(["--preset", "quick", "--methods", "bp", "neuroflux", "--bp-epochs", "30"])
+    settings = compare.settings_of(args)
+    assert settings["methods"] == ["bp", "neuroflux"] and settings["bp_epochs"] == 30
+    assert compare.settings_of(compare.parse_args(["--classic-ll"]))["methods"] == [*compare.METHODS, "classic_ll"]
+    with pytest.raises(SystemExit, match="must include bp"):
+        compare.settings_of(compare.parse_args(["--methods", "neuroflux"]))
