@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nf_lightning import BudgetedBackpropStrategy
+from nf_lightning import BudgetedBackpropStrategy, MemoryProfiler
 from nf_lightning.cli.train import backprop_step_peak
 from test_strategy import PlainClassifier, loaders, trainer
 
@@ -61,15 +61,19 @@ def test_a_batch_over_the_budget_is_refused_then_cut_into_pieces_with_no_update_
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
     strategy = BudgetedBackpropStrategy(memory_budget=budget, meter_sample_every=1)
+    profiler = MemoryProfiler()
     with pytest.warns(UserWarning, match="retrying the batch in"):
-        trainer(tmp_path, strategy, max_steps=1, enable_checkpointing=False, limit_val_batches=0).fit(
-            module, DataLoader(TensorDataset(x, y), batch_size=64)
-        )
+        fit = trainer(tmp_path, strategy, max_steps=1, enable_checkpointing=False, limit_val_batches=0,
+                      callbacks=[profiler])  # fmt: skip
+        fit.fit(module, DataLoader(TensorDataset(x, y), batch_size=64))
     guard = strategy.guard
     sizes = [64 // 2**k for k in range(len(strategy.shrinks) + 1)]
     assert strategy.pieces == 64 // sizes[-1] >= 4 and [s["to"] for s in strategy.shrinks] == sizes[1:]
     assert [a.batch for a in guard.failed] == sizes[:-1] and all(a.bytes > budget for a in guard.failed)
     assert guard.metered_steps == 1 and guard.peak <= budget and guard.violations == []
+    logged = fit.callback_metrics  # the attempts are logged, the committed step's peak too
+    assert logged["memory/failed_attempts"] == len(guard.failed) and logged["memory/peak_bytes"] == guard.peak
+    assert profiler.peaks == {0: guard.peak}
     # the committed update is exactly one SGD step on the whole batch's mean loss: not zero, not two
     nn.functional.cross_entropy(reference(x), y).backward()
     with torch.no_grad():

@@ -1,7 +1,8 @@
-"""``MemoryProfiler``: logs the measured peak memory of NeuroFlux's steps against the plan and budget.
+"""``MemoryProfiler``: logs the measured peak memory of budgeted steps against the plan and budget.
 
-Optional and independent: it reads the run the strategy exposes as
-``trainer.strategy.run`` and imports nothing of the strategy.
+Optional and independent: it reads the guard the strategy exposes
+(``trainer.strategy.run.guard`` for NeuroFlux, ``trainer.strategy.guard`` for
+``BudgetedBackpropStrategy``) and imports neither strategy.
 
 Example:
     >>> import lightning.pytorch as pl
@@ -16,14 +17,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from nf_lightning.core.enforcement import BudgetGuard
 from nf_lightning.core.run import BlockwiseRun
 
 
 class MemoryProfiler(pl.Callback):
     """Logs ``memory/peak_bytes`` (measured: the tracked meter on CPU, the CUDA allocator on GPUs) after
-    every training step, next to ``memory/predicted_bytes`` (the plan's) and ``memory/budget_bytes``.
+    every training step, next to ``memory/predicted_bytes`` (NeuroFlux's plan), ``memory/budget_bytes``
+    and ``memory/failed_attempts`` (steps refused and retried on smaller pieces so far).
 
-    :attr:`peaks` keeps the largest measured peak of every block.
+    :attr:`peaks` keeps the largest measured peak of every block (block 0 for BP).
     """
 
     def __init__(self) -> None:
@@ -33,13 +36,20 @@ class MemoryProfiler(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         run = getattr(trainer.strategy, "run", None)
-        if not isinstance(run, BlockwiseRun) or run.last_step_peak is None:
+        guard = run.guard if isinstance(run, BlockwiseRun) else getattr(trainer.strategy, "guard", None)
+        if not isinstance(guard, BudgetGuard):
             return
-        peak, block = run.last_step_peak, run.active_block
+        pl_module.log("memory/failed_attempts", float(len(guard.failed)), reduce_fx="max")
+        pl_module.log("memory/budget_bytes", float(guard.budget), reduce_fx="max")
+        if isinstance(run, BlockwiseRun):
+            peak, block = run.last_step_peak, run.active_block
+            pl_module.log("memory/predicted_bytes", float(run.plan.blocks[block].predicted_peak), reduce_fx="max")
+        else:
+            peak, block = guard.last_peak or None, 0
+        if peak is None:
+            return
         self.peaks[block] = max(self.peaks.get(block, 0), peak)
         pl_module.log("memory/peak_bytes", float(peak), reduce_fx="max")
-        pl_module.log("memory/predicted_bytes", float(run.plan.blocks[block].predicted_peak), reduce_fx="max")
-        pl_module.log("memory/budget_bytes", float(run.plan.budget), reduce_fx="max")
 
     def state_dict(self) -> dict[str, Any]:
         return {"peaks": dict(self.peaks)}
