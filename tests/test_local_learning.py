@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import pytest
@@ -117,6 +118,29 @@ def test_not_even_one_sample_fitting_raises() -> None:
     assert len(guard.failed) >= 3  # 4, 3, 2, 1 all tried
 
 
+def test_with_batchnorm_no_retried_piece_is_a_single_sample() -> None:
+    """BatchNorm on 1x1 features refuses a batch of one: pieces are near-equal and never that small."""
+    torch.manual_seed(0)
+    units = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8), nn.ReLU())]
+    exits = [nn.Sequential(nn.Flatten(), nn.Linear(8, 10))]
+    b = LocalBlock(units, exits, [torch.optim.SGD([*units[0].parameters(), *exits[0].parameters()], lr=0.1)])
+    sizes: list[int] = []
+
+    @contextlib.contextmanager
+    def guard(index, unit_input):
+        sizes.append(len(unit_input))
+        if len(unit_input) > 2:
+            raise torch.OutOfMemoryError("over the budget")
+        yield lambda optimizer: None
+
+    x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 10, (8,))
+    losses = train_with_retry(b, x, y, guard, lambda *event: None)
+    assert len(losses) == 1 and min(sizes) == 2 and sizes.count(2) == 4  # 8 -> 4 + 4 (too big) -> 2 + 2 each
+    with pytest.raises(torch.OutOfMemoryError):  # 5 cannot be cut into pieces of 2 only
+        train_with_retry(b, x[:5], y[:5], guard, lambda *event: None)
+    assert b.smallest_batch() == 2 and first_unit(block()).smallest_batch() == 1
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_update_overhead_matches_a_measured_real_update(kind: str) -> None:
     b = block(kind)
@@ -191,3 +215,26 @@ def test_a_run_with_a_wrong_plan_commits_only_steps_within_the_budget(tmp_path) 
     assert applied == Counter({0: 128, 1: 128})  # every sample in exactly one applied update per unit
     assert guard.metered_steps == steps  # and each applied update was metered
     assert run.batch_size < 64  # the block's batch size was lowered for the next epochs
+
+
+def test_a_last_batch_of_one_sample_is_skipped_where_batchnorm_trains() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nf_lightning.core.decompose import decompose
+    from nf_lightning.core.run import BlockwiseRun, DataSources
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8, 10))  # fmt: skip
+    data = TensorDataset(torch.randn(9, 3, 8, 8), torch.randint(0, 10, (9,)))
+    run = BlockwiseRun.create(decompose(net), lambda: (torch.optim.SGD(net.parameters(), lr=0.1), []), (3, 8, 8),
+                              budget=10**8, cache_dir=None)  # fmt: skip
+    run.attach_data(DataSources(DataLoader(data, batch_size=8), DataLoader(data, batch_size=8)))
+    run.start()
+    run.begin_epoch()
+    x, y = data.tensors
+    weights = [p.detach().clone() for p in net.parameters()]
+    with pytest.warns(UserWarning, match="skipping a training batch of 1 sample"):
+        assert run.train_batch(x[:1], y[:1]) == []
+    assert all(torch.equal(w, p) for w, p in zip(weights, net.parameters()))
+    assert len(run.train_batch(x[:2], y[:2])) == len(run.active_units)

@@ -91,6 +91,12 @@ class LocalBlock:
         optimizer.zero_grad(set_to_none=True)
         return out.detach(), loss.detach()
 
+    def smallest_batch(self) -> int:
+        """2 if a BatchNorm of the block trains on batch statistics (one sample may have a single value
+        per channel, which BatchNorm refuses), else 1."""
+        norms = (m for module in self.modules() for m in module.modules())
+        return 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in norms) else 1
+
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor) -> list[Tensor]:
         """Number of correct predictions of every exit (the block in eval mode)."""
@@ -99,6 +105,18 @@ class LocalBlock:
             x = unit(x)
             correct.append((exit_head(x).argmax(dim=1) == y).sum())
         return correct
+
+
+def piece_sizes(batch: int, largest: int, smallest: int = 1) -> list[int]:
+    """``batch`` cut into near-equal pieces of at most ``largest`` and, where possible, at least ``smallest``.
+
+    >>> piece_sizes(10, 7), piece_sizes(4, 3, smallest=2), piece_sizes(3, 2, smallest=2)
+    ([5, 5], [2, 2], [3])
+    """
+    count = -(-batch // largest)
+    while count > 1 and batch // count < smallest:
+        count -= 1
+    return [batch // count + (1 if i < batch % count else 0) for i in range(count)]
 
 
 def shrink(batch: int, factor: float = 0.75) -> int:
@@ -126,18 +144,20 @@ def train_with_retry(
     out-of-memory error (CUDA's, or :class:`~nf_lightning.core.memory.MemoryLimitExceeded`)
     raised before the unit's update, so a retried unit is never updated twice:
     units before the failing one already took the whole batch; the failing unit
-    and those after it take it in smaller pieces. ``on_shrink(unit, old, new)``
-    is told of every reduction; the error propagates when even a batch of one
-    fails. Returns the (mean) loss of every unit from ``start``.
+    and those after it take it in smaller, near-equal pieces. ``on_shrink(unit, old, new)``
+    is told of every reduction; the error propagates when the batch cannot be cut
+    into smaller pieces the block can train on (one sample each, two with
+    BatchNorm). Returns the (mean) loss of every unit from ``start``.
     """
     losses: list[Tensor] = []
+    smallest = block.smallest_batch()
     for index in range(start, len(block.units)):
         try:
             with guard(index, x) as before_update:
                 x, loss = block.unit_step(index, x, y, before_update)
         except torch.OutOfMemoryError:
-            if shrink(len(x)) == 0:
-                raise
+            if len(piece_sizes(len(x), max(shrink(len(x)), 1), smallest)) < 2:
+                raise  # no smaller pieces this block can train on
             failed = True  # retried below, outside this handler: its traceback would keep the attempt alive
         else:
             failed = False
@@ -145,9 +165,10 @@ def train_with_retry(
             block.optimizers[index].zero_grad(set_to_none=True)  # the failed attempt's gradients go
             smaller = shrink(len(x))
             on_shrink(index, len(x), smaller)
+            sizes = piece_sizes(len(x), smaller, smallest)
             pieces = [
                 train_with_retry(block, xs, ys, guard, on_shrink, start=index)
-                for xs, ys in zip(x.split(smaller), y.split(smaller))
+                for xs, ys in zip(x.split(sizes), y.split(sizes))
             ]
             return losses + [torch.stack(per_unit).mean() for per_unit in zip(*pieces)]
         losses.append(loss)

@@ -188,6 +188,7 @@ class BlockwiseRun:
         self.records: dict[int, ExitRecord] = {}
         self.peaks: dict[int, int] = {}
         self.shrinks: list[dict[str, int]] = []
+        self._warned_single_sample = False
         self.manifests: dict[str, dict[str, Any]] = {}
         self.seconds: dict[str, float] = {"train": 0.0, "validate": 0.0, "cache": 0.0}
         self.last_step_peak: int | None = None
@@ -421,6 +422,15 @@ class BlockwiseRun:
             backward=backward,
         )
         block.train(True)
+        if len(y) < block.smallest_batch():
+            if not self._warned_single_sample:
+                warnings.warn(
+                    f"skipping a training batch of {len(y)} sample in block {self.active_block}: its BatchNorm "
+                    "layers need at least 2 (the data set's size leaves a last batch of one at this batch size)",
+                    stacklevel=2,
+                )
+                self._warned_single_sample = True
+            return []
         if self.decays:
             self._set_learning_rates()
         peaks: list[int] = []
