@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 _KEY_PAIRS = (("x", "y"), ("image", "label"), ("input", "target"), ("inputs", "targets"))
 
@@ -43,12 +43,23 @@ def rebatch(loader: DataLoader, batch_size: int, shuffle: bool) -> DataLoader:
     >>> len(rebatch(DataLoader(TensorDataset(torch.zeros(10, 1)), batch_size=2), 5, shuffle=False))
     2
     """
-    if loader.batch_size == batch_size and isinstance(loader.sampler, RandomSampler) == shuffle:
+    sharded = loader.sampler if isinstance(loader.sampler, DistributedSampler) else None
+    if sharded is not None:  # one rank's shard (Lightning's DDP): keep it, reshuffled as asked
+        if loader.batch_size == batch_size and sharded.shuffle == shuffle:
+            return loader
+        sampler: DistributedSampler | None = DistributedSampler(
+            loader.dataset, sharded.num_replicas, sharded.rank, shuffle=shuffle, seed=sharded.seed,
+            drop_last=sharded.drop_last,
+        )  # fmt: skip
+    elif loader.batch_size == batch_size and isinstance(loader.sampler, RandomSampler) == shuffle:
         return loader
+    else:
+        sampler = None
     return DataLoader(
         loader.dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
@@ -57,6 +68,25 @@ def rebatch(loader: DataLoader, batch_size: int, shuffle: bool) -> DataLoader:
         worker_init_fn=loader.worker_init_fn,
         multiprocessing_context=loader.multiprocessing_context,
     )
+
+
+def samples_in_order(loader: Any) -> int | None:
+    """How many samples ``loader`` yields in a fixed order an unshuffled cache can line up with: the whole
+    data set in order, or one rank's unshuffled shard; None if it shuffles or drops samples.
+
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> data = TensorDataset(torch.zeros(5, 1))
+    >>> shard = DistributedSampler(data, num_replicas=2, rank=1, shuffle=False)
+    >>> samples_in_order(DataLoader(data, batch_size=2)), samples_in_order(DataLoader(data, sampler=shard))
+    (5, 3)
+    """
+    if is_in_order(loader):
+        return len(loader.dataset)
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(loader, DataLoader) and isinstance(sampler, DistributedSampler) and not sampler.shuffle:
+        return len(sampler) if not loader.drop_last else None
+    return None
 
 
 def is_in_order(loader: Any) -> bool:

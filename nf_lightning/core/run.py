@@ -59,7 +59,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
 from nf_lightning.core.aux_heads import build_aux_heads
-from nf_lightning.core.batches import is_in_order, rebatch
+from nf_lightning.core.batches import rebatch, samples_in_order
 from nf_lightning.core.budget import format_bytes
 from nf_lightning.core.cache import (
     ActivationCacheWriter,
@@ -72,6 +72,7 @@ from nf_lightning.core.cache import (
     release_cache_dir,
 )
 from nf_lightning.core.decompose import Decomposition
+from nf_lightning.core.distributed import LOCAL, Collective, LocalCollective, PeerStepFailed, shard_sampler
 from nf_lightning.core.feature_augment import POLICIES as AUGMENT_POLICIES
 from nf_lightning.core.feature_augment import augment_features
 from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, select_exit
@@ -135,6 +136,11 @@ class BlockwiseRun:
             ``meter_full_steps`` batches (and after a shrink) is metered and held to the
             budget, then one batch in ``meter_sample_every``
             (:class:`~nf_lightning.core.enforcement.BudgetGuard`).
+        collective: the other ranks when several processes train together
+            (:class:`~nf_lightning.core.distributed.Collective`): each rank trains on its own
+            shard and caches it under ``cache_dir/rank<r>-of-<n>``; gradients are averaged per
+            unit, steps that do not fit on one rank are dropped on all, BatchNorm statistics
+            averaged and validation counts summed. One process if None.
     """
 
     def __init__(
@@ -155,6 +161,7 @@ class BlockwiseRun:
         feature_augment: str = "none",
         meter_full_steps: int = 5,
         meter_sample_every: int = 20,
+        collective: Collective | LocalCollective | None = None,
     ) -> None:
         if feature_augment not in AUGMENT_POLICIES:
             raise ValueError(f"feature_augment must be one of {AUGMENT_POLICIES}, got {feature_augment!r}")
@@ -166,7 +173,10 @@ class BlockwiseRun:
         self.plan = plan
         self.recipe = recipe
         self.device = torch.device(device)
+        self.collective = collective or LOCAL
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None and self.collective.world_size > 1:
+            self.cache_dir = self.cache_dir / f"rank{self.collective.rank}-of-{self.collective.world_size}"
         self.cache_dtype = cache_dtype
         self.cache_workers = cache_workers
         self.cache_seed = cache_seed
@@ -241,7 +251,11 @@ class BlockwiseRun:
             device=device,
             single_block=single_block,
         )
-        return cls(decomposition, exits, plan, recipe, device=device, **options)
+        run = cls(decomposition, exits, plan, recipe, device=device, **options)
+        run.collective.check_same({k: v for k, v in plan.to_dict().items() if k != "seconds"}, "plan")  # not timings
+        run.collective.broadcast_modules([*decomposition.units, *exits])  # every rank starts from rank 0's weights
+        run.run_id = run.collective.broadcast_object(run.run_id)  # one run, however many ranks
+        return run
 
     @classmethod
     def from_state(
@@ -354,6 +368,7 @@ class BlockwiseRun:
         if sources is None or sources.train is None:
             return 1
         samples = len(sources.train_unaugmented if sources.train_unaugmented is not None else sources.train.dataset)
+        samples = math.ceil(samples / self.collective.world_size)  # this rank's shard
         return math.ceil(samples / self.plan.batch_size(self.active_block if block is None else block))
 
     def planned_epochs(self) -> int:
@@ -498,20 +513,28 @@ class BlockwiseRun:
         changed: list[tuple[dict[str, Any], Any]] = []
         before = self.guard.metered_steps
         optimizer = self.optimizers[index]
-        with self.guard.unit_step(self.active_block, unit, len(x), [*tracked, x], optimizer, metered) as check:
+        try:
+            with self.guard.unit_step(self.active_block, unit, len(x), [*tracked, x], optimizer, metered) as check:
 
-            def before_update(optimizer: Optimizer) -> None:
-                check(optimizer)
-                if ratio != 1.0:
-                    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
-                        changed.append((group, group["lr"]))
-                        group["lr"] = group["lr"] * ratio
+                def before_update(optimizer: Optimizer) -> None:
+                    check(optimizer)  # the budget's limit is lifted from here on: collectives may allocate
+                    if self.collective.agree(failed=False):
+                        raise PeerStepFailed(f"another rank's step of unit {unit} did not fit the budget")
+                    self.collective.average_gradients(p for g in optimizer.param_groups for p in g["params"])
+                    if ratio != 1.0:
+                        for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+                            changed.append((group, group["lr"]))
+                            group["lr"] = group["lr"] * ratio
 
-            try:
-                yield before_update
-            finally:
-                for group, lr in changed:
-                    group["lr"] = lr
+                try:
+                    yield before_update
+                finally:
+                    for group, lr in changed:
+                        group["lr"] = lr
+        except torch.OutOfMemoryError as error:
+            if not isinstance(error, PeerStepFailed):  # outside the meter, whose limit this step already broke
+                self.collective.agree(failed=True)  # the other ranks drop their step too
+            raise
         if self.guard.metered_steps > before:
             peaks.append(self.guard.last_peak)
 
@@ -550,6 +573,7 @@ class BlockwiseRun:
             reason = "patience"
         last = self.active_block == self.num_blocks - 1
         if reason is not None and not last and self.uses_cache:
+            self.collective.average_buffers(self._modules_of(self.active_block))
             for split in SPLITS:  # first, since it may fail (a full disk): the epoch then stays open
                 self._write_cache(self.active_block, split)
         self.last_epoch, self.epochs_in_block, self.patience, self._epoch_best = epoch, epochs, patience, None
@@ -593,6 +617,7 @@ class BlockwiseRun:
     def begin_validation(self) -> None:
         """Start a validation pass; the deployable exit is fixed for the pass."""
         units = self.active_units
+        self.collective.average_buffers(self._modules_of(self.active_block))
         self._val = _ValidationPass(unit=self.deploy_unit, correct=torch.zeros(len(units), dtype=torch.long))
 
     def validate_batch(self, x: Tensor, y: Tensor, count: bool = True) -> DeployedForward:
@@ -626,6 +651,8 @@ class BlockwiseRun:
         """Each active exit's accuracy over the pass; recorded as its latest unless ``record`` is False."""
         val = self._require_pass()
         self._val = None
+        counts = self.collective.sum(torch.tensor([*val.correct.tolist(), val.total], dtype=torch.long))
+        val.correct, val.total = counts[:-1], int(counts[-1])
         if val.total == 0:
             return {}
         accuracies = {unit: float(hits) / val.total for unit, hits in zip(self.active_units, val.correct)}
@@ -653,12 +680,13 @@ class BlockwiseRun:
         return self._stream(self.units[:first], x)
 
     def _aligned_val_cache(self, block: int, y: Tensor, offset: int | None) -> CachedActivations | None:
-        if offset is None or not self.uses_cache or self._sources is None or not is_in_order(self._sources.val):
+        if offset is None or not self.uses_cache or self._sources is None or block > self.active_block:
             return None
-        if block > self.active_block:
+        samples = samples_in_order(self._sources.val)
+        if samples is None:
             return None
         cache = self._inputs_of(block, "val")
-        if len(cache) != len(self._sources.val.dataset) or offset + len(y) > len(cache):
+        if len(cache) != samples or offset + len(y) > len(cache):
             return None
         if not torch.equal(cache.labels[offset : offset + len(y)], y.detach().cpu().long()):
             return None
@@ -724,7 +752,7 @@ class BlockwiseRun:
                         ActivationCacheWriter(
                             self.cache_dir,
                             name,
-                            num_samples=len(source.dataset),
+                            num_samples=len(source.sampler),
                             sample_shape=tuple(out.shape[1:]),
                             dtype=self.cache_dtype,
                             fingerprint=self._fingerprint(block, split),
@@ -748,7 +776,10 @@ class BlockwiseRun:
         sources = self._require_sources()
         raw = sources.train if split == "train" else sources.val
         dataset = sources.train_unaugmented if split == "train" and sources.train_unaugmented is not None else raw.dataset
-        return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=raw.num_workers, collate_fn=raw.collate_fn)
+        sampler = shard_sampler(dataset, self.collective, shuffle=False)
+        return DataLoader(
+            dataset, batch_size=batch, sampler=sampler, num_workers=raw.num_workers, collate_fn=raw.collate_fn
+        )
 
     def _fingerprint(self, block: int, split: str) -> str:
         """Identifies data, split, block and the weights of every unit up to the block's last."""
@@ -756,6 +787,8 @@ class BlockwiseRun:
         data_id = sources.data_id or type((sources.train if split == "train" else sources.val).dataset).__name__
         digest = hashlib.blake2b(digest_size=16)
         digest.update(f"{data_id}|{split}|{block}|{self.cache_dtype}".encode())
+        if self.collective.world_size > 1:  # a shard's cache is never taken for another shard's
+            digest.update(f"|rank {self.collective.rank} of {self.collective.world_size}".encode())
         for index in range(self.units_of(block)[-1] + 1):
             for tensor in self.units[index].state_dict().values():
                 digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -772,6 +805,7 @@ class BlockwiseRun:
         return {
             "version": STATE_VERSION,
             "run_id": self.run_id,
+            "world_size": self.collective.world_size,
             "plan": self.plan.to_dict(),
             "active_block": self.active_block,
             "epochs_in_block": self.epochs_in_block,
@@ -808,6 +842,14 @@ class BlockwiseRun:
             )
         self.plan = saved
         self.run_id = str(state["run_id"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.collective.world_size and self.uses_cache:
+            warnings.warn(
+                f"the checkpoint was written by {saved_world} rank(s) and this run has {self.collective.world_size}: "
+                "each rank caches its own shard, so the caches of the finished blocks are rebuilt for the new shards "
+                f"(under {self.cache_dir})",
+                stacklevel=2,
+            )
         self.exits.load_state_dict(state["exits"])
         self.active_block = int(state["active_block"])
         self.epochs_in_block = int(state["epochs_in_block"])
