@@ -21,7 +21,12 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_strategy import PlainClassifier  # noqa: E402
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from test_strategy import PlainClassifier, loaders  # noqa: E402
+
+from nf_lightning import EarlyExitSelector  # noqa: E402
+from nf_lightning.lightning.strategy import NeuroFluxDDPStrategy  # noqa: E402
 
 from nf_lightning.core.decompose import decompose  # noqa: E402
 from nf_lightning.core.distributed import Collective  # noqa: E402
@@ -91,8 +96,83 @@ def core_run(out: Path, budget: int = 1_200_000, shrink_rank: int | None = None)
     }  # fmt: skip
 
 
+class KillAtEpoch(pl.Callback):
+    """SIGKILL this rank when training epoch ``epoch`` starts (a fixed point, not a timer)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def lightning_run(out: Path, kill: int | None = None) -> dict:
+    """An ordinary Lightning project under ``NeuroFluxDDPStrategy``: devices=2, resumed from last.ckpt if there."""
+    rank = dist.get_rank()
+    pl.seed_everything(rank)  # different initial weights on purpose
+    train, val = loaders(n_train=240, n_val=96)
+    strategy = NeuroFluxDDPStrategy(
+        memory_budget="1.2MB", epochs_per_block=2, batch_limit=64, cache_dir=out / "cache", block_patience=None,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    last = out / "ckpt" / "last.ckpt"
+    resumed = last.exists()
+    callbacks = [ModelCheckpoint(dirpath=out / "ckpt", save_last=True), EarlyExitSelector(export_dir=out / "export")]
+    if kill is not None and rank == 1:
+        callbacks.append(KillAtEpoch(kill))
+    trainer = pl.Trainer(
+        strategy=strategy, accelerator="cpu", devices=2, default_root_dir=out, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+    )  # fmt: skip
+    module = PlainClassifier()
+    trainer.fit(module, train, val, ckpt_path=str(last) if resumed else None)
+    run = strategy.run
+    h = hashlib.sha256()
+    for m in [*run.units, *run.exits]:
+        for tensor in m.state_dict().values():
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    caches = {
+        p.parent.name: json.loads(p.read_text())["num_samples"] for p in sorted(run.cache_dir.glob("*/manifest.json"))
+    }
+    return {
+        "digest": h.hexdigest(), "finished": run.finished, "resumed": resumed, "epochs": trainer.current_epoch,
+        "blocks": [[list(b.units), run.plan.batch_size(i)] for i, b in enumerate(run.plan.blocks)],
+        "records": {str(u): r.accuracy for u, r in run.records.items()}, "deploy_unit": run.deploy_unit,
+        "cache_dir": str(run.cache_dir), "caches": caches, "world_size": trainer.world_size,
+        "exported": (out / "export" / "exit.json").is_file(),
+    }  # fmt: skip
+
+
+def single_resume(out: Path) -> dict:
+    """The 2-rank run's last checkpoint, resumed by one process with the single-device strategy."""
+    import warnings
+
+    from nf_lightning import NeuroFluxStrategy
+
+    train, val = loaders(n_train=240, n_val=96)
+    strategy = NeuroFluxStrategy(memory_budget="1.2MB", epochs_per_block=2, batch_limit=64, cache_dir=out / "cache",
+                                 block_patience=None)  # fmt: skip
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, default_root_dir=out, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(PlainClassifier(), train, val, ckpt_path=str(out / "ckpt" / "last.ckpt"))
+    run = strategy.run
+    caches = {p.parent.name: json.loads(p.read_text())["num_samples"] for p in sorted(run.cache_dir.glob("*/manifest.json"))}
+    return {"finished": run.finished, "cache_dir": str(run.cache_dir), "caches": caches,
+            "blocks": [[list(b.units), run.plan.batch_size(i)] for i, b in enumerate(run.plan.blocks)],
+            "warnings": [str(w.message) for w in caught]}  # fmt: skip
+
+
 def main() -> None:
     job, out = sys.argv[1], Path(sys.argv[2])
+    if job == "single_resume":
+        (out / "single.json").write_text(json.dumps(single_resume(out)))
+        return
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     torch.set_num_threads(1)
@@ -103,6 +183,10 @@ def main() -> None:
             result = core_run(out, shrink_rank=1)
         elif job == "core_mismatch":  # rank 1 is given another budget: another plan
             result = core_run(out, budget=1_200_000 if rank == 0 else 3_000_000)
+        elif job == "lightning":
+            result = lightning_run(out)
+        elif job == "lightning_kill":  # rank 1 dies at the start of epoch 3 (block 1's second epoch)
+            result = lightning_run(out, kill=3)
         else:
             raise ValueError(f"unknown job {job}")
     except Exception as error:  # noqa: BLE001  (reported to the test, which decides)

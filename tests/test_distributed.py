@@ -64,3 +64,35 @@ def test_ranks_with_different_plans_fail_clearly_instead_of_hanging(tmp_path: Pa
     assert done.returncode != 0
     for rank in (r0, r1):
         assert rank["error"].startswith("PlanMismatch: the ranks disagree on the plan: ranks [0] vs [1]")
+
+
+def test_a_lightning_project_trains_under_neuroflux_ddp_on_two_ranks(tmp_path: Path) -> None:
+    done, (r0, r1) = torchrun("lightning", tmp_path)
+    assert done.returncode == 0, (r0.get("trace"), r1.get("trace"), done.stderr[-3000:])
+    assert r0["finished"] and r0["world_size"] == 2 and len(r0["blocks"]) >= 2
+    assert r0["digest"] == r1["digest"]  # parameters and BatchNorm buffers identical after the last block
+    assert r0["records"] == r1["records"] and r0["deploy_unit"] == r1["deploy_unit"]
+    assert r0["cache_dir"].endswith("rank0-of-2") and r1["cache_dir"].endswith("rank1-of-2")
+    assert r0["caches"]["block0-train"] == r1["caches"]["block0-train"] == 120  # each rank's half of 240
+    assert r0["exported"] and (tmp_path / "export" / "exit.json").is_file()  # by rank 0
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_job_and_the_restart_finishes_then_one_process_rebuilds_the_caches(
+    tmp_path: Path,
+) -> None:
+    killed, _ = torchrun("lightning_kill", tmp_path)
+    assert killed.returncode != 0 and (tmp_path / "ckpt" / "last.ckpt").is_file()
+    done, (r0, r1) = torchrun("lightning", tmp_path)
+    assert done.returncode == 0, (r0.get("trace"), r1.get("trace"), done.stderr[-3000:])
+    assert r0["resumed"] and r0["finished"] and r0["digest"] == r1["digest"]
+    # the same job on one process: the checkpoint of 2 ranks is resumed, the caches rebuilt for the one shard
+    (tmp_path / "ckpt" / "last.ckpt").unlink()
+    killed, _ = torchrun("lightning_kill", tmp_path / "again")
+    single = subprocess.run([sys.executable, str(JOBS), "single_resume", str(tmp_path / "again")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    result = json.loads((tmp_path / "again" / "single.json").read_text())
+    assert result["finished"] and result["blocks"] == r0["blocks"]
+    assert any("written by 2 rank(s) and this run has 1" in w for w in result["warnings"])
+    assert result["caches"]["block0-train"] == 240  # the whole training set, one shard

@@ -21,9 +21,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ import torch
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -42,6 +45,7 @@ from nf_lightning.core.batches import split_batch
 from nf_lightning.core.budget import format_bytes, parse_bytes, tensor_budget
 from nf_lightning.core.cache import CacheSpaceError
 from nf_lightning.core.decompose import Decomposition, decompose
+from nf_lightning.core.distributed import Collective
 from nf_lightning.core.memory import device_memory_bytes
 from nf_lightning.core.optim_recipe import SchedulerSpec
 from nf_lightning.core.run import BlockwiseRun, DataSources
@@ -58,99 +62,42 @@ EVALUATE = ("exit", "full")
 CHECKPOINT_KEY = "neuroflux"
 
 
-class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
-    """Train a CNN block by block with local losses under a hard memory budget.
+class _NeuroFluxAdapter:
+    """NeuroFlux's Lightning adapter, shared by :class:`NeuroFluxStrategy` (one device) and
+    :class:`NeuroFluxDDPStrategy` (several processes): it comes before a Lightning strategy
+    in the method resolution order, so ``super()`` reaches that strategy."""
 
-    A bare ``Trainer(strategy="neuroflux")`` uses a 300 MB budget; each block
-    trains for up to 20 epochs with its learning rate decaying (cosine) over them,
-    and ends once its best exit has not improved for 2 epochs. The Trainer's ``max_epochs``/``max_time`` bound the run (a
-    warning says so when they cut the plan short); NeuroFlux ends it when the
-    last block is trained.
-
-    Args:
-        memory_budget: device memory for training, e.g. ``"300MB"`` (10^6 bytes),
-            ``"0.5GiB"`` (2^30) or a number of bytes.
-        epochs_per_block: each block's horizon in epochs (one number, or one per block): its
-            learning rate decays over it and it ends there at the latest.
-        memory_overhead: device bytes held per tensor byte the meter counts; the plan and the
-            guard hold tensor bytes to ``memory_budget / memory_overhead``. 1.0 (the default)
-            makes the budget one of tensor bytes (CUDA's ``memory_allocated``); on CPU a step's
-            resident memory measured 1.1-2.2x its tensor bytes (see the README).
-        batch_limit: largest batch size any block uses (``B`` in Algorithm 1).
-        rho: grouping threshold of Algorithm 1.
-        aux: ``"adaptive"`` (AAN, the paper's heads) or ``"classic"`` (256 filters).
-        cache: write each finished block's outputs to disk and train the next
-            block from them (§5.3). ``False`` runs every batch through the
-            frozen units before the active block instead (kept on the device,
-            outside the budget): slower, but later blocks see augmented data.
-        cache_dir: where caches go; ``<default_root_dir>/neuroflux_cache`` if None.
-        cache_dtype: ``"float16"`` or ``"float32"``.
-        cache_workers: worker processes reading cached data (0: a background thread).
-        cache_seed: base seed of the shuffling of cached training data.
-        input_shape: one sample's shape; from the data module's ``input_shape``,
-            the module's ``example_input_array`` or the first batch if None.
-        lr_reference_batch: the batch size your recipe's learning rate was tuned for; the
-            training loader's batch size if None. Each block's rate follows its own batch
-            size from there by ``lr_scaling`` (``"linear"``, ``"sqrt"`` or ``"none"``).
-        lr_decay: ``"cosine"`` decays each block's rate to zero over its horizon, ``"none"``
-            keeps it; either way only when ``configure_optimizers`` brings no scheduler
-            (yours are stepped instead, fresh for every block).
-        min_steps_per_block: lengthen a block's horizon (``epochs_per_block``) until it gets
-            at least this many steps, up to ``max_epochs_per_block``.
-        min_epochs_per_block: epochs before ``block_patience`` may end a block.
-        block_patience: end a block once its best exit has not improved by
-            ``block_min_delta`` for this many epochs; None trains every horizon to its end.
-        single_block: all units as one block at one batch size (classic local learning).
-        feature_augment: random flips and shifted crops of cached activations, so blocks after
-            the first see fresh views every epoch: ``"flip_crop"``, ``"flip"``, ``"crop"`` or ``"none"``.
-        meter_full_steps, meter_sample_every: every unit step of a block's first
-            ``meter_full_steps`` batches (and again after a shrink) is metered and held to the
-            budget as a transaction, then one batch in ``meter_sample_every`` (1: all).
-        exit_tolerance: exits within this accuracy (a fraction) of the best count
-            as equally good and the one with the fewest parameters is deployed.
-        evaluate: what ``validate``/``test``/``predict`` outside ``fit`` run:
-            ``"exit"`` (the selected exit) or ``"full"`` (the whole network).
-        device: the training device; from the Trainer's ``accelerator``/``devices`` if None.
-    """
-
-    strategy_name = "neuroflux"
-
-    def __init__(
+    def _configure(
         self,
-        memory_budget: str | int = "300MB",
-        epochs_per_block: int | Sequence[int] = 20,
-        memory_overhead: float = 1.0,
-        batch_limit: int = 256,
-        rho: float = 0.4,
-        aux: str = "adaptive",
-        cache: bool = True,
-        cache_dir: str | Path | None = None,
-        cache_dtype: str = "float16",
-        cache_workers: int = 0,
-        cache_seed: int = 0,
-        input_shape: Sequence[int] | None = None,
-        lr_reference_batch: int | None = None,
-        lr_scaling: str = "linear",
-        lr_decay: str = "cosine",
-        min_steps_per_block: int = 0,
-        max_epochs_per_block: int = 1000,
-        min_epochs_per_block: int = 1,
-        block_patience: int | None = 2,
-        block_min_delta: float = 0.0,
-        single_block: bool = False,
-        feature_augment: str = "none",
-        meter_full_steps: int = 5,
-        meter_sample_every: int = 20,
-        exit_tolerance: float = 0.0,
-        evaluate: str = "exit",
-        device: str | torch.device | None = None,
-        accelerator: Accelerator | None = None,
-        checkpoint_io: CheckpointIO | None = None,
-        precision_plugin: Precision | None = None,
+        *,
+        memory_budget: str | int,
+        epochs_per_block: int | Sequence[int],
+        memory_overhead: float,
+        batch_limit: int,
+        rho: float,
+        aux: str,
+        cache: bool,
+        cache_dir: str | Path | None,
+        cache_dtype: str,
+        cache_workers: int,
+        cache_seed: int,
+        input_shape: Sequence[int] | None,
+        lr_reference_batch: int | None,
+        lr_scaling: str,
+        lr_decay: str,
+        min_steps_per_block: int,
+        max_epochs_per_block: int,
+        min_epochs_per_block: int,
+        block_patience: int | None,
+        block_min_delta: float,
+        single_block: bool,
+        feature_augment: str,
+        meter_full_steps: int,
+        meter_sample_every: int,
+        exit_tolerance: float,
+        evaluate: str,
     ) -> None:
-        super().__init__(
-            device=device or "cpu", accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
-        )
+        """Check and keep the NeuroFlux options (see :class:`NeuroFluxStrategy` for each)."""
         if aux not in AUX_POLICIES:
             raise ValueError(f"unknown aux policy {aux!r}; choose one of {AUX_POLICIES}")
         if evaluate not in EVALUATE:
@@ -188,7 +135,6 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         self.meter_full_steps = meter_full_steps
         self.meter_sample_every = meter_sample_every
         self.evaluate = evaluate
-        self._device = torch.device(device) if device is not None else None
 
         self.decomposition: Decomposition | None = None
         self.run: BlockwiseRun | None = None
@@ -198,10 +144,9 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
         self._sources = DataSources(train=None, val=None)  # type: ignore[arg-type]  # filled as loaders arrive
         self._automatic_optimization: bool | None = None
 
-    # ------------------------------------------------------------------ device
-    @property
-    def root_device(self) -> torch.device:
-        return self._device or self.trainer_device() or torch.device("cpu")
+    def _collective(self) -> Collective | None:
+        """The other ranks the run trains with (None: this process alone)."""
+        return None
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -262,6 +207,7 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
             "feature_augment": self.feature_augment,
             "meter_full_steps": self.meter_full_steps,
             "meter_sample_every": self.meter_sample_every,
+            "collective": self._collective(),
         }
         if self._saved_state is not None:
             self.run = BlockwiseRun.from_state(self.decomposition, self._saved_state, self._recipe, **options)
@@ -473,6 +419,214 @@ class NeuroFluxStrategy(TrainerDevices, SingleDeviceStrategy):
             self.run = BlockwiseRun.from_state(self.decomposition, state, device=self.root_device)
 
 
+class NeuroFluxStrategy(_NeuroFluxAdapter, TrainerDevices, SingleDeviceStrategy):
+    """Train a CNN block by block with local losses under a hard memory budget.
+
+    A bare ``Trainer(strategy="neuroflux")`` uses a 300 MB budget; each block
+    trains for up to 20 epochs with its learning rate decaying (cosine) over them,
+    and ends once its best exit has not improved for 2 epochs. The Trainer's ``max_epochs``/``max_time`` bound the run (a
+    warning says so when they cut the plan short); NeuroFlux ends it when the
+    last block is trained.
+
+    Args:
+        memory_budget: device memory for training, e.g. ``"300MB"`` (10^6 bytes),
+            ``"0.5GiB"`` (2^30) or a number of bytes.
+        epochs_per_block: each block's horizon in epochs (one number, or one per block): its
+            learning rate decays over it and it ends there at the latest.
+        memory_overhead: device bytes held per tensor byte the meter counts; the plan and the
+            guard hold tensor bytes to ``memory_budget / memory_overhead``. 1.0 (the default)
+            makes the budget one of tensor bytes (CUDA's ``memory_allocated``); on CPU a step's
+            resident memory measured 1.1-2.2x its tensor bytes (see the README).
+        batch_limit: largest batch size any block uses (``B`` in Algorithm 1).
+        rho: grouping threshold of Algorithm 1.
+        aux: ``"adaptive"`` (AAN, the paper's heads) or ``"classic"`` (256 filters).
+        cache: write each finished block's outputs to disk and train the next
+            block from them (§5.3). ``False`` runs every batch through the
+            frozen units before the active block instead (kept on the device,
+            outside the budget): slower, but later blocks see augmented data.
+        cache_dir: where caches go; ``<default_root_dir>/neuroflux_cache`` if None.
+        cache_dtype: ``"float16"`` or ``"float32"``.
+        cache_workers: worker processes reading cached data (0: a background thread).
+        cache_seed: base seed of the shuffling of cached training data.
+        input_shape: one sample's shape; from the data module's ``input_shape``,
+            the module's ``example_input_array`` or the first batch if None.
+        lr_reference_batch: the batch size your recipe's learning rate was tuned for; the
+            training loader's batch size if None. Each block's rate follows its own batch
+            size from there by ``lr_scaling`` (``"linear"``, ``"sqrt"`` or ``"none"``).
+        lr_decay: ``"cosine"`` decays each block's rate to zero over its horizon, ``"none"``
+            keeps it; either way only when ``configure_optimizers`` brings no scheduler
+            (yours are stepped instead, fresh for every block).
+        min_steps_per_block: lengthen a block's horizon (``epochs_per_block``) until it gets
+            at least this many steps, up to ``max_epochs_per_block``.
+        min_epochs_per_block: epochs before ``block_patience`` may end a block.
+        block_patience: end a block once its best exit has not improved by
+            ``block_min_delta`` for this many epochs; None trains every horizon to its end.
+        single_block: all units as one block at one batch size (classic local learning).
+        feature_augment: random flips and shifted crops of cached activations, so blocks after
+            the first see fresh views every epoch: ``"flip_crop"``, ``"flip"``, ``"crop"`` or ``"none"``.
+        meter_full_steps, meter_sample_every: every unit step of a block's first
+            ``meter_full_steps`` batches (and again after a shrink) is metered and held to the
+            budget as a transaction, then one batch in ``meter_sample_every`` (1: all).
+        exit_tolerance: exits within this accuracy (a fraction) of the best count
+            as equally good and the one with the fewest parameters is deployed.
+        evaluate: what ``validate``/``test``/``predict`` outside ``fit`` run:
+            ``"exit"`` (the selected exit) or ``"full"`` (the whole network).
+        device: the training device; from the Trainer's ``accelerator``/``devices`` if None.
+    """
+
+    strategy_name = "neuroflux"
+
+    def __init__(
+        self,
+        memory_budget: str | int = "300MB",
+        epochs_per_block: int | Sequence[int] = 20,
+        memory_overhead: float = 1.0,
+        batch_limit: int = 256,
+        rho: float = 0.4,
+        aux: str = "adaptive",
+        cache: bool = True,
+        cache_dir: str | Path | None = None,
+        cache_dtype: str = "float16",
+        cache_workers: int = 0,
+        cache_seed: int = 0,
+        input_shape: Sequence[int] | None = None,
+        lr_reference_batch: int | None = None,
+        lr_scaling: str = "linear",
+        lr_decay: str = "cosine",
+        min_steps_per_block: int = 0,
+        max_epochs_per_block: int = 1000,
+        min_epochs_per_block: int = 1,
+        block_patience: int | None = 2,
+        block_min_delta: float = 0.0,
+        single_block: bool = False,
+        feature_augment: str = "none",
+        meter_full_steps: int = 5,
+        meter_sample_every: int = 20,
+        exit_tolerance: float = 0.0,
+        evaluate: str = "exit",
+        device: str | torch.device | None = None,
+        accelerator: Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            device=device or "cpu", accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
+        )
+        self._device = torch.device(device) if device is not None else None
+        self._configure(
+            memory_budget=memory_budget,
+            epochs_per_block=epochs_per_block,
+            memory_overhead=memory_overhead,
+            batch_limit=batch_limit,
+            rho=rho,
+            aux=aux,
+            cache=cache,
+            cache_dir=cache_dir,
+            cache_dtype=cache_dtype,
+            cache_workers=cache_workers,
+            cache_seed=cache_seed,
+            input_shape=input_shape,
+            lr_reference_batch=lr_reference_batch,
+            lr_scaling=lr_scaling,
+            lr_decay=lr_decay,
+            min_steps_per_block=min_steps_per_block,
+            max_epochs_per_block=max_epochs_per_block,
+            min_epochs_per_block=min_epochs_per_block,
+            block_patience=block_patience,
+            block_min_delta=block_min_delta,
+            single_block=single_block,
+            feature_augment=feature_augment,
+            meter_full_steps=meter_full_steps,
+            meter_sample_every=meter_sample_every,
+            exit_tolerance=exit_tolerance,
+            evaluate=evaluate,
+        )
+
+    # ------------------------------------------------------------------ device
+    @property
+    def root_device(self) -> torch.device:
+        return self._device or self.trainer_device() or torch.device("cpu")
+
+
+class NeuroFluxDDPStrategy(_NeuroFluxAdapter, DDPStrategy):
+    """NeuroFlux on several processes and machines through Lightning's DDP.
+
+    ``Trainer(strategy="neuroflux_ddp", devices=N, num_nodes=M)`` (or an instance, for options;
+    torchrun, SLURM and Lightning's other cluster environments work as with ``"ddp"``). Every
+    rank trains the same blocks on its ``DistributedSampler`` shard:
+
+    - **Gradients:** each unit steps right after its own backward pass (Algorithm 2), so its
+      gradients are averaged across ranks there, by one in-place all-reduce per gradient
+      tensor, before its optimizer steps. No ``DistributedDataParallel`` wrapper: it would
+      reduce the whole network's gradients at once, keeping every unit's alive, which the
+      memory plan does not allow; an in-place all-reduce needs no flat buffer either.
+    - **The budget is per device**, and a step that does not fit on one rank is dropped and
+      retried in smaller pieces on every rank, so the ranks stay in lock step.
+    - **Learning rate:** ``lr_reference_batch`` (the training loader's batch size by default) is
+      a per-process batch, like a DDP loader's: a block's rate follows its per-process batch
+      size from there, as on one device, and the global batch is ``N x M`` times that.
+    - **BatchNorm** running statistics are averaged before every validation and cache write,
+      so the ranks evaluate, cache and checkpoint the same network.
+    - **One plan:** every rank profiles and partitions, and the plans are checked to be the same
+      (a mismatch raises :class:`~nf_lightning.core.distributed.PlanMismatch` on every rank).
+    - **Per-rank caches** under ``cache_dir/rank<r>-of-<n>``, each of its own shard; a run resumed
+      with another number of ranks rebuilds them (with a warning).
+    - **Validation** counts are summed over ranks, so exit records, block ends and the exit
+      selected agree everywhere; checkpoints and the exported exit are written by rank 0.
+
+    Args:
+        memory_budget, epochs_per_block, **options: as :class:`NeuroFluxStrategy` (all its options
+            but ``device``), per device.
+        timeout: how long a collective waits for the other ranks; a dead rank fails the job
+            after this long (gloo's own default is 30 minutes).
+        process_group_backend, start_method, accelerator, parallel_devices, cluster_environment,
+            checkpoint_io, precision_plugin: as Lightning's ``DDPStrategy``.
+    """
+
+    strategy_name = "neuroflux_ddp"
+
+    def __init__(
+        self,
+        memory_budget: str | int = "300MB",
+        epochs_per_block: int | Sequence[int] = 20,
+        *,
+        timeout: timedelta = timedelta(minutes=5),
+        process_group_backend: str | None = None,
+        start_method: str = "popen",
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        defaults = _option_defaults()
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise TypeError(f"unknown NeuroFlux option(s) {unknown}; the options are {sorted(defaults)}")
+        self._configure(**{**defaults, **options, "memory_budget": memory_budget, "epochs_per_block": epochs_per_block})
+
+    def _collective(self) -> Collective | None:
+        return Collective(self.root_device) if self.world_size > 1 else None
+
+
+def _option_defaults() -> dict[str, Any]:
+    """NeuroFlux's options and their defaults: :class:`NeuroFluxStrategy`'s signature, the one place they are set."""
+    parameters = inspect.signature(NeuroFluxStrategy.__init__).parameters.values()
+    strategy_only = {"self", "device", "accelerator", "checkpoint_io", "precision_plugin"}
+    return {p.name: p.default for p in parameters if p.name not in strategy_only}
+
+
 class NeuroFluxHooks(pl.Callback):
     """The strategy's bridge to Lightning's epoch hooks; added by the strategy, holds no state of its own.
 
@@ -486,7 +640,7 @@ class NeuroFluxHooks(pl.Callback):
     @staticmethod
     def _run(trainer: pl.Trainer) -> BlockwiseRun | None:
         strategy = trainer.strategy
-        return strategy.run if isinstance(strategy, NeuroFluxStrategy) and trainer.state.fn == TrainerFn.FITTING else None
+        return strategy.run if isinstance(strategy, _NeuroFluxAdapter) and trainer.state.fn == TrainerFn.FITTING else None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = self._run(trainer)
@@ -552,7 +706,7 @@ class NeuroFluxHooks(pl.Callback):
     @staticmethod
     def _after_change(trainer: pl.Trainer, run: BlockwiseRun, loader_version: int) -> None:
         strategy = trainer.strategy
-        assert isinstance(strategy, NeuroFluxStrategy)
+        assert isinstance(strategy, _NeuroFluxAdapter)
         if run.loader_version != loader_version:
             strategy.sync_optimizers()
             reload_train_dataloader(trainer)
@@ -606,6 +760,12 @@ def _infer_input_shape(trainer: pl.Trainer) -> tuple[int, ...]:
     return tuple(x.shape[1:])
 
 
+if NeuroFluxDDPStrategy.strategy_name not in StrategyRegistry:
+    StrategyRegistry.register(
+        NeuroFluxDDPStrategy.strategy_name,
+        NeuroFluxDDPStrategy,
+        description="NeuroFlux adaptive local learning on several processes (Lightning's DDP)",
+    )
 if NeuroFluxStrategy.strategy_name not in StrategyRegistry:
     StrategyRegistry.register(
         NeuroFluxStrategy.strategy_name, NeuroFluxStrategy, description="NeuroFlux adaptive local learning"
