@@ -147,6 +147,47 @@ def lightning_run(out: Path, kill: int | None = None) -> dict:
     }  # fmt: skip
 
 
+def module_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for tensor in module.state_dict().values():
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def bp_run(out: Path) -> dict:
+    """BP under ``BudgetedBackpropDDPStrategy``; rank 1's steps do not fit whole, so every rank cuts them."""
+    from nf_lightning.lightning.backprop import BudgetedBackpropDDPStrategy
+
+    rank = dist.get_rank()
+    pl.seed_everything(rank)
+    train, val = loaders(n_train=240, n_val=96)
+    strategy = BudgetedBackpropDDPStrategy(memory_budget="50MB", meter_sample_every=1, timeout=timedelta(seconds=60))
+    if rank == 1:
+        strategy.guard.budget = 700_000  # a 32-sample step of PlainClassifier needs more; 8-sample pieces fit
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=2, default_root_dir=out,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         enable_checkpointing=False)  # fmt: skip
+    module = PlainClassifier()
+    trainer.fit(module, train, val)
+    return {"digest": module_digest(module), "pieces": strategy.pieces, "failed": len(strategy.guard.failed),
+            "steps": trainer.global_step, "violations": len(strategy.guard.violations)}  # fmt: skip
+
+
+def classic_run(out: Path) -> dict:
+    """Classic local learning (one block, classic heads, no cache) under ``NeuroFluxDDPStrategy``."""
+    rank = dist.get_rank()
+    pl.seed_everything(rank)
+    train, val = loaders(n_train=240, n_val=96)
+    strategy = NeuroFluxDDPStrategy(memory_budget="5MB", epochs_per_block=2, batch_limit=64, single_block=True,
+                                    aux="classic", cache=False, block_patience=None)  # fmt: skip
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, default_root_dir=out, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         enable_checkpointing=False)  # fmt: skip
+    trainer.fit(PlainClassifier(), train, val)
+    run = strategy.run
+    return {"digest": digest(run), "blocks": [list(b.units) for b in run.plan.blocks], "finished": run.finished}
+
+
 def single_resume(out: Path) -> dict:
     """The 2-rank run's last checkpoint, resumed by one process with the single-device strategy."""
     import warnings
@@ -183,6 +224,10 @@ def main() -> None:
             result = core_run(out, shrink_rank=1)
         elif job == "core_mismatch":  # rank 1 is given another budget: another plan
             result = core_run(out, budget=1_200_000 if rank == 0 else 3_000_000)
+        elif job == "bp":
+            result = bp_run(out)
+        elif job == "classic":
+            result = classic_run(out)
         elif job == "lightning":
             result = lightning_run(out)
         elif job == "lightning_kill":  # rank 1 dies at the start of epoch 3 (block 1's second epoch)

@@ -1,7 +1,8 @@
-"""NeuroFlux on 2 CPU processes with gloo: ranks in lock step, per-rank caches, a plan mismatch is an error.
+"""NeuroFlux, classic LL and BP on 2 CPU processes with gloo: ranks in lock step, per-rank caches, faults.
 
 The jobs are in ``tests/ddp_jobs.py``, launched with ``torchrun`` in a subprocess (Lightning's own
-launcher re-runs the command line, which inside pytest would re-run the suite).
+launcher re-runs the command line, which inside pytest would re-run the suite). One case runs in
+the default suite; the rest are marked slow (``-m slow``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def torchrun(job: str, out: Path, timeout: int = 300) -> tuple[subprocess.Comple
     return done, ranks
 
 
+@pytest.mark.slow
 def test_two_ranks_stay_identical_through_every_block_and_cache_their_own_shards(tmp_path: Path) -> None:
     done, (r0, r1) = torchrun("core", tmp_path)
     assert done.returncode == 0, (r0.get("trace"), r1.get("trace"), done.stderr[-3000:])
@@ -50,6 +52,7 @@ def test_two_ranks_stay_identical_through_every_block_and_cache_their_own_shards
             "block0-train": 120, "block0-val": 48}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_step_over_the_budget_on_one_rank_is_dropped_and_retried_on_every_rank(tmp_path: Path) -> None:
     done, (r0, r1) = torchrun("core_shrink", tmp_path)
     assert done.returncode == 0, (r0.get("trace"), r1.get("trace"), done.stderr[-3000:])
@@ -59,6 +62,7 @@ def test_a_step_over_the_budget_on_one_rank_is_dropped_and_retried_on_every_rank
     assert r0["digests"] == r1["digests"]
 
 
+@pytest.mark.slow
 def test_ranks_with_different_plans_fail_clearly_instead_of_hanging(tmp_path: Path) -> None:
     done, (r0, r1) = torchrun("core_mismatch", tmp_path, timeout=240)
     assert done.returncode != 0
@@ -96,3 +100,36 @@ def test_a_killed_rank_fails_the_job_and_the_restart_finishes_then_one_process_r
     assert result["finished"] and result["blocks"] == r0["blocks"]
     assert any("written by 2 rank(s) and this run has 1" in w for w in result["warnings"])
     assert result["caches"]["block0-train"] == 240  # the whole training set, one shard
+
+
+@pytest.mark.slow
+def test_bp_and_classic_local_learning_run_under_ddp_with_the_same_rules(tmp_path: Path) -> None:
+    done, (b0, b1) = torchrun("bp", tmp_path / "bp")
+    assert done.returncode == 0, (b0.get("trace"), b1.get("trace"), done.stderr[-3000:])
+    assert b0["digest"] == b1["digest"] and b0["steps"] == b1["steps"] == 8
+    # rank 1's whole batches did not fit: both ranks cut every batch into the same pieces, nothing went over
+    assert b0["pieces"] == b1["pieces"] >= 2 and b0["failed"] == b1["failed"] >= 1
+    assert b0["violations"] == b1["violations"] == 0
+    done, (c0, c1) = torchrun("classic", tmp_path / "classic")
+    assert done.returncode == 0, (c0.get("trace"), c1.get("trace"), done.stderr[-3000:])
+    assert c0["finished"] and c0["blocks"] == [[0, 1, 2, 3]] and c0["digest"] == c1["digest"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["neuroflux", "bp"])
+def test_nf_train_runs_a_method_on_two_processes(method: str, tmp_path: Path, shared_datasets_dir: Path) -> None:
+    """``nf-train distributed=ddp trainer.devices=2``: Lightning's launcher starts the second process itself."""
+    run = tmp_path / "run"
+    command = [str(Path(sys.executable).parent / "nf-train"), f"method={method}", "distributed=ddp",
+               "trainer.devices=2", "trainer.accelerator=cpu", "model=vgg11", "model.width_mult=0.125",
+               "data.train_subset=400", "data.val_subset=100", "epochs=1", "budget=5MB", "batch_limit=64",
+               "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NF_DATA_DIR": str(shared_datasets_dir)}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["could_run"] and results["method"] == method and 0 < results["measured_peak_bytes"] <= 5_000_000
+    if method == "neuroflux":
+        assert sorted(p.name for p in (run / "cache").iterdir()) == ["rank0-of-2", "rank1-of-2"]
+    else:
+        assert results["enforcement"]["violations"] == 0

@@ -35,11 +35,11 @@ from nf_lightning.cli.common import CONFIG_PATH, output_dir
 from nf_lightning.core.budget import parse_bytes, tensor_budget
 from nf_lightning.core.cache import cache_size_report
 from nf_lightning.core.checkpointing import CheckpointedNetwork
+from nf_lightning.core.enforcement import BudgetGuard
 from nf_lightning.core.partitioner import BudgetTooSmall
 from nf_lightning.core.plan import profile_batch_sizes
 from nf_lightning.core.profiler import LinearMemoryModel, profile_backprop
 from nf_lightning.core.run import BlockwiseRun
-from nf_lightning.lightning.backprop import BudgetedBackpropStrategy
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
 from nf_lightning.lightning.neuron_budget import load_pretrained
@@ -201,6 +201,8 @@ def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, 
     if ckpt_path is not None:  # the history's clock was restored with it: both parts, without the downtime
         results["train_seconds"] = history.elapsed
     results.update(_outcome(trainer, datamodule, history))
+    if not trainer.is_global_zero:  # under DDP every rank runs this; rank 0 writes the run's results
+        return results
     _write(out, results)
     print(
         f"[nf-train] {cfg.method.name} {cfg.model.name} @ {cfg.budget}: validation accuracy "
@@ -236,7 +238,7 @@ def _outcome(trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: V
             dataset_bytes=samples * math.prod(datamodule.input_shape),  # as uint8 images
             enforcement=run.guard.summary(),
         )
-    elif isinstance(trainer.strategy, BudgetedBackpropStrategy):
+    elif isinstance(getattr(trainer.strategy, "guard", None), BudgetGuard):  # BP's, on one device or several
         outcome.update(measured_peak_bytes=trainer.strategy.guard.peak, enforcement=trainer.strategy.summary())
     for callback in trainer.callbacks:
         if isinstance(callback, PeakMemoryMonitor):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,13 +38,15 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from nf_lightning.core.batches import batch_size_of, chunk_batch
 from nf_lightning.core.budget import format_bytes, parse_bytes, tensor_budget
+from nf_lightning.core.distributed import LOCAL, Collective, LocalCollective, PeerStepFailed
 from nf_lightning.core.enforcement import BudgetGuard
 from nf_lightning.core.run import cap_cuda_allocator
 from nf_lightning.lightning._internals import TrainerDevices
@@ -51,53 +54,25 @@ from nf_lightning.lightning._internals import TrainerDevices
 CHECKPOINT_KEY = "budgeted_backprop"
 
 
-class BudgetedBackpropStrategy(TrainerDevices, SingleDeviceStrategy):
-    """Backpropagation on one device, every step held to ``memory_budget`` as a transaction.
+class _BudgetedBackpropAdapter:
+    """The budgeted step, shared by :class:`BudgetedBackpropStrategy` (one device) and
+    :class:`BudgetedBackpropDDPStrategy` (several processes); it comes before a Lightning
+    strategy in the method resolution order, so ``super()`` reaches that strategy."""
 
-    Args:
-        memory_budget: device memory for training, e.g. ``"300MB"`` or a number of bytes.
-        memory_overhead: device bytes held per tensor byte the meter counts; steps are held
-            to ``memory_budget / memory_overhead`` tensor bytes (as ``NeuroFluxStrategy``).
-        meter_full_steps, meter_sample_every: meter every step while the batch size is
-            new (the first ``meter_full_steps`` steps, and again after a step had to be cut
-            into pieces), then one step in ``meter_sample_every`` (1: every step).
-        device: the training device; from the Trainer's ``accelerator``/``devices`` if None.
-
-    After ``fit``, :attr:`guard` holds the record (metered steps, peak, refused
-    attempts) and :attr:`pieces` how many pieces each batch is cut into.
-    """
-
-    strategy_name = "budgeted_bp"
-
-    def __init__(
-        self,
-        memory_budget: str | int = "300MB",
-        memory_overhead: float = 1.0,
-        meter_full_steps: int = 5,
-        meter_sample_every: int = 20,
-        device: str | torch.device | None = None,
-        accelerator: Accelerator | None = None,
-        checkpoint_io: CheckpointIO | None = None,
-        precision_plugin: Precision | None = None,
+    def _configure(
+        self, memory_budget: str | int, memory_overhead: float, meter_full_steps: int, meter_sample_every: int
     ) -> None:
-        super().__init__(
-            device=device or "cpu", accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
-        )
         self.memory_budget = parse_bytes(memory_budget)
         self.tensor_budget = tensor_budget(memory_budget, memory_overhead)
         self.guard = BudgetGuard(
-            torch.device(device or "cpu"), self.tensor_budget, full_steps=meter_full_steps, sample_every=meter_sample_every
+            torch.device("cpu"), self.tensor_budget, full_steps=meter_full_steps, sample_every=meter_sample_every
         )
         self.pieces = 1
         self.shrinks: list[dict[str, int]] = []
-        self._device = torch.device(device) if device is not None else None
+        self.collective: Collective | LocalCollective = LOCAL
         self._batch: Any = None
         self._optimizer: Optimizer | None = None
         self._stash: dict[Tensor, Tensor] = {}  # gradients of the pieces before the last
-
-    @property
-    def root_device(self) -> torch.device:
-        return self._device or self.trainer_device() or torch.device("cpu")
 
     def _fitting(self) -> bool:
         module = self.lightning_module
@@ -119,6 +94,12 @@ class BudgetedBackpropStrategy(TrainerDevices, SingleDeviceStrategy):
             )
         self.guard.device = self.root_device
         cap_cuda_allocator(self.root_device, self.tensor_budget)
+        self.collective = self._collective()
+        self.collective.broadcast_modules([self.lightning_module])  # every rank starts from rank 0's weights
+
+    def _collective(self) -> Collective | LocalCollective:
+        """The other ranks this process trains with (:data:`LOCAL`: none)."""
+        return LOCAL
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch = batch
@@ -139,7 +120,9 @@ class BudgetedBackpropStrategy(TrainerDevices, SingleDeviceStrategy):
         while True:
             try:
                 return self._transaction(optimizer, closure, model, metered, size, **kwargs)
-            except torch.OutOfMemoryError:
+            except torch.OutOfMemoryError as error:
+                if not isinstance(error, PeerStepFailed):  # outside the meter: the other ranks drop the step too
+                    self.collective.agree(failed=True)
                 if -(-size // self.pieces) <= 1:
                     raise
                 failed = True  # retried below, outside this handler, so the failed attempt's tensors are freed
@@ -176,7 +159,10 @@ class BudgetedBackpropStrategy(TrainerDevices, SingleDeviceStrategy):
             def checked_closure() -> Any:
                 result = closure()
                 self._restore_stashed_gradients()
-                before_update(optimizer)
+                before_update(optimizer)  # the budget's limit is lifted from here on: collectives may allocate
+                if self.collective.agree(failed=False):
+                    raise PeerStepFailed("another rank's step did not fit the budget")
+                self.collective.average_gradients(p for g in optimizer.param_groups for p in g["params"])
                 return result
 
             self._optimizer = optimizer
@@ -234,6 +220,114 @@ class BudgetedBackpropStrategy(TrainerDevices, SingleDeviceStrategy):
             self.shrinks = list(state["shrinks"])
 
 
+
+
+class BudgetedBackpropStrategy(_BudgetedBackpropAdapter, TrainerDevices, SingleDeviceStrategy):
+    """Backpropagation on one device, every step held to ``memory_budget`` as a transaction.
+
+    Args:
+        memory_budget: device memory for training, e.g. ``"300MB"`` or a number of bytes.
+        memory_overhead: device bytes held per tensor byte the meter counts; steps are held
+            to ``memory_budget / memory_overhead`` tensor bytes (as ``NeuroFluxStrategy``).
+        meter_full_steps, meter_sample_every: meter every step while the batch size is
+            new (the first ``meter_full_steps`` steps, and again after a step had to be cut
+            into pieces), then one step in ``meter_sample_every`` (1: every step).
+        device: the training device; from the Trainer's ``accelerator``/``devices`` if None.
+
+    After ``fit``, :attr:`guard` holds the record (metered steps, peak, refused
+    attempts) and :attr:`pieces` how many pieces each batch is cut into.
+    """
+
+    strategy_name = "budgeted_bp"
+
+    def __init__(
+        self,
+        memory_budget: str | int = "300MB",
+        memory_overhead: float = 1.0,
+        meter_full_steps: int = 5,
+        meter_sample_every: int = 20,
+        device: str | torch.device | None = None,
+        accelerator: Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            device=device or "cpu", accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
+        )
+        self._device = torch.device(device) if device is not None else None
+        self._configure(memory_budget, memory_overhead, meter_full_steps, meter_sample_every)
+
+    @property
+    def root_device(self) -> torch.device:
+        return self._device or self.trainer_device() or torch.device("cpu")
+
+
+class BudgetedBackpropDDPStrategy(_BudgetedBackpropAdapter, DDPStrategy):
+    """Budgeted backpropagation on several processes through Lightning's DDP (``"budgeted_bp_ddp"``).
+
+    The same transaction per step as :class:`BudgetedBackpropStrategy`, with the budget per
+    device, and the same gradient rule as :class:`~nf_lightning.lightning.strategy.NeuroFluxDDPStrategy`:
+    no ``DistributedDataParallel`` wrapper (its bucketed all-reduce during backward would
+    fire once per piece of a cut batch, and its buckets sit outside the meter's view), but
+    an in-place all-reduce of every gradient after the whole batch's backward, before the
+    update; a step that does not fit on one rank is cut into pieces on every rank. Initial
+    weights come from rank 0; BatchNorm statistics are averaged before every validation and
+    at the end of training.
+
+    Args:
+        memory_budget, memory_overhead, meter_full_steps, meter_sample_every: as
+            :class:`BudgetedBackpropStrategy`, per device.
+        timeout: how long a collective waits for the other ranks (a dead rank fails the job then).
+        process_group_backend, start_method, accelerator, parallel_devices, cluster_environment,
+            checkpoint_io, precision_plugin: as Lightning's ``DDPStrategy``.
+    """
+
+    strategy_name = "budgeted_bp_ddp"
+
+    def __init__(
+        self,
+        memory_budget: str | int = "300MB",
+        memory_overhead: float = 1.0,
+        meter_full_steps: int = 5,
+        meter_sample_every: int = 20,
+        *,
+        timeout: timedelta = timedelta(minutes=5),
+        process_group_backend: str | None = None,
+        start_method: str = "popen",
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self._configure(memory_budget, memory_overhead, meter_full_steps, meter_sample_every)
+
+    def configure_ddp(self) -> None:
+        """No ``DistributedDataParallel`` wrapper: gradients are averaged per step, after the whole batch."""
+
+    def _collective(self) -> Collective | LocalCollective:
+        return Collective(self.root_device) if self.world_size > 1 else LOCAL
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if self._fitting():
+            self.collective.average_buffers([self.lightning_module])
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self.collective.average_buffers([self.lightning_module])
+
+
 def _loss_of(output: Any) -> Tensor | None:
     if isinstance(output, Tensor):
         return output
@@ -250,6 +344,12 @@ def _scaled(output: Any, factor: float) -> Any:
     return output
 
 
+if BudgetedBackpropDDPStrategy.strategy_name not in StrategyRegistry:
+    StrategyRegistry.register(
+        BudgetedBackpropDDPStrategy.strategy_name,
+        BudgetedBackpropDDPStrategy,
+        description="backpropagation held to a per-device memory budget, on several processes",
+    )
 if BudgetedBackpropStrategy.strategy_name not in StrategyRegistry:
     StrategyRegistry.register(
         BudgetedBackpropStrategy.strategy_name,
