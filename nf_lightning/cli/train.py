@@ -240,6 +240,9 @@ def _outcome(trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: V
         )
     elif isinstance(getattr(trainer.strategy, "guard", None), BudgetGuard):  # BP's, on one device or several
         outcome.update(measured_peak_bytes=trainer.strategy.guard.peak, enforcement=trainer.strategy.summary())
+    if trainer.world_size > 1:  # every rank's own peak against the per-device budget
+        peak = torch.tensor([outcome["measured_peak_bytes"] or 0])
+        outcome["measured_peak_bytes_per_rank"] = [int(p) for p in trainer.strategy.all_gather(peak).flatten()]
     for callback in trainer.callbacks:
         if isinstance(callback, PeakMemoryMonitor):
             outcome["measured_peak_bytes"] = callback.peak_bytes
