@@ -7,6 +7,7 @@ torch thread per process, the same data, budget per device and epochs. Prints an
 budget, the final (best-exit) validation accuracy, and the samples DistributedSampler padded.
 
     NF_DATA_DIR=../shared/datasets python experiments/ddp_scaling.py    # about 5 minutes on 2 cores
+    python experiments/ddp_scaling.py --estimate    # scaling on paper: VGG-16, all-reduce against compute
 
 On a machine with 2 cores the two processes share the cores the single process has to
 itself, so the wall time shows the cost of the collectives and of sharing, not a speed-up;
@@ -72,5 +73,60 @@ def main() -> None:
     print("\n".join(lines))
 
 
+
+def estimate(budget: str = "300MB", flops_per_second: float = 20e12) -> str:
+    """Scaling on paper for VGG-16 at full width on 32x32 inputs under ``budget`` per device.
+
+    Per block of NeuroFlux's plan: the bytes each step all-reduces (the active block's units and
+    exits, fp32 gradients; a ring all-reduce moves 2 (N-1)/N times that per rank) against the
+    step's compute (forward and backward of the block at its batch, counted by torch's FLOP
+    counter, at ``flops_per_second``), on a 10 GbE link (1.25 GB/s) and an NVLink (300 GB/s).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nf_lightning.core.budget import parse_bytes
+    from nf_lightning.core.decompose import decompose
+    from nf_lightning.core.run import BlockwiseRun
+    from nf_lightning.models import create
+
+    net = create("vgg16", num_classes=10, width_mult=1.0)
+    recipe = lambda: (torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), [])  # noqa: E731
+    run = BlockwiseRun.create(decompose(net), recipe, (3, 32, 32), parse_bytes(budget), cache_dir=None)
+    links = {"10 GbE": 1.25e9, "NVLink": 300e9}
+    lines = [
+        f"VGG-16 (width 1.0, 32x32) under {budget} per device, 2 ranks; compute at {flops_per_second / 1e12:.0f} "
+        "TFLOP/s; ring all-reduce moves 2(N-1)/N x the gradient bytes per rank.", "",
+        "| block | units | batch | gradient MB per step | GFLOP per step | compute ms | all-reduce ms 10 GbE | "
+        "all-reduce ms NVLink | comm/compute 10 GbE | comm/compute NVLink |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]  # fmt: skip
+    h = torch.randn(1, 3, 32, 32)
+    for index, block in enumerate(run.plan.blocks):
+        batch = run.plan.batch_size(index)
+        params = sum(p.numel() for u in block.units for m in (run.units[u], run.exits[u]) for p in m.parameters())
+        x = h.expand(batch, *h.shape[1:]).clone().requires_grad_(False)
+        flops = 0
+        for u in block.units:
+            with FlopCounterMode(display=False) as counter:
+                out = run.units[u](x)
+                run.exits[u](out).sum().backward()
+            flops += counter.get_total_flops()
+            x = out.detach()
+        h = x[:1]
+        grad_bytes = 4 * params
+        compute = flops / flops_per_second
+        comm = {k: 2 * (2 - 1) / 2 * grad_bytes / bw for k, bw in links.items()}
+        lines.append(
+            f"| {index} | {block.units[0]}-{block.units[-1]} | {batch} | {grad_bytes / 1e6:.1f} | {flops / 1e9:.0f} | "
+            f"{1e3 * compute:.1f} | {1e3 * comm['10 GbE']:.1f} | {1e3 * comm['NVLink']:.2f} | "
+            f"{comm['10 GbE'] / compute:.2f} | {comm['NVLink'] / compute:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    if "--estimate" in sys.argv:
+        print(estimate())
+    else:
+        main()

@@ -126,14 +126,55 @@ def test_the_recipes_own_scheduler_replaces_the_decay(tmp_path: Path) -> None:
 
 def test_patience_ends_a_block_whose_exits_stopped_improving(tmp_path: Path) -> None:
     # lr 0 and a gain of 0.5 needed: nothing improves after the first epoch
-    run, _ = tiny_run(tmp_path, BlockSchedule(epochs=50, patience=1, min_epochs=2, min_delta=0.5), lr=0.0)
+    schedule = BlockSchedule(epochs=50, patience=1, min_epochs=2, min_delta=0.5, anneal_epochs=0)
+    run, _ = tiny_run(tmp_path, schedule, lr=0.0)
     run.start()
     events = [train_epoch(run, epoch) for epoch in range(3)]
     assert events == ["continue", "next_block", "continue"]
     assert run.ended_blocks[0] == {
         "block": 0, "epochs": 2, "horizon": 50, "steps": 12, "reason": "patience",
-        "best_accuracy": run.ended_blocks[0]["best_accuracy"],
+        "best_accuracy": run.ended_blocks[0]["best_accuracy"], "annealed_from": None,
     }
+
+
+def test_a_block_that_stalls_mid_horizon_anneals_its_rate_to_zero_then_ends(tmp_path: Path) -> None:
+    # a gain of 0.5 needed: nothing counts as improving after the first epoch, so epoch 2 stalls at a high rate
+    schedule = BlockSchedule(epochs=50, patience=1, min_epochs=2, min_delta=0.5, anneal_epochs=2)
+    run, _ = tiny_run(tmp_path, schedule, lr=0.1)
+    run.start()
+    assert [train_epoch(run, epoch) for epoch in range(2)] == ["continue", "continue"]  # stalled: annealing
+    start = cosine_factor(2 / 50)
+    assert run.anneal == {"start": 2, "epochs": 2, "factor": start}
+    state = run.state_dict()
+    assert state["anneal"] == run.anneal  # a resumed run anneals on
+    seen = []
+    for epoch in (2, 3):
+        run.begin_epoch()
+        for x, y in run.train_loader():
+            run.train_batch(x, y)
+            seen.append(run.optimizers[0].param_groups[0]["lr"])
+        event = run.end_epoch(epoch)
+    assert event == "next_block" and run.ended_blocks[0]["reason"] == "patience"
+    assert run.ended_blocks[0]["annealed_from"] == 2 and run.ended_blocks[0]["epochs"] == 4
+    expected = [0.1 * start * cosine_factor(step / 12) for step in range(12)]  # 6 steps per epoch, over 2 epochs
+    assert seen == pytest.approx(expected)
+    assert run.anneal is None  # the next block starts afresh
+
+
+def test_with_the_recipes_own_scheduler_a_stalled_block_ends_at_once(tmp_path: Path) -> None:
+    from nf_lightning.core.optim_recipe import SchedulerSpec
+
+    holder = {}
+
+    def recipe():
+        optimizer = torch.optim.SGD(holder["net"].parameters(), lr=0.1)
+        return optimizer, [SchedulerSpec(torch.optim.lr_scheduler.StepLR(optimizer, step_size=10))]
+
+    run, net = tiny_run(tmp_path, BlockSchedule(epochs=50, patience=1, min_epochs=2, min_delta=0.5))
+    holder["net"], run.recipe = net, recipe
+    run.start()
+    assert [train_epoch(run, epoch) for epoch in range(2)] == ["continue", "next_block"]
+    assert run.ended_blocks[0]["annealed_from"] is None
 
 
 def test_stop_and_resume_mid_block_continues_the_same_schedule(tmp_path: Path) -> None:

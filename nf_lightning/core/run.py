@@ -192,6 +192,7 @@ class BlockwiseRun:
         self.horizon: int | None = None  # epochs the active block trains at most, fixed when it starts
         self.block_step = 0
         self.patience = Patience(self.schedule.patience, self.schedule.min_delta)
+        self.anneal: dict[str, float] | None = None  # the active block stalled: its rate falls to zero, then it ends
         self.ended_blocks: list[dict[str, Any]] = []  # how each block ended: epochs, reason, best accuracy
         self.last_epoch = -1
         self.finished = False
@@ -490,8 +491,11 @@ class BlockwiseRun:
         steps = self._epoch_steps or self.steps_per_epoch()
         if self.horizon is None:
             self.horizon = self.schedule.horizon(self.active_block, steps)
-        progress = (self.epochs_in_block + min(self._step_in_epoch / steps, 1.0)) / self.horizon
-        factor = cosine_factor(progress)
+        done = self.epochs_in_block + min(self._step_in_epoch / steps, 1.0)
+        if self.anneal is None:
+            factor = cosine_factor(done / self.horizon)
+        else:  # from the rate the block stalled at, down to zero over the annealing epochs
+            factor = self.anneal["factor"] * cosine_factor((done - self.anneal["start"]) / self.anneal["epochs"])
         for optimizer, base in zip(self.optimizers, self._base_lrs):
             for group, lr in zip(optimizer.param_groups, base):
                 group["lr"] = lr * factor
@@ -569,25 +573,34 @@ class BlockwiseRun:
         if self.horizon is None:
             self.horizon = self.schedule.horizon(self.active_block, self.steps_per_epoch())
         reason = "horizon" if epochs >= self.horizon else None
-        if reason is None and stalled and epochs >= self.schedule.min_epochs:
+        anneal = self.anneal
+        if reason is None and anneal is not None and epochs >= anneal["start"] + anneal["epochs"]:
             reason = "patience"
+        elif reason is None and anneal is None and stalled and epochs >= self.schedule.min_epochs:
+            if self.decays and self.schedule.anneal_epochs > 0:  # anneal first: the rate is still high here
+                length = min(self.schedule.anneal_epochs, self.horizon - epochs)
+                anneal = {"start": epochs, "epochs": length, "factor": cosine_factor(epochs / self.horizon)}
+            else:
+                reason = "patience"
         last = self.active_block == self.num_blocks - 1
         if reason is not None and not last and self.uses_cache:
             self.collective.average_buffers(self._modules_of(self.active_block))
             for split in SPLITS:  # first, since it may fail (a full disk): the epoch then stays open
                 self._write_cache(self.active_block, split)
         self.last_epoch, self.epochs_in_block, self.patience, self._epoch_best = epoch, epochs, patience, None
+        self.anneal = anneal
         self._step_epoch_schedulers(epoch, metrics or {})
         if reason is None:
             return CONTINUE
         self.ended_blocks.append(
             {"block": self.active_block, "epochs": epochs, "horizon": self.horizon,
-             "steps": self.block_step, "reason": reason, "best_accuracy": patience.best}
+             "steps": self.block_step, "reason": reason, "best_accuracy": patience.best,
+             "annealed_from": anneal["start"] if anneal is not None else None}
         )
         if last:
             self.finished = True
             return DONE
-        self.epochs_in_block, self.horizon, self.block_step = 0, None, 0
+        self.epochs_in_block, self.horizon, self.block_step, self.anneal = 0, None, 0, None
         self.patience = Patience(self.schedule.patience, self.schedule.min_delta)
         self.guard.restart()  # a new batch size: meter it in full again
         self._enter(self.active_block + 1)
@@ -812,6 +825,7 @@ class BlockwiseRun:
             "horizon": self.horizon,
             "block_step": self.block_step,
             "patience": {"best": self.patience.best, "stale": self.patience.stale},
+            "anneal": self.anneal,
             "ended_blocks": list(self.ended_blocks),
             "schedule": self.schedule.to_dict(),
             "last_epoch": self.last_epoch,
@@ -856,6 +870,7 @@ class BlockwiseRun:
         self.horizon = state["horizon"]
         self.block_step = int(state["block_step"])
         self.patience = Patience(self.schedule.patience, self.schedule.min_delta, **state["patience"])
+        self.anneal = state.get("anneal")
         self.ended_blocks = list(state["ended_blocks"])
         self.last_epoch = int(state["last_epoch"])
         self.finished = bool(state["finished"])

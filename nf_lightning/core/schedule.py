@@ -6,7 +6,10 @@ a small data set gets few steps per epoch), capped at ``max_epochs``. Its
 learning rate decays over that horizon (cosine, unless the user's recipe
 brings its own schedulers, which are then stepped instead), and it ends
 earlier when its exits stop improving for ``patience`` epochs (after
-``min_epochs``).
+``min_epochs``). A block that stalls that way mid-horizon still has a high
+learning rate, so with a decay of NeuroFlux's own it first *anneals*: its
+rate falls from where it is to zero (cosine) over ``anneal_epochs`` more
+epochs, then it ends.
 
 Example:
     >>> schedule = BlockSchedule(epochs=2, min_steps=100, max_epochs=30)
@@ -42,6 +45,9 @@ class BlockSchedule:
         decay: ``"cosine"`` to zero over the horizon, or ``"none"`` (constant).
         lr_scaling: how a block's learning rate follows its batch size relative
             to the batch the user's recipe was tuned for: ``"linear"``, ``"sqrt"`` or ``"none"``.
+        anneal_epochs: epochs over which a block that stopped improving before its horizon
+            decays its rate to zero before it ends (0: it ends at once; only with ``decay="cosine"``
+            and no scheduler of the user's).
     """
 
     epochs: int | tuple[int, ...] = 1
@@ -52,6 +58,7 @@ class BlockSchedule:
     min_delta: float = 0.0
     decay: str = "cosine"
     lr_scaling: str = "linear"
+    anneal_epochs: int = 2
 
     def __post_init__(self) -> None:
         epochs = (self.epochs,) if isinstance(self.epochs, int) else tuple(self.epochs)
@@ -59,6 +66,8 @@ class BlockSchedule:
             raise ValueError(f"every block needs at least one epoch, got epochs={self.epochs}")
         if self.min_steps < 0 or self.min_epochs < 1 or self.max_epochs < 1:
             raise ValueError("min_steps must be >= 0, min_epochs and max_epochs >= 1")
+        if self.anneal_epochs < 0:
+            raise ValueError(f"anneal_epochs must be >= 0, got {self.anneal_epochs}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be None or >= 1, got {self.patience}")
         if self.decay not in DECAYS:

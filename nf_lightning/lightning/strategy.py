@@ -90,6 +90,7 @@ class _NeuroFluxAdapter:
         min_epochs_per_block: int,
         block_patience: int | None,
         block_min_delta: float,
+        block_anneal_epochs: int,
         single_block: bool,
         feature_augment: str,
         meter_full_steps: int,
@@ -126,6 +127,7 @@ class _NeuroFluxAdapter:
             min_epochs=min_epochs_per_block,
             patience=block_patience,
             min_delta=block_min_delta,
+            anneal_epochs=block_anneal_epochs,
             decay=lr_decay,
             lr_scaling=lr_scaling,
         )
@@ -461,6 +463,8 @@ class NeuroFluxStrategy(_NeuroFluxAdapter, TrainerDevices, SingleDeviceStrategy)
         min_epochs_per_block: epochs before ``block_patience`` may end a block.
         block_patience: end a block once its best exit has not improved by
             ``block_min_delta`` for this many epochs; None trains every horizon to its end.
+        block_anneal_epochs: a block that stops improving before its horizon first decays its
+            rate from where it is to zero over this many epochs, then ends (0: it ends at once).
         single_block: all units as one block at one batch size (classic local learning).
         feature_augment: random flips and shifted crops of cached activations, so blocks after
             the first see fresh views every epoch: ``"flip_crop"``, ``"flip"``, ``"crop"`` or ``"none"``.
@@ -498,6 +502,7 @@ class NeuroFluxStrategy(_NeuroFluxAdapter, TrainerDevices, SingleDeviceStrategy)
         min_epochs_per_block: int = 1,
         block_patience: int | None = 2,
         block_min_delta: float = 0.0,
+        block_anneal_epochs: int = 2,
         single_block: bool = False,
         feature_augment: str = "none",
         meter_full_steps: int = 5,
@@ -534,6 +539,7 @@ class NeuroFluxStrategy(_NeuroFluxAdapter, TrainerDevices, SingleDeviceStrategy)
             min_epochs_per_block=min_epochs_per_block,
             block_patience=block_patience,
             block_min_delta=block_min_delta,
+            block_anneal_epochs=block_anneal_epochs,
             single_block=single_block,
             feature_augment=feature_augment,
             meter_full_steps=meter_full_steps,
