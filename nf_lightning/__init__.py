@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "ActivationCache": "nf_lightning.lightning.activation_cache",
     "BlockwiseRun": "nf_lightning.core.run",
+    "BudgetedBackpropDDPStrategy": "nf_lightning.lightning.backprop",
     "BudgetedBackpropStrategy": "nf_lightning.lightning.backprop",
     "ClassifierModule": "nf_lightning.lightning.classifier",
     "Decomposition": "nf_lightning.core.decompose",
     "EarlyExitSelector": "nf_lightning.lightning.early_exit",
     "MemoryProfiler": "nf_lightning.lightning.memory_profiler",
+    "NeuroFluxDDPStrategy": "nf_lightning.lightning.strategy",
     "NeuroFluxStrategy": "nf_lightning.lightning.strategy",
     "NeuronUpdateBudget": "nf_lightning.lightning.neuron_budget",
     "decompose": "nf_lightning.core.decompose",
@@ -34,12 +36,12 @@ if TYPE_CHECKING:
     from nf_lightning.core.decompose import Decomposition, decompose
     from nf_lightning.core.run import BlockwiseRun
     from nf_lightning.lightning.activation_cache import ActivationCache
-    from nf_lightning.lightning.backprop import BudgetedBackpropStrategy
+    from nf_lightning.lightning.backprop import BudgetedBackpropDDPStrategy, BudgetedBackpropStrategy
     from nf_lightning.lightning.classifier import ClassifierModule
     from nf_lightning.lightning.early_exit import EarlyExitSelector
     from nf_lightning.lightning.memory_profiler import MemoryProfiler
     from nf_lightning.lightning.neuron_budget import NeuronUpdateBudget
-    from nf_lightning.lightning.strategy import NeuroFluxStrategy
+    from nf_lightning.lightning.strategy import NeuroFluxDDPStrategy, NeuroFluxStrategy
 
 
 def __getattr__(name: str) -> Any:
