@@ -8,6 +8,8 @@ budget, the final (best-exit) validation accuracy, and the samples DistributedSa
 
     NF_DATA_DIR=../shared/datasets python experiments/ddp_scaling.py    # about 5 minutes on 2 cores
     python experiments/ddp_scaling.py --estimate    # scaling on paper: VGG-16, all-reduce against compute
+    NF_DATA_DIR=../shared/datasets python experiments/ddp_scaling.py --same-global-batch
+        # 1 process at batch 128 against 2 at 64 each (same global batch and schedule): accuracy only
 
 On a machine with 2 cores the two processes share the cores the single process has to
 itself, so the wall time shows the cost of the collectives and of sharing, not a speed-up;
@@ -27,9 +29,17 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent / "results" / "ddp_scaling"
 WORK = Path(__file__).resolve().parent / "out" / "ddp_scaling"
 COMMON = ["method=neuroflux", "model=vgg11", "model.width_mult=0.25", "data=cifar10_folder", "data.train_subset=2000",
-          "data.val_subset=500", "budget=10MB", "epochs=3", "batch_limit=256", "seed=0",
-          "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]  # fmt: skip
-SETUPS = {"1 process": ["distributed=single"], "2 processes": ["distributed=ddp", "trainer.devices=2"]}
+          "data.val_subset=500", "epochs=3", "seed=0", "trainer.accelerator=cpu",
+          "trainer.enable_progress_bar=false"]  # fmt: skip
+SETUPS = {  # the same budget per device: 2 processes train on twice the global batch
+    "1 process": ["distributed=single", "budget=10MB", "batch_limit=256"],
+    "2 processes": ["distributed=ddp", "trainer.devices=2", "budget=10MB", "batch_limit=256"],
+}
+SAME_GLOBAL_BATCH = {  # --same-global-batch: a budget no block reaches, blocks at 128 in all or 64 per process
+    "1 process, batch 128": ["distributed=single", "budget=1GB", "batch_limit=128", "optim.reference_batch=128"],
+    "2 processes, batch 64 each": ["distributed=ddp", "trainer.devices=2", "budget=1GB", "batch_limit=64",
+                                   "optim.reference_batch=64"],
+}  # fmt: skip
 
 
 def run(name: str, extra: list[str]) -> dict:
@@ -41,7 +51,7 @@ def run(name: str, extra: list[str]) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
     results = json.loads((directory / "results.json").read_text())
-    ranks = 2 if "ddp" in " ".join(extra) else 1
+    ranks = 2 if "distributed=ddp" in extra else 1
     train = results["data"]["train_subset"]
     return {
         "setup": name, "processes": ranks, "wall_seconds": wall, "train_seconds": results["train_seconds"],
@@ -52,13 +62,16 @@ def run(name: str, extra: list[str]) -> dict:
     }  # fmt: skip
 
 
-def main() -> None:
-    rows = [run(name, extra) for name, extra in SETUPS.items()]
+def main(same_global_batch: bool = False) -> None:
+    setups = SAME_GLOBAL_BATCH if same_global_batch else SETUPS
+    rows = [run(name, extra) for name, extra in setups.items()]
+    name = "same_global_batch" if same_global_batch else "summary"
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "summary.json").write_text(json.dumps({"settings": COMMON, "rows": rows}, indent=2))
+    (OUT / f"{name}.json").write_text(json.dumps({"settings": COMMON, "setups": setups, "rows": rows}, indent=2))
     lines = [
         "# NeuroFlux on 1 and 2 processes (same data, budget per device, one torch thread per process)", "",
-        f"Settings: `{' '.join(COMMON)}`.", "",
+        f"Settings: `{' '.join(COMMON)}`, then per setup: "
+        + "; ".join(f"{k}: `{' '.join(v)}`" for k, v in setups.items()) + ".", "",
         "| setup | wall s | train s | per-rank peak MB (budget) | block batch sizes per rank | padded samples | "
         "best-exit val acc % |",
         "| --- | ---: | ---: | --- | --- | ---: | ---: |",
@@ -69,7 +82,7 @@ def main() -> None:
             f"| {r['setup']} | {r['wall_seconds']:.0f} | {r['train_seconds']:.0f} | {peaks} ({r['budget_bytes'] / 1e6:.1f}) "
             f"| {r['batch_sizes']} | {r['padded_samples']} | {100 * r['final_accuracy']:.1f} |"
         )
-    (OUT / "summary.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -129,4 +142,4 @@ if __name__ == "__main__":
     if "--estimate" in sys.argv:
         print(estimate())
     else:
-        main()
+        main(same_global_batch="--same-global-batch" in sys.argv)
