@@ -43,7 +43,7 @@ SAME_GLOBAL_BATCH = {  # --same-global-batch: a budget no block reaches, blocks 
 
 
 def run(name: str, extra: list[str]) -> dict:
-    directory = WORK / name.replace(" ", "_")
+    directory = WORK / "".join(c if c.isalnum() else "_" for c in name)
     command = [str(Path(sys.executable).parent / "nf-train"), *COMMON, *extra, f"hydra.run.dir={directory}"]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
