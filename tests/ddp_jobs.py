@@ -209,8 +209,62 @@ def single_resume(out: Path) -> dict:
             "warnings": [str(w.message) for w in caught]}  # fmt: skip
 
 
+def equivalence_run(out: Path, ranks: int) -> dict:
+    """VGG-11 x0.125 on 2,000 real CIFAR-10 images through two blocks, global batch 64 on ``ranks`` processes.
+
+    The plan is fixed (no profiling), so both runs train the same blocks on the same global batch with
+    the same schedule: 64 samples per step in one process, or 32 on each of two.
+    """
+    from nf_lightning.core.plan import Block, TrainingPlan
+    from nf_lightning.core.run import build_exits
+    from nf_lightning.data import CIFAR10FolderDataModule
+    from nf_lightning.models import create
+
+    import os
+
+    torch.manual_seed(int(os.environ.get("EQ_SEED", "0")))
+    data = CIFAR10FolderDataModule(train_subset=2000, val_subset=1000, seed=0)
+    train, val = data.train_dataset(augment=True), data.val_dataset()
+    net = create("vgg11", num_classes=10, width_mult=0.125)
+    parts = decompose(net)
+    batch, sharded = 64 // ranks, ranks > 1
+    train_loader = DataLoader(train, batch_size=batch, shuffle=not sharded,
+                              sampler=DistributedSampler(train, shuffle=True, seed=0) if sharded else None)  # fmt: skip
+    val_loader = DataLoader(val, batch_size=250, sampler=DistributedSampler(val, shuffle=False) if sharded else None)
+    plan = TrainingPlan(budget=10**9, batch_limit=64, rho=0.4, aux_policy="adaptive", input_shape=(3, 32, 32),
+                        unit_models=[], blocks=[Block((0, 1, 2), batch, 0), Block((3, 4, 5, 6, 7), batch, 0)],
+                        epochs_per_block=[4, 4])  # fmt: skip
+    recipe = lambda: (torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4), [])  # noqa: E731
+    run = BlockwiseRun(parts, build_exits(parts, (3, 32, 32)), plan, recipe, cache_dir=out / f"cache{ranks}",
+                       lr_reference_batch=batch, schedule=BlockSchedule.from_epochs(4),
+                       collective=Collective() if sharded else None)  # fmt: skip
+    run.collective.broadcast_modules([*parts.units, *run.exits])
+    run.attach_data(DataSources(train_loader, val_loader, train_unaugmented=data.train_dataset(augment=False)))
+    run.start()
+    epoch = 0
+    while not run.finished:
+        run.begin_epoch()
+        loader = run.train_loader()
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        for x, y in loader:
+            run.train_batch(x, y)
+        run.begin_validation()
+        for x, y in val_loader:
+            run.validate_batch(x, y)
+        run.end_validation()
+        run.end_epoch(epoch)
+        epoch += 1
+    run.release()
+    return {"records": {str(u): r.accuracy for u, r in run.records.items()},
+            "best": max(r.accuracy for r in run.records.values())}  # fmt: skip
+
+
 def main() -> None:
     job, out = sys.argv[1], Path(sys.argv[2])
+    if job == "single_equivalence":
+        (out / "single.json").write_text(json.dumps(equivalence_run(out, ranks=1)))
+        return
     if job == "single_resume":
         (out / "single.json").write_text(json.dumps(single_resume(out)))
         return
@@ -224,6 +278,8 @@ def main() -> None:
             result = core_run(out, shrink_rank=1)
         elif job == "core_mismatch":  # rank 1 is given another budget: another plan
             result = core_run(out, budget=1_200_000 if rank == 0 else 3_000_000)
+        elif job == "equivalence":
+            result = equivalence_run(out, ranks=2)
         elif job == "bp":
             result = bp_run(out)
         elif job == "classic":
