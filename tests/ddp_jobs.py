@@ -210,7 +210,8 @@ def single_resume(out: Path) -> dict:
 
 
 def equivalence_run(out: Path, ranks: int) -> dict:
-    """VGG-11 x0.125 on 2,000 real CIFAR-10 images through two blocks, global batch 64 on ``ranks`` processes.
+    """VGG-11 x0.125 on 2,000 real CIFAR-10 images through two blocks, global batch 64 on ``ranks`` processes
+    (the seed from ``$EQ_SEED``).
 
     The plan is fixed (no profiling), so both runs train the same blocks on the same global batch with
     the same schedule: 64 samples per step in one process, or 32 on each of two.
