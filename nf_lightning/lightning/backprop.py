@@ -1,4 +1,5 @@
-"""``BudgetedBackpropStrategy``: ordinary backpropagation held to a memory budget by NeuroFlux's own rule.
+"""Ordinary backpropagation held to a memory budget by NeuroFlux's own rule, on one device
+(``BudgetedBackpropStrategy``) or several through Lightning's DDP (``BudgetedBackpropDDPStrategy``).
 
 The baselines must play by the rules NeuroFlux plays by. Every optimizer step
 of the whole network is one transaction of the same
