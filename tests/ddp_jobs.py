@@ -242,7 +242,7 @@ def equivalence_run(out: Path, ranks: int) -> dict:
     run.collective.broadcast_modules([*parts.units, *run.exits])
     run.attach_data(DataSources(train_loader, val_loader, train_unaugmented=data.train_dataset(augment=False)))
     run.start()
-    epoch = 0
+    epoch, digests = 0, []
     while not run.finished:
         run.begin_epoch()
         loader = run.train_loader()
@@ -254,10 +254,11 @@ def equivalence_run(out: Path, ranks: int) -> dict:
         for x, y in val_loader:
             run.validate_batch(x, y)
         run.end_validation()
+        digests.append(digest(run))
         run.end_epoch(epoch)
         epoch += 1
     run.release()
-    return {"records": {str(u): r.accuracy for u, r in run.records.items()},
+    return {"records": {str(u): r.accuracy for u, r in run.records.items()}, "digests": digests,
             "best": max(r.accuracy for r in run.records.values())}  # fmt: skip
 
 

@@ -156,6 +156,7 @@ def test_two_ranks_reach_the_accuracy_of_one_process_with_the_same_global_batch(
         single.append(json.loads((out / "single.json").read_text())["best"])
         done, (r0, r1) = torchrun("equivalence", out)
         assert done.returncode == 0, (r0.get("trace"), r1.get("trace"), done.stderr[-3000:])
-        assert r0["records"] == r1["records"]
+        assert r0["records"] == r1["records"] and len(r0["digests"]) == 8
+        assert r0["digests"] == r1["digests"]  # the zoo model's parameters and BatchNorm buffers, every epoch
         ddp.append(r0["best"])
     assert abs(sum(single) / 3 - sum(ddp) / 3) <= 0.02, (single, ddp)
