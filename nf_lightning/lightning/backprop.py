@@ -281,6 +281,11 @@ class BudgetedBackpropDDPStrategy(_BudgetedBackpropAdapter, DDPStrategy):
         timeout: how long a collective waits for the other ranks (a dead rank fails the job then).
         process_group_backend, start_method, accelerator, parallel_devices, cluster_environment,
             checkpoint_io, precision_plugin: as Lightning's ``DDPStrategy``.
+
+    Example::
+
+        >>> BudgetedBackpropDDPStrategy("50MB", memory_overhead=2.0).tensor_budget
+        25000000
     """
 
     strategy_name = "budgeted_bp_ddp"

@@ -587,6 +587,13 @@ class NeuroFluxDDPStrategy(_NeuroFluxAdapter, DDPStrategy):
             after this long (gloo's own default is 30 minutes).
         process_group_backend, start_method, accelerator, parallel_devices, cluster_environment,
             checkpoint_io, precision_plugin: as Lightning's ``DDPStrategy``.
+
+    Example (one process per device; here two on the CPU, launched by Lightning or torchrun)::
+
+        >>> strategy = NeuroFluxDDPStrategy("10MB", epochs_per_block=5, block_patience=None)
+        >>> strategy.memory_budget, strategy.schedule.patience, strategy.strategy_name
+        (10000000, None, 'neuroflux_ddp')
+        >>> trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2)  # doctest: +SKIP
     """
 
     strategy_name = "neuroflux_ddp"
