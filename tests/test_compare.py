@@ -233,6 +233,14 @@ def test_table_and_readme_regeneration(tmp_path: Path) -> None:
         compare.update_readme(tmp_path / "missing.json", readme)
 
 
+def test_a_neuroflux_that_never_reached_the_target_gets_no_speed_up() -> None:
+    summary = benchmark_summary()
+    never = {"mean": 90.0, "lower_bound": True, "reached": 0, "n": 2}
+    summary["results"]["methods"]["neuroflux"]["time_to_target"] = never
+    table = compare.markdown_table(summary)
+    assert "reached the target in none of its seeds" in table and "vs BP (ratio" not in table
+
+
 def test_aux_head_flops_are_counted_not_guessed() -> None:
     profile = {e["unit"]: e for e in figures.unit_profile("vgg11", width_mult=0.25)}
     first = profile[0]  # VGG-11's first unit: 16 channels, pooled to 16x16; adaptive head 8 filters, classic 256
