@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import traceback
 from datetime import timedelta
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from fault_injection import KillAtEpochStart  # noqa: E402
 from test_strategy import PlainClassifier, loaders  # noqa: E402
 
 from nf_lightning import EarlyExitSelector  # noqa: E402
@@ -41,13 +43,48 @@ def data(n: int = 240) -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:])
 
 
-def digest(run: BlockwiseRun) -> str:
-    """Every parameter and buffer of every unit and exit."""
+def module_digest(*modules: torch.nn.Module) -> str:
+    """Every parameter and buffer of ``modules``, bit for bit."""
     h = hashlib.sha256()
-    for module in [*run.units, *run.exits]:
+    for module in modules:
         for tensor in module.state_dict().values():
             h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def digest(run: BlockwiseRun) -> str:
+    """Every parameter and buffer of every unit and exit."""
+    return module_digest(*run.units, *run.exits)
+
+
+def cache_samples(run: BlockwiseRun) -> dict[str, int]:
+    """Samples in each of the run's committed caches, by name."""
+    manifests = sorted(run.cache_dir.glob("*/manifest.json"))
+    return {p.parent.name: json.loads(p.read_text())["num_samples"] for p in manifests}
+
+
+def train_to_the_end(run: BlockwiseRun, val_loader: DataLoader) -> tuple[list[str], list[dict], int]:
+    """Every epoch of every block, validated; the digest and exit accuracies after each validation, and the
+    samples the last epoch trained on. The run's cache directory is released at the end."""
+    digests, accuracies, epoch, samples = [], [], 0, 0
+    while not run.finished:
+        run.begin_epoch()
+        loader = run.train_loader()
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        samples = 0
+        for x, y in loader:
+            run.train_batch(x, y)
+            samples += len(y)
+        run.begin_validation()
+        for x, y in val_loader:
+            run.validate_batch(x, y)
+        accuracies.append(run.end_validation())
+        digests.append(digest(run))
+        run.end_epoch(epoch)
+        epoch += 1
+    run.release()
+    return digests, accuracies, samples
 
 
 def core_run(out: Path, budget: int = 1_200_000, shrink_rank: int | None = None) -> dict:
@@ -67,47 +104,13 @@ def core_run(out: Path, budget: int = 1_200_000, shrink_rank: int | None = None)
         run.guard.budget = int(run.plan.blocks[0].predicted_peak * 0.6)
     run.attach_data(DataSources(train_loader, val_loader))
     run.start()
-    digests, accuracies, epoch = [], [], 0
-    while not run.finished:
-        run.begin_epoch()
-        loader = run.train_loader()
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        samples = 0
-        for x, y in loader:
-            run.train_batch(x, y)
-            samples += len(y)
-        run.begin_validation()
-        for x, y in val_loader:
-            run.validate_batch(x, y)
-        accuracies.append(run.end_validation())
-        digests.append(digest(run))
-        run.end_epoch(epoch)
-        epoch += 1
-    run.release()
-    caches = {
-        p.parent.name: json.loads(p.read_text())["num_samples"] for p in sorted(run.cache_dir.glob("*/manifest.json"))
-    }
+    digests, accuracies, samples = train_to_the_end(run, val_loader)
     return {
         "digests": digests, "accuracies": [{str(k): v for k, v in a.items()} for a in accuracies],
-        "blocks": [list(b.units) for b in run.plan.blocks], "cache_dir": str(run.cache_dir), "caches": caches,
+        "blocks": [list(b.units) for b in run.plan.blocks], "cache_dir": str(run.cache_dir), "caches": cache_samples(run),
         "shrinks": run.shrinks, "failed": [a.phase for a in run.guard.failed], "run_id": run.run_id,
         "train_samples": samples,
     }  # fmt: skip
-
-
-class KillAtEpoch(pl.Callback):
-    """SIGKILL this rank when training epoch ``epoch`` starts (a fixed point, not a timer)."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            import os
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def lightning_run(out: Path, kill: int | None = None) -> dict:
@@ -123,7 +126,7 @@ def lightning_run(out: Path, kill: int | None = None) -> dict:
     resumed = last.exists()
     callbacks = [ModelCheckpoint(dirpath=out / "ckpt", save_last=True), EarlyExitSelector(export_dir=out / "export")]
     if kill is not None and rank == 1:
-        callbacks.append(KillAtEpoch(kill))
+        callbacks.append(KillAtEpochStart(kill))
     trainer = pl.Trainer(
         strategy=strategy, accelerator="cpu", devices=2, default_root_dir=out, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
@@ -131,27 +134,13 @@ def lightning_run(out: Path, kill: int | None = None) -> dict:
     module = PlainClassifier()
     trainer.fit(module, train, val, ckpt_path=str(last) if resumed else None)
     run = strategy.run
-    h = hashlib.sha256()
-    for m in [*run.units, *run.exits]:
-        for tensor in m.state_dict().values():
-            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    caches = {
-        p.parent.name: json.loads(p.read_text())["num_samples"] for p in sorted(run.cache_dir.glob("*/manifest.json"))
-    }
     return {
-        "digest": h.hexdigest(), "finished": run.finished, "resumed": resumed, "epochs": trainer.current_epoch,
+        "digest": digest(run), "finished": run.finished, "resumed": resumed, "epochs": trainer.current_epoch,
         "blocks": [[list(b.units), run.plan.batch_size(i)] for i, b in enumerate(run.plan.blocks)],
         "records": {str(u): r.accuracy for u, r in run.records.items()}, "deploy_unit": run.deploy_unit,
-        "cache_dir": str(run.cache_dir), "caches": caches, "world_size": trainer.world_size,
+        "cache_dir": str(run.cache_dir), "caches": cache_samples(run), "world_size": trainer.world_size,
         "exported": (out / "export" / "exit.json").is_file(),
     }  # fmt: skip
-
-
-def module_digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for tensor in module.state_dict().values():
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def bp_run(out: Path) -> dict:
@@ -203,8 +192,7 @@ def single_resume(out: Path) -> dict:
         warnings.simplefilter("always")
         trainer.fit(PlainClassifier(), train, val, ckpt_path=str(out / "ckpt" / "last.ckpt"))
     run = strategy.run
-    caches = {p.parent.name: json.loads(p.read_text())["num_samples"] for p in sorted(run.cache_dir.glob("*/manifest.json"))}
-    return {"finished": run.finished, "cache_dir": str(run.cache_dir), "caches": caches,
+    return {"finished": run.finished, "cache_dir": str(run.cache_dir), "caches": cache_samples(run),
             "blocks": [[list(b.units), run.plan.batch_size(i)] for i, b in enumerate(run.plan.blocks)],
             "warnings": [str(w.message) for w in caught]}  # fmt: skip
 
@@ -220,8 +208,6 @@ def equivalence_run(out: Path, ranks: int) -> dict:
     from nf_lightning.core.run import build_exits
     from nf_lightning.data import CIFAR10FolderDataModule
     from nf_lightning.models import create
-
-    import os
 
     torch.manual_seed(int(os.environ.get("EQ_SEED", "0")))
     data = CIFAR10FolderDataModule(train_subset=2000, val_subset=1000, seed=0)
@@ -242,22 +228,7 @@ def equivalence_run(out: Path, ranks: int) -> dict:
     run.collective.broadcast_modules([*parts.units, *run.exits])
     run.attach_data(DataSources(train_loader, val_loader, train_unaugmented=data.train_dataset(augment=False)))
     run.start()
-    epoch, digests = 0, []
-    while not run.finished:
-        run.begin_epoch()
-        loader = run.train_loader()
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        for x, y in loader:
-            run.train_batch(x, y)
-        run.begin_validation()
-        for x, y in val_loader:
-            run.validate_batch(x, y)
-        run.end_validation()
-        digests.append(digest(run))
-        run.end_epoch(epoch)
-        epoch += 1
-    run.release()
+    digests, _, _ = train_to_the_end(run, val_loader)
     return {"records": {str(u): r.accuracy for u, r in run.records.items()}, "digests": digests,
             "best": max(r.accuracy for r in run.records.values())}  # fmt: skip
 

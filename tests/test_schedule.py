@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -87,20 +88,25 @@ def train_epoch(run: BlockwiseRun, epoch: int, validate: bool = True) -> str:
     return run.end_epoch(epoch)
 
 
-def test_learning_rate_decays_to_zero_over_the_horizon(tmp_path: Path) -> None:
-    run, _ = tiny_run(tmp_path, BlockSchedule(epochs=1, min_steps=12), lr=0.1)
-    run.start()
-    assert run.num_blocks == 2
-    seen = []
-    run.begin_epoch()
-    assert run.horizon == 2  # 6 steps per epoch (96 / 16), lengthened to 12 steps
-    for epoch in range(2):
-        if epoch:
-            run.begin_epoch()
+def learning_rates_over(run: BlockwiseRun, epochs: Iterable[int]) -> tuple[list[float], str]:
+    """Train ``epochs`` without validating; the first unit's learning rate at every step, and the last epoch's event."""
+    seen, event = [], ""
+    for epoch in epochs:
+        run.begin_epoch()
         for x, y in run.train_loader():
             run.train_batch(x, y)
             seen.append(run.optimizers[0].param_groups[0]["lr"])
         event = run.end_epoch(epoch)
+    return seen, event
+
+
+def test_learning_rate_decays_to_zero_over_the_horizon(tmp_path: Path) -> None:
+    run, _ = tiny_run(tmp_path, BlockSchedule(epochs=1, min_steps=12), lr=0.1)
+    run.start()
+    assert run.num_blocks == 2
+    run.begin_epoch()
+    assert run.horizon == 2  # 6 steps per epoch (96 / 16), lengthened to 12 steps
+    seen, event = learning_rates_over(run, range(2))
     assert event == "next_block" and run.ended_blocks[0]["reason"] == "horizon"
     expected = [0.1 * cosine_factor(step / 12) for step in range(12)]  # lr scaling: loader batch = block batch
     assert seen == pytest.approx(expected)
@@ -147,13 +153,7 @@ def test_a_block_that_stalls_mid_horizon_anneals_its_rate_to_zero_then_ends(tmp_
     assert run.anneal == {"start": 2, "epochs": 2, "factor": start}
     state = run.state_dict()
     assert state["anneal"] == run.anneal  # a resumed run anneals on
-    seen = []
-    for epoch in (2, 3):
-        run.begin_epoch()
-        for x, y in run.train_loader():
-            run.train_batch(x, y)
-            seen.append(run.optimizers[0].param_groups[0]["lr"])
-        event = run.end_epoch(epoch)
+    seen, event = learning_rates_over(run, (2, 3))
     assert event == "next_block" and run.ended_blocks[0]["reason"] == "patience"
     assert run.ended_blocks[0]["annealed_from"] == 2 and run.ended_blocks[0]["epochs"] == 4
     expected = [0.1 * start * cosine_factor(step / 12) for step in range(12)]  # 6 steps per epoch, over 2 epochs
