@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,8 +38,7 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
-from lightning.fabric.plugins.environments import ClusterEnvironment
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -51,6 +49,7 @@ from nf_lightning.core.distributed import LOCAL, Collective, LocalCollective, Pe
 from nf_lightning.core.enforcement import BudgetGuard
 from nf_lightning.core.run import cap_cuda_allocator
 from nf_lightning.lightning._internals import TrainerDevices
+from nf_lightning.lightning.ddp import UnwrappedDDPStrategy, collective_for
 
 CHECKPOINT_KEY = "budgeted_backprop"
 
@@ -95,12 +94,8 @@ class _BudgetedBackpropAdapter:
             )
         self.guard.device = self.root_device
         cap_cuda_allocator(self.root_device, self.tensor_budget)
-        self.collective = self._collective()
+        self.collective = collective_for(self)
         self.collective.broadcast_modules([self.lightning_module])  # every rank starts from rank 0's weights
-
-    def _collective(self) -> Collective | LocalCollective:
-        """The other ranks this process trains with (:data:`LOCAL`: none)."""
-        return LOCAL
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch = batch
@@ -263,7 +258,7 @@ class BudgetedBackpropStrategy(_BudgetedBackpropAdapter, TrainerDevices, SingleD
         return self._device or self.trainer_device() or torch.device("cpu")
 
 
-class BudgetedBackpropDDPStrategy(_BudgetedBackpropAdapter, DDPStrategy):
+class BudgetedBackpropDDPStrategy(_BudgetedBackpropAdapter, UnwrappedDDPStrategy):
     """Budgeted backpropagation on several processes through Lightning's DDP (``"budgeted_bp_ddp"``).
 
     The same transaction per step as :class:`BudgetedBackpropStrategy`, with the budget per
@@ -278,9 +273,8 @@ class BudgetedBackpropDDPStrategy(_BudgetedBackpropAdapter, DDPStrategy):
     Args:
         memory_budget, memory_overhead, meter_full_steps, meter_sample_every: as
             :class:`BudgetedBackpropStrategy`, per device.
-        timeout: how long a collective waits for the other ranks (a dead rank fails the job then).
-        process_group_backend, start_method, accelerator, parallel_devices, cluster_environment,
-            checkpoint_io, precision_plugin: as Lightning's ``DDPStrategy``.
+        **ddp_options: ``timeout``, ``process_group_backend``, ... as
+            :class:`~nf_lightning.lightning.ddp.UnwrappedDDPStrategy`.
 
     Example::
 
@@ -296,33 +290,10 @@ class BudgetedBackpropDDPStrategy(_BudgetedBackpropAdapter, DDPStrategy):
         memory_overhead: float = 1.0,
         meter_full_steps: int = 5,
         meter_sample_every: int = 20,
-        *,
-        timeout: timedelta = timedelta(minutes=5),
-        process_group_backend: str | None = None,
-        start_method: str = "popen",
-        accelerator: Accelerator | None = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: ClusterEnvironment | None = None,
-        checkpoint_io: CheckpointIO | None = None,
-        precision_plugin: Precision | None = None,
+        **ddp_options: Any,
     ) -> None:
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-        )
+        super().__init__(**ddp_options)
         self._configure(memory_budget, memory_overhead, meter_full_steps, meter_sample_every)
-
-    def configure_ddp(self) -> None:
-        """No ``DistributedDataParallel`` wrapper: gradients are averaged per step, after the whole batch."""
-
-    def _collective(self) -> Collective | LocalCollective:
-        return Collective(self.root_device) if self.world_size > 1 else LOCAL
 
     def on_validation_start(self) -> None:
         super().on_validation_start()

@@ -25,7 +25,6 @@ import inspect
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,7 @@ import torch
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
-from lightning.fabric.plugins.environments import ClusterEnvironment
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -45,7 +43,6 @@ from nf_lightning.core.batches import split_batch
 from nf_lightning.core.budget import format_bytes, parse_bytes, tensor_budget
 from nf_lightning.core.cache import CacheSpaceError
 from nf_lightning.core.decompose import Decomposition, decompose
-from nf_lightning.core.distributed import Collective
 from nf_lightning.core.memory import device_memory_bytes
 from nf_lightning.core.optim_recipe import SchedulerSpec
 from nf_lightning.core.run import BlockwiseRun, DataSources
@@ -56,6 +53,7 @@ from nf_lightning.lightning._internals import (
     reload_train_dataloader,
     train_dataloader_of,
 )
+from nf_lightning.lightning.ddp import UnwrappedDDPStrategy, collective_for
 
 AUX_POLICIES = ("adaptive", "classic")
 EVALUATE = ("exit", "full")
@@ -146,10 +144,6 @@ class _NeuroFluxAdapter:
         self._sources = DataSources(train=None, val=None)  # type: ignore[arg-type]  # filled as loaders arrive
         self._automatic_optimization: bool | None = None
 
-    def _collective(self) -> Collective | None:
-        """The other ranks the run trains with (None: this process alone)."""
-        return None
-
     # ------------------------------------------------------------------ wiring
     @property
     def trainer(self) -> pl.Trainer:
@@ -209,7 +203,7 @@ class _NeuroFluxAdapter:
             "feature_augment": self.feature_augment,
             "meter_full_steps": self.meter_full_steps,
             "meter_sample_every": self.meter_sample_every,
-            "collective": self._collective(),
+            "collective": collective_for(self),
         }
         if self._saved_state is not None:
             self.run = BlockwiseRun.from_state(self.decomposition, self._saved_state, self._recipe, **options)
@@ -554,7 +548,7 @@ class NeuroFluxStrategy(_NeuroFluxAdapter, TrainerDevices, SingleDeviceStrategy)
         return self._device or self.trainer_device() or torch.device("cpu")
 
 
-class NeuroFluxDDPStrategy(_NeuroFluxAdapter, DDPStrategy):
+class NeuroFluxDDPStrategy(_NeuroFluxAdapter, UnwrappedDDPStrategy):
     """NeuroFlux on several processes and machines through Lightning's DDP.
 
     ``Trainer(strategy="neuroflux_ddp", devices=N, num_nodes=M)`` (or an instance, for options;
@@ -583,10 +577,10 @@ class NeuroFluxDDPStrategy(_NeuroFluxAdapter, DDPStrategy):
     Args:
         memory_budget, epochs_per_block, **options: as :class:`NeuroFluxStrategy` (all its options
             but ``device``), per device.
-        timeout: how long a collective waits for the other ranks; a dead rank fails the job
-            after this long (gloo's own default is 30 minutes).
-        process_group_backend, start_method, accelerator, parallel_devices, cluster_environment,
-            checkpoint_io, precision_plugin: as Lightning's ``DDPStrategy``.
+        timeout, process_group_backend, start_method, accelerator, parallel_devices,
+            cluster_environment, checkpoint_io, precision_plugin: as
+            :class:`~nf_lightning.lightning.ddp.UnwrappedDDPStrategy` (a dead rank fails the
+            job after ``timeout``, 5 minutes by default; gloo's own is 30).
 
     Example (one process per device; here two on the CPU, launched by Lightning or torchrun)::
 
@@ -599,38 +593,20 @@ class NeuroFluxDDPStrategy(_NeuroFluxAdapter, DDPStrategy):
     strategy_name = "neuroflux_ddp"
 
     def __init__(
-        self,
-        memory_budget: str | int = "300MB",
-        epochs_per_block: int | Sequence[int] = 20,
-        *,
-        timeout: timedelta = timedelta(minutes=5),
-        process_group_backend: str | None = None,
-        start_method: str = "popen",
-        accelerator: Accelerator | None = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: ClusterEnvironment | None = None,
-        checkpoint_io: CheckpointIO | None = None,
-        precision_plugin: Precision | None = None,
-        **options: Any,
+        self, memory_budget: str | int = "300MB", epochs_per_block: int | Sequence[int] = 20, **options: Any
     ) -> None:
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-        )
         defaults = _option_defaults()
+        ddp = {k: options.pop(k) for k in list(options) if k in DDP_OPTIONS}
         unknown = sorted(set(options) - set(defaults))
         if unknown:
-            raise TypeError(f"unknown NeuroFlux option(s) {unknown}; the options are {sorted(defaults)}")
+            raise TypeError(
+                f"unknown option(s) {unknown}; NeuroFlux's are {sorted(defaults)}, DDP's {sorted(DDP_OPTIONS)}"
+            )
+        super().__init__(**ddp)
         self._configure(**{**defaults, **options, "memory_budget": memory_budget, "epochs_per_block": epochs_per_block})
 
-    def _collective(self) -> Collective | None:
-        return Collective(self.root_device) if self.world_size > 1 else None
+
+DDP_OPTIONS = frozenset(inspect.signature(UnwrappedDDPStrategy.__init__).parameters) - {"self"}
 
 
 def _option_defaults() -> dict[str, Any]:
