@@ -102,15 +102,15 @@ LOG_FILE = "log.txt"
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {  # a smoke run of the whole machinery: a few minutes on 2 cores
         "train_subset": 1000, "val_subset": 500, "test_subset": 0, "seeds": 1, "lrs": [0.05],
-        "bp_epochs": 4, "nf_epochs": 2,
+        "bp_epochs": 4, "nf_epochs": 2, "polish_epochs": 2,
     },
     "default": {  # about an hour on 2 cores: 2 learning rates, BP 30 epochs (cosine) at its tightest budget
         "train_subset": 5000, "val_subset": 1000, "test_subset": 0, "seeds": 3, "lrs": [0.05, 0.1],
-        "bp_epochs": 30, "nf_epochs": 10,
+        "bp_epochs": 30, "nf_epochs": 10, "polish_epochs": 10,
     },
     "large": {  # all 45,000 training images, 5,000 for validation, longer schedules: for longer machines
         "train_subset": 0, "val_subset": 0, "test_subset": 0, "seeds": 3, "lrs": [0.025, 0.05, 0.1],
-        "bp_epochs": 60, "nf_epochs": 20,
+        "bp_epochs": 60, "nf_epochs": 20, "polish_epochs": 20,
     },
 }  # fmt: skip
 
@@ -262,6 +262,38 @@ def format_speedup(value: dict[str, Any] | None) -> str:
 
 
 # =========================================================================== one run's row (pure)
+def max_peak(results: dict[str, Any]) -> int | None:
+    """The run's largest measured step peak, its polish's included.
+
+    >>> max_peak({"measured_peak_bytes": 5, "polish": {"measured_peak_bytes": 7}})
+    7
+    """
+    peaks = [results.get("measured_peak_bytes"), (results.get("polish") or {}).get("measured_peak_bytes")]
+    return max((p for p in peaks if p is not None), default=None)
+
+
+def polish_stats(ok: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the polish of the deployed exit did over seeds (None if the runs had none)."""
+    runs = [r for r in ok if r.get("polish")]
+    if not runs:
+        return None
+    units = [r["polish"]["unit"] for r in runs]
+    sizes = [next((e["parameters"] for e in r["exits"] or [] if e["unit"] == r["polish"]["unit"]), None) for r in runs]
+    return {
+        "epochs": runs[0]["polish"]["epochs"],
+        "units": units,
+        "parameters": sizes,
+        "full_parameters": runs[0].get("full_parameters"),
+        "batch_sizes": [r["polish"]["batch_size"] for r in runs],
+        "kept": sum(bool(r["polish"]["kept"]) for r in runs),
+        "val_before": mean_std(r["polish"]["val_before"] for r in runs),
+        "val_after": mean_std(r["polish"]["val_after"] for r in runs),
+        "seconds": mean_std(r["polish"]["seconds"] for r in runs),
+        "blockwise_test_acc": mean_std(r["blockwise_test_acc"] for r in runs),
+        "test_acc": mean_std(r["test_acc"] for r in runs),
+    }
+
+
 def run_row(record: dict[str, Any], target: float | None = None) -> dict[str, Any]:
     """What the summary keeps of one run's ``record.json`` (``status`` ``ok``, ``cannot_run`` or ``failed``)."""
     spec = record["spec"]
@@ -289,7 +321,7 @@ def run_row(record: dict[str, Any], target: float | None = None) -> dict[str, An
         wall_seconds=wall,  # the whole run, data setup and teardown included
         validation_seconds=results.get("validation_seconds"),
         last_seconds=curve[-1][0] if curve else wall,
-        measured_peak_bytes=results.get("measured_peak_bytes"),
+        measured_peak_bytes=max_peak(results),
         predicted_peak_bytes=results.get("predicted_peak_bytes"),
         budget_bytes=results["budget_bytes"],
         steps=steps,
@@ -297,6 +329,8 @@ def run_row(record: dict[str, Any], target: float | None = None) -> dict[str, An
         metered_steps=probe.get("metered_steps"),
         harness_step_seconds=probe["train_loop_seconds"] / sum(steps) if steps else None,
         exits=(results.get("exit") or {}).get("exits"),
+        polish=results.get("polish"),
+        blockwise_test_acc=probe.get("blockwise_accuracy", probe.get("accuracy")),
         full_parameters=(results.get("exit") or {}).get("full_parameters"),
         plan_seconds=(results.get("plan") or {}).get("seconds"),
         plan_blocks=(results.get("plan") or {}).get("blocks"),
@@ -388,6 +422,7 @@ def method_stats(
         budget_bytes=ok[0]["budget_bytes"],
         harness_step_seconds=mean_std(r["harness_step_seconds"] for r in ok),
         steps=ok[0]["steps"],
+        polish=polish_stats(ok),
     )
     return stats
 
@@ -469,7 +504,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
         f"{_count(s['val_subset'])} validation images (class-balanced, held out of the training split), "
         f"test on {_count(s['test_subset'], 'all 10,000')} test images; budget {budget['text']} "
         f"({budget['rule']}); {s['seeds']} seed(s), learning rates {', '.join(map(str, s['lrs']))} "
-        f"at batch 128; BP {s['bp_epochs']} epochs (cosine), NeuroFlux {s['nf_epochs']} epochs per block; "
+        f"at batch 128; BP {s['bp_epochs']} epochs (cosine), NeuroFlux {s['nf_epochs']} epochs per block"
+        f"{_polish_text(s.get('polish_epochs'))}; "
         f"one torch thread per run, {s['jobs']} runs at once on {summary['machine']['cpus']} CPU cores; "
         f"{_metering(s.get('meter'))}.",
         "",
@@ -520,6 +556,16 @@ def markdown_table(summary: dict[str, Any]) -> str:
             f"{exit_['parameters']:,} parameters against {exit_['full_parameters']:,} "
             f"({exit_['compression']:.1f}x fewer), test accuracy {_pct(exit_['test_acc'])} %, inference {speed}."
         )
+    polish = (results["methods"].get("neuroflux") or {}).get("polish")
+    if polish:
+        sizes = ", ".join(f"{p:,}" for p in polish["parameters"] if p)
+        lines.append(
+            f"Polish ({polish['epochs']} epochs of end-to-end BP on the deployed exit, included in NeuroFlux's row): "
+            f"units {', '.join(map(str, polish['units']))} at batch {', '.join(map(str, polish['batch_sizes']))}, "
+            f"{sizes} parameters against {polish['full_parameters']:,}; validation {_pct(polish['val_before'])} -> "
+            f"{_pct(polish['val_after'])} %, test {_pct(polish['blockwise_test_acc'])} -> {_pct(polish['test_acc'])} %, "
+            f"kept in {polish['kept']}/{len(polish['units'])} seeds, {_seconds(polish['seconds'])} s."
+        )
     lines += [
         "",
         "time to target and total: mean over seeds of the wall time from `fit`'s start (profiling and planning "
@@ -549,6 +595,12 @@ def _metering(meter: dict[str, int] | None) -> str:
         f"every method metered on NeuroFlux's schedule: every step of the first {meter['full_steps']} "
         f"(per block), then one in {meter['sample_every']}"
     )
+
+
+def _polish_text(epochs: int | None) -> str:
+    if not epochs:
+        return ""
+    return f", then {epochs} epochs of end-to-end BP on its deployed exit under the budget (its time and validations count)"
 
 
 def _count(value: int | None, zero: str = "all") -> str:
@@ -635,6 +687,8 @@ def run_overrides(spec: RunSpec, settings: dict[str, Any], budget: str) -> list[
         meter = {"full_steps": 0, "sample_every": 1}
     if bp_like:
         overrides.append("+module.lr_schedule=cosine")
+    elif settings.get("polish_epochs"):  # local learning: polish the deployed exit end to end
+        overrides.append(f"polish_epochs={settings['polish_epochs']}")
     overrides += [  # every method's strategy meters on the same schedule, by the same guard
         f"+trainer.strategy.meter_full_steps={meter['full_steps']}",
         f"+trainer.strategy.meter_sample_every={meter['sample_every']}",
@@ -828,7 +882,7 @@ class BenchmarkProbe(pl.Callback):
 def worker(spec_path: Path) -> None:
     """Train one run as its spec says (``nf-train``'s ``run()``), score it on the test split, write ``record.json``."""
     from nf_lightning.cli.common import compose_config
-    from nf_lightning.cli.train import run
+    from nf_lightning.cli.train import POLISHED_PROGRAM_FILE, run
 
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
@@ -837,6 +891,11 @@ def worker(spec_path: Path) -> None:
     run(compose_config("train", spec["overrides"]), out)
     results = json.loads((out / "results.json").read_text())
     probe = json.loads((out / PROBE_FILE).read_text()) if (out / PROBE_FILE).is_file() else None
+    polish = results.get("polish")
+    if probe is not None and polish is not None and polish["kept"]:  # the deployed model is the polished exit
+        polished = torch.export.load(str(out / "export" / POLISHED_PROGRAM_FILE)).module()
+        probe["blockwise_accuracy"] = probe["accuracy"]
+        probe["accuracy"] = score_test_split(polished, compose_config("train", spec["overrides"]), probe["test_images"])
     shutil.rmtree(out / "cache", ignore_errors=True)  # the activation cache: large, and rebuilt by any rerun
     record = {"spec": spec, "status": "ok", "results": results, "probe": probe,
               "process_seconds": time.perf_counter() - start}  # fmt: skip
@@ -845,13 +904,34 @@ def worker(spec_path: Path) -> None:
     tmp.replace(out / RECORD_FILE)
 
 
+def score_test_split(model: torch.nn.Module, cfg: Any, images: int, batch_size: int = 500) -> float:
+    """Accuracy of ``model`` on the run's test split (every k-th image when ``images`` is fewer), as the probe scores."""
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader, Subset
+
+    from nf_lightning.data import collate_batch
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    dataset = datamodule.test_dataset()
+    if images < len(dataset):
+        step = len(dataset) / images
+        dataset = Subset(dataset, [int(i * step) for i in range(images)])
+    correct = 0
+    with torch.no_grad():
+        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch):
+            correct += int((model(x).argmax(1) == y).sum())
+    return correct / len(dataset)
+
+
 # =========================================================================== budget, bare loops, throughput
 def tightest_bp_budget(settings: dict[str, Any], batch: int = BUDGET_BATCH) -> int:
     """Bytes of the smallest budget at which plain BP trains at ``batch``: its step's peak, as nf-train measures it."""
     from hydra.utils import instantiate
 
     from nf_lightning.cli.common import compose_config
-    from nf_lightning.cli.train import backprop_step_peak
+    from nf_lightning.lightning.backprop_batch import backprop_step_peak
     from nf_lightning.data import KNOWN_DATASETS
 
     cfg = compose_config("train", run_overrides(RunSpec("bp", settings["lrs"][0], 0), settings, "1GB"))
@@ -1018,6 +1098,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-limit", type=int, default=256)
     parser.add_argument("--bp-epochs", type=int, help="epochs of BP and BP-ckpt (cosine decay over them)")
     parser.add_argument("--nf-epochs", type=int, help="NeuroFlux's epochs per block (its strategy's schedule)")
+    parser.add_argument("--polish-epochs", type=int,
+                        help="local learning: epochs of end-to-end BP on the deployed exit under the budget (0: none)")
     parser.add_argument("--lrs", type=float, nargs="+", help="learning-rate grid at batch 128, the same for every method")
     parser.add_argument("--seeds", type=int, help="seeds per method (the grid runs on seed 0)")
     parser.add_argument("--classic-ll", action="store_true", help="also run classic local learning")
@@ -1053,7 +1135,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     if "bp" not in methods:
         raise SystemExit("--methods must include bp: BP's best validation accuracy sets the target")
     keys = ("preset", "model", "width", "data", "train_subset", "val_subset", "test_subset", "data_seed",
-            "batch_limit", "bp_epochs", "nf_epochs", "lrs", "seeds", "jobs", "threads", "set")  # fmt: skip
+            "batch_limit", "bp_epochs", "nf_epochs", "polish_epochs", "lrs", "seeds", "jobs", "threads", "set")  # fmt: skip
     meter = {"full_steps": 0, "sample_every": 1} if args.meter_every_step else neuroflux_metering()
     return {**{k: getattr(args, k) for k in keys}, "methods": methods, "meter": meter,
             "meter_every_step": args.meter_every_step}  # fmt: skip

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nf_lightning import BudgetedBackpropStrategy, MemoryProfiler
-from nf_lightning.cli.train import backprop_step_peak
+from nf_lightning.lightning.backprop_batch import backprop_step_peak
 from test_strategy import PlainClassifier, loaders, trainer
 
 

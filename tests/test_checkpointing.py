@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from nf_lightning.cli.common import compose_config
-from nf_lightning.cli.train import backprop_step_peak, largest_backprop_batch, run
+from nf_lightning.cli.train import run
+from nf_lightning.lightning.backprop_batch import backprop_step_peak, largest_backprop_batch
 from nf_lightning.core import checkpointing
 from nf_lightning.core.checkpointing import CheckpointedNetwork
 from nf_lightning.core.memory import TrackedMemoryMeter

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from nf_lightning import models
 from nf_lightning.cli.common import CONFIG_PATH
-from nf_lightning.cli.train import largest_backprop_batch
+from nf_lightning.lightning.backprop_batch import largest_backprop_batch
 from nf_lightning.core.aux_heads import build_aux_heads
 from nf_lightning.core.budget import format_bytes, tensor_budget
 from nf_lightning.core.decompose import decompose

@@ -19,7 +19,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +35,19 @@ from nf_lightning.core.budget import parse_bytes, tensor_budget
 from nf_lightning.core.cache import cache_size_report
 from nf_lightning.core.checkpointing import CheckpointedNetwork
 from nf_lightning.core.enforcement import BudgetGuard
+from nf_lightning.core.exits import export_program
 from nf_lightning.core.partitioner import BudgetTooSmall
-from nf_lightning.core.plan import profile_batch_sizes
-from nf_lightning.core.profiler import LinearMemoryModel, profile_backprop
 from nf_lightning.core.run import BlockwiseRun
+from nf_lightning.lightning.backprop_batch import largest_backprop_batch
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
 from nf_lightning.lightning.neuron_budget import load_pretrained
 from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
+from nf_lightning.lightning.polish import polish_exit
 
 CONFIG_FILE = "config.yaml"  # the run's own config, what resume() reads
+POLISHED_STATE_FILE = "polished_exit.pt"
+POLISHED_PROGRAM_FILE = "polished_exit.pt2"
 
 
 def fit_backprop_to_budget(
@@ -92,63 +94,6 @@ def fit_backprop_to_budget(
     return {"batch_sizes": [batch], "predicted_peak_bytes": peak, "memory_model": model.to_dict()}
 
 
-def largest_backprop_batch(
-    module: torch.nn.Module,
-    input_shape: tuple[int, ...],
-    budget_bytes: int,
-    batch_limit: int,
-    optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None,
-) -> tuple[int, LinearMemoryModel, int]:
-    """The largest batch (at most ``batch_limit``) whose backprop step of ``module`` fits ``budget_bytes``.
-
-    ``module`` is profiled as NeuroFlux profiles its units: a step on fake
-    tensors measured by the tracked meter, at the batch sizes of
-    :func:`~nf_lightning.core.plan.profile_batch_sizes` (2 to ``batch_limit``),
-    fitted by a line. A line fitted over that whole range can miss the peak of a
-    small batch by a few percent, so the batch it proposes is then checked with
-    a step of its own and lowered until its measured peak fits: BP is held to
-    the budget as exactly as the meter allows.
-    Returns the batch (0 if none fits), the memory model and the measured peak
-    at that batch (at batch 1 when none fits). ``optimizer_factory`` is the
-    module's own recipe (``ClassifierModule``'s) if None.
-    """
-    factory = optimizer_factory or backprop_optimizer(module)
-    model = profile_backprop(
-        module, input_shape, batch_sizes=profile_batch_sizes(batch_limit, "cpu"), optimizer_factory=factory
-    )
-    batch = min(model.max_batch(budget_bytes), batch_limit)
-    peak = backprop_step_peak(module, input_shape, max(batch, 1), factory)
-    while batch >= 1 and peak > budget_bytes:
-        batch -= 1
-        peak = backprop_step_peak(module, input_shape, max(batch, 1), factory)
-    return batch, model, peak
-
-
-def backprop_step_peak(
-    module: torch.nn.Module,
-    input_shape: tuple[int, ...],
-    batch: int,
-    optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None,
-) -> int:
-    """Peak bytes of one backprop step of ``module`` at ``batch``, measured on fake tensors (as the profiler does).
-
-    What :func:`largest_backprop_batch` checks against the budget, and what
-    ``experiments/compare.py`` sizes BP's tightest budget with.
-    """
-    factory = optimizer_factory or backprop_optimizer(module)
-    model = profile_backprop(module, input_shape, batch_sizes=(batch, batch + 1), optimizer_factory=factory)
-    return dict(model.samples)[batch]
-
-
-def backprop_optimizer(module: pl.LightningModule) -> Callable[[Any], torch.optim.Optimizer]:
-    """The optimizer ``ClassifierModule.configure_optimizers`` builds, over other parameters (for profiling)."""
-    hp = module.hparams
-    nesterov = bool(hp.get("nesterov", False)) and hp.momentum > 0
-    return lambda params: torch.optim.SGD(
-        params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=nesterov
-    )
-
-
 def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, Any]:
     """Train once as ``cfg`` says, into ``out``; write and return the results.
 
@@ -162,6 +107,8 @@ def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, 
         (True, 0.43)
     """
     cfg = OmegaConf.merge(cfg, {"paths": {"output_dir": str(out)}, "resume": None})
+    if cfg.get("polish_epochs") and cfg.distributed != "single":
+        raise ValueError("polish_epochs needs distributed=single: the exit is polished on one device")
     pl.seed_everything(cfg.seed, workers=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg))
@@ -201,6 +148,11 @@ def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, 
     if ckpt_path is not None:  # the history's clock was restored with it: both parts, without the downtime
         results["train_seconds"] = history.elapsed
     results.update(_outcome(trainer, datamodule, history))
+    if cfg.get("polish_epochs"):
+        results["polish"] = _polish(cfg, trainer, datamodule, history, out)
+        results["train_seconds"] = history.elapsed
+        if results["polish"]["kept"]:
+            results["final_accuracy"] = results["polish"]["val_after"]
     if not trainer.is_global_zero:  # under DDP every rank runs this; rank 0 writes the run's results
         return results
     _write(out, results)
@@ -249,6 +201,36 @@ def _outcome(trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: V
         elif isinstance(callback, EarlyExitSelector):
             outcome["exit"] = callback.summary
     return outcome
+
+
+def _polish(
+    cfg: DictConfig, trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: ValidationHistory, out: Path
+) -> dict[str, Any]:
+    """Polish the exit the run deployed (:func:`~nf_lightning.lightning.polish.polish_exit`) and export it
+    beside the block-wise one as ``export/polished_exit.pt`` (state dict) and ``polished_exit.pt2``."""
+    selector = next((c for c in trainer.callbacks if isinstance(c, EarlyExitSelector)), None)
+    if selector is None or selector.exit_model is None:
+        raise ValueError(f"polish_epochs needs a deployed exit: method {cfg.method.name} selected none")
+    model, report = polish_exit(
+        selector.exit_model, datamodule, memory_budget=cfg.budget, epochs=int(cfg.polish_epochs), lr=cfg.optim.lr,
+        reference_batch=cfg.optim.reference_batch, momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay, batch_limit=cfg.batch_limit, memory_overhead=cfg.memory_overhead,
+        callbacks=[history], trainer_options={"accelerator": cfg.trainer.accelerator, "devices": 1,
+                                              "enable_progress_bar": cfg.trainer.enable_progress_bar},
+    )  # fmt: skip
+    export = out / "export"
+    export.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), export / POLISHED_STATE_FILE)
+    try:
+        export_program(model, tuple(datamodule.input_shape), export / POLISHED_PROGRAM_FILE)
+    except Exception as error:  # torch.export raises many kinds; the results must still be written
+        print(f"[nf-train] torch.export could not capture the polished exit: {error}")
+    print(
+        f"[nf-train] polish: exit of unit {selector.selected.unit} from {report.val_before:.4f} to "
+        f"{report.val_after:.4f} validation accuracy at batch {report.batch_size} "
+        f"({'kept' if report.kept else 'not kept: the block-wise exit stays'})"
+    )
+    return {"unit": selector.selected.unit, **report.to_dict()}
 
 
 def _write(out: Path, results: dict[str, Any]) -> None:

@@ -1,0 +1,150 @@
+"""End-to-end polish of a deployed exit: backpropagation through the exit alone, under the same budget.
+
+Block-wise training leaves each unit tuned to its own auxiliary head; the
+units never adapt to one another. The exit chosen for deployment (units
+``0..k`` and the head of unit ``k``) is a much smaller network than the whole
+model, so backpropagation through it alone often fits the budget at a useful
+batch size. :func:`polish_exit` fine-tunes it end to end for a few epochs:
+
+- the batch is the largest at which a BP step of the exit fits the budget
+  (:func:`~nf_lightning.lightning.backprop_batch.largest_backprop_batch`), the
+  learning rate follows it linearly from the recipe's reference batch and
+  decays to zero on a cosine over the polish;
+- every step is held to the budget by
+  :class:`~nf_lightning.lightning.backprop.BudgetedBackpropStrategy` (the
+  guard NeuroFlux's unit steps run under);
+- the data is the datamodule's, augmented as block 0 saw it;
+- the polished weights are kept only if their validation accuracy is at
+  least the exit's own; otherwise the exit comes back unchanged.
+
+Only the exit is polished: units past ``k`` and the other heads are left as
+they were (their inputs would have changed under them), so the polished exit
+is a model of its own, not a part of the full network.
+
+Example:
+    >>> polished, report = polish_exit(run.exit_model(), datamodule, memory_budget="10MB", epochs=10,
+    ...                                lr=0.05)  # doctest: +SKIP
+    >>> report.kept, report.val_before, report.val_after  # doctest: +SKIP
+    (True, 0.643, 0.689)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from nf_lightning.core.budget import tensor_budget
+from nf_lightning.core.partitioner import BudgetTooSmall
+from nf_lightning.lightning.backprop import BudgetedBackpropStrategy
+from nf_lightning.lightning.backprop_batch import largest_backprop_batch
+from nf_lightning.lightning.classifier import ClassifierModule
+
+
+@dataclass(frozen=True)
+class PolishReport:
+    """What :func:`polish_exit` did: batch, rate, accuracies before and after, whether it kept the result."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    predicted_peak_bytes: int
+    measured_peak_bytes: int | None
+    val_before: float
+    val_after: float
+    kept: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def polish_exit(
+    exit_model: nn.Module,
+    datamodule: Any,
+    *,
+    memory_budget: str | int,
+    epochs: int,
+    lr: float,
+    reference_batch: int = 128,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    nesterov: bool = True,
+    batch_limit: int = 256,
+    memory_overhead: float = 1.0,
+    callbacks: Sequence[pl.Callback] = (),
+    trainer_options: dict[str, Any] | None = None,
+) -> tuple[nn.Module, PolishReport]:
+    """Fine-tune ``exit_model`` end to end by budgeted BP; return the better of it and the result.
+
+    Args:
+        exit_model: the deployed exit (``BlockwiseRun.exit_model()``,
+            ``EarlyExitSelector.exit_model``); trained in place on a copy, never modified.
+        datamodule: a LightningDataModule with ``num_classes``, ``input_shape`` and a
+            settable ``batch_size`` (every ``nf_lightning.data`` module); its batch size
+            is restored afterwards.
+        memory_budget: bytes (or ``"20MB"``) every BP step must fit, as for the run.
+        epochs: polish epochs (the cosine's horizon); at least 1.
+        lr: SGD rate at ``reference_batch``, scaled linearly to the batch used.
+        callbacks: more callbacks for the polish's Trainer (a ``ValidationHistory``
+            keeps its clock, so a history spans the run and its polish).
+        trainer_options: more ``pl.Trainer`` arguments (``accelerator``, ``logger``...).
+
+    Raises:
+        BudgetTooSmall: if BP through the exit does not fit at batch 1.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    start = time.perf_counter()
+    original = copy.deepcopy(exit_model).cpu()
+    module = ClassifierModule(
+        copy.deepcopy(exit_model).train(), datamodule.num_classes, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, nesterov=nesterov, lr_schedule="cosine",
+    )  # fmt: skip
+    budget = tensor_budget(memory_budget, memory_overhead)
+    batch, memory_model, peak = largest_backprop_batch(module, tuple(datamodule.input_shape), budget, batch_limit)
+    if batch < 1:
+        raise BudgetTooSmall(budget, peak, -1, needed_by="backpropagation through the deployed exit (batch 1)")
+    module.hparams.lr = lr * batch / reference_batch
+    options = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+               "num_sanity_val_steps": 0, **(trainer_options or {})}  # fmt: skip
+    strategy = BudgetedBackpropStrategy(memory_budget=memory_budget, memory_overhead=memory_overhead)
+    trainer = pl.Trainer(strategy=strategy, max_epochs=epochs, callbacks=list(callbacks), **options)
+    saved_batch = datamodule.batch_size
+    datamodule.batch_size = batch
+    try:
+        val_before = _accuracy(datamodule, original)
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        datamodule.batch_size = saved_batch
+    polished = module.net.cpu().eval()
+    val_after = _accuracy(datamodule, polished)
+    kept = val_after >= val_before
+    report = PolishReport(
+        epochs=epochs, batch_size=batch, lr=module.hparams.lr, predicted_peak_bytes=peak,
+        measured_peak_bytes=strategy.guard.peak, val_before=val_before, val_after=val_after, kept=kept,
+        seconds=time.perf_counter() - start,
+    )  # fmt: skip
+    return (polished if kept else original.eval()), report
+
+
+def _accuracy(datamodule: Any, model: nn.Module) -> float:
+    """Validation accuracy of ``model`` on the datamodule's validation split (eval mode, no grad, CPU)."""
+    datamodule.setup("fit")
+    model = model.cpu().eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in datamodule.val_dataloader():
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    if total == 0:
+        raise ValueError("the validation split is empty: the polish cannot judge its result")
+    return correct / total
