@@ -1,0 +1,107 @@
+"""End-to-end polish of the deployed exit: real NeuroFlux runs on CIFAR-10, then budgeted BP on the exit."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from nf_lightning import NeuroFluxStrategy, data, models
+from nf_lightning.cli.common import compose_config
+from nf_lightning.cli.train import POLISHED_PROGRAM_FILE, POLISHED_STATE_FILE, run
+from nf_lightning.core.partitioner import BudgetTooSmall
+from nf_lightning.lightning.classifier import ClassifierModule
+from nf_lightning.lightning.polish import polish_exit
+
+BUDGET = 6_000_000
+TINY = ["model=vgg11", "model.width_mult=0.125", "data.train_subset=1000", "data.val_subset=200", "epochs=2",
+        "batch_limit=64", "trainer.enable_progress_bar=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(shared_datasets_dir: Path, data_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A NeuroFlux run of a narrow VGG-11 on 1,000 CIFAR-10 images: its deployed exit and data."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NF_CACHE_DIR", str(data_cache_dir))
+        pl.seed_everything(0)
+        dm = data.create("cifar10_folder", data_dir=shared_datasets_dir, train_subset=1000, val_subset=300, seed=0)
+        dm.prepare_data()
+        dm.setup("fit")
+        net = models.create("vgg11", num_classes=10, width_mult=0.125)
+        strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=2, batch_limit=64,
+                                     cache_dir=tmp_path_factory.mktemp("cache"))  # fmt: skip
+        trainer = pl.Trainer(strategy=strategy, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             default_root_dir=tmp_path_factory.mktemp("run"))  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(ClassifierModule(net, 10), datamodule=dm)
+        return strategy.run.exit_model(), dm
+
+
+def _accuracy(model: torch.nn.Module, dm: data.ImageDataModule) -> float:
+    model.eval()
+    with torch.no_grad():
+        hits = [(model(x).argmax(1) == y).float() for x, y in dm.val_dataloader()]
+    return float(torch.cat(hits).mean())
+
+
+def test_polish_improves_the_exit_within_the_budget_and_leaves_the_input_alone(trained: tuple) -> None:
+    exit_model, dm = trained
+    before = {k: v.clone() for k, v in exit_model.state_dict().items()}
+    batch_before = dm.batch_size
+    polished, report = polish_exit(exit_model, dm, memory_budget=BUDGET, epochs=3, lr=0.05,
+                                   trainer_options={"accelerator": "cpu", "enable_progress_bar": False})  # fmt: skip
+    assert report.kept and report.val_after > report.val_before  # 3 epochs of BP on a 2-epoch exit gain
+    assert report.val_after == pytest.approx(_accuracy(polished, dm))
+    assert report.val_before == pytest.approx(_accuracy(exit_model, dm))
+    assert 1 <= report.batch_size <= 256 and report.lr == pytest.approx(0.05 * report.batch_size / 128)
+    assert report.measured_peak_bytes is not None and report.measured_peak_bytes <= BUDGET
+    assert report.predicted_peak_bytes <= BUDGET
+    assert all(torch.equal(v, exit_model.state_dict()[k]) for k, v in before.items())  # the input is untouched
+    assert dm.batch_size == batch_before  # the loader's batch size is restored
+
+
+def test_a_polish_that_loses_accuracy_returns_the_exit_unchanged(trained: tuple) -> None:
+    exit_model, dm = trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept, report = polish_exit(exit_model, dm, memory_budget=BUDGET, epochs=1, lr=1e4,  # diverges
+                                   trainer_options={"accelerator": "cpu", "enable_progress_bar": False})  # fmt: skip
+    assert not report.kept and report.val_after < report.val_before
+    assert all(torch.equal(v, exit_model.state_dict()[k]) for k, v in kept.state_dict().items())
+
+
+def test_polish_refuses_a_budget_below_one_sample_and_bad_epochs(trained: tuple) -> None:
+    exit_model, dm = trained
+    with pytest.raises(BudgetTooSmall, match="deployed exit"):
+        polish_exit(exit_model, dm, memory_budget=10_000, epochs=1, lr=0.05)
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        polish_exit(exit_model, dm, memory_budget=BUDGET, epochs=0, lr=0.05)
+
+
+def test_nf_train_polishes_and_exports_the_exit(tmp_path: Path, shared_datasets_dir: Path, data_cache_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("NF_DATA_DIR", str(shared_datasets_dir))
+    monkeypatch.setenv("NF_CACHE_DIR", str(data_cache_dir))
+    results = run(compose_config("train", [*TINY, "method=neuroflux", "budget=5MB", "polish_epochs=2"]), tmp_path)
+    polish = json.loads((tmp_path / "results.json").read_text())["polish"]
+    assert polish["unit"] == results["exit"]["unit"] and polish["epochs"] == 2
+    assert polish["measured_peak_bytes"] <= results["budget_bytes"]
+    polish_records = results["history"][-2:]  # the polish's validations, on the run's clock, after the blocks'
+    assert all(r["block"] is None and "val/acc" in r for r in polish_records)
+    assert polish_records[0]["seconds"] > results["history"][-3]["seconds"]
+    best = polish["val_after"] if polish["kept"] else max(results["exit_accuracies"].values())
+    assert results["final_accuracy"] == best
+    program = torch.export.load(str(tmp_path / "export" / POLISHED_PROGRAM_FILE)).module()
+    state = torch.load(tmp_path / "export" / POLISHED_STATE_FILE)
+    assert program(torch.zeros(3, 3, 32, 32)).shape == (3, 10) and state
+
+
+def test_nf_train_refuses_polish_under_ddp(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="polish_epochs needs distributed=single"):
+        run(compose_config("train", [*TINY, "method=neuroflux", "polish_epochs=1", "distributed=ddp"]), tmp_path)
