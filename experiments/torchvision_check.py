@@ -137,8 +137,8 @@ validation split is held out of the official training set; Tiny ImageNet's copy 
 9,000 + 1,000 such images in all). Rows run longest first, to share two cores evenly."""
 PRESETS: dict[str, dict[str, Any]] = {
     # BP's epochs, NeuroFlux's horizon per block (block_patience=2 may end a block sooner)
-    "default": {"bp_epochs": 30, "epochs_per_block": 6, "block_patience": 2, "subset_scale": 1.0},
-    "quick": {"bp_epochs": 2, "epochs_per_block": 2, "block_patience": 2, "subset_scale": 0.1},
+    "default": {"bp_epochs": 30, "epochs_per_block": 6, "block_patience": 2, "polish_epochs": 6, "subset_scale": 1.0},
+    "quick": {"bp_epochs": 2, "epochs_per_block": 2, "block_patience": 2, "polish_epochs": 1, "subset_scale": 0.1},
 }
 
 
@@ -156,7 +156,8 @@ def make_rows(preset: dict[str, Any]) -> list[dict[str, Any]]:
                          "epochs": preset["bp_epochs"]})
             rows.append({**base, "method": "neuroflux", "name": f"{model_key} / {data_key} / NeuroFlux",
                          "options": {"epochs_per_block": preset["epochs_per_block"],
-                                     "block_patience": preset["block_patience"]}})
+                                     "block_patience": preset["block_patience"]},
+                         "polish_epochs": preset.get("polish_epochs", 0)})
     return rows
 
 
@@ -241,6 +242,21 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
         "epochs": trainer.current_epoch,
     })
     result["best_val"] = max(result["exit_val"].values())
+    if row.get("polish_epochs"):  # end-to-end BP on the deployed exit, under the same budget
+        from nf_lightning.lightning.polish import polish_exit
+
+        polished, report = polish_exit(
+            run.exit_model(), dm, memory_budget=row["budget"], epochs=row["polish_epochs"], lr=module.hparams.lr,
+            trainer_options={"accelerator": "cpu", "enable_progress_bar": False, "default_root_dir": str(out)},
+        )
+        correct = 0
+        with torch.no_grad():
+            for x, y in test_loader:
+                correct += int((polished(x).argmax(1) == y).sum())
+        result.update(polish=report.to_dict(), test_blockwise=result["test"], seconds_blockwise=result["seconds"],
+                      seconds=round(seconds + report.seconds, 1))
+        if report.kept:
+            result.update(test=correct / total, best_val=max(result["best_val"], report.val_after))
     return result
 
 
@@ -388,6 +404,19 @@ def markdown(summary: dict[str, Any]) -> str:
                 for b in nf["blocks"]
             )
             lines.append(f"- {p['model']} / {p['data']} (budget {nf['row']['budget']}): {blocks}")
+    polished = [p for p in summary["pairs"] if p["neuroflux"] and p["neuroflux"].get("polish")]
+    if polished:
+        lines += ["", f"Polish of the deployed exit ({s.get('polish_epochs')} epochs of end-to-end BP under the same "
+                  "budget, `polish_exit`; its time is in NF s, its result is the NeuroFlux test when kept):", ""]
+    for p in polished:
+        nf, report = p["neuroflux"], p["neuroflux"]["polish"]
+        lines.append(
+            f"- {p['model']} / {p['data']}: unit {nf['selected_unit']} "
+            f"({nf['exit_parameters'][str(nf['selected_unit'])]:,} of {nf['parameters']:,} parameters) at batch "
+            f"{report['batch_size']}: validation {_pct(report['val_before'])} -> {_pct(report['val_after'])}, test "
+            f"{_pct(nf['test_blockwise'])} -> {_pct(nf['test']) if report['kept'] else 'not kept'}, "
+            f"{report['seconds']:.0f} s"
+        )
     a = summary["acceptance"]
     lines += [
         "",

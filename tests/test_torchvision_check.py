@@ -87,6 +87,7 @@ def test_default_rows_pair_bp_and_neuroflux_on_the_same_subsets() -> None:
         assert {k: bp[k] for k in shared} == {k: nf[k] for k in shared}
         assert bp["epochs"] == tc.PRESETS["default"]["bp_epochs"]
         assert nf["options"] == {"epochs_per_block": tc.PRESETS["default"]["epochs_per_block"], "block_patience": 2}
+        assert nf["polish_epochs"] == tc.PRESETS["default"]["polish_epochs"] > 0
 
 
 def test_module_has_no_scheduler_without_max_epochs_and_cosine_with_it() -> None:
@@ -105,7 +106,7 @@ def test_rows_run_in_subprocesses_save_results_and_resume(
     rows = [
         {**base, "method": "bp", "name": "mobilenet_v2 / cifar10 / BP", "epochs": 1},
         {**base, "method": "neuroflux", "name": "mobilenet_v2 / cifar10 / NeuroFlux",
-         "options": {"epochs_per_block": 1, "block_patience": 2}},
+         "options": {"epochs_per_block": 1, "block_patience": 2}, "polish_epochs": 1},
     ]
     root = tmp_path / "results"
     results = tc.run_rows(rows, root, tmp_path / "work", str(shared_datasets_dir), seed=0, parallel=2)
@@ -116,7 +117,14 @@ def test_rows_run_in_subprocesses_save_results_and_resume(
     assert 0.0 <= bp["test"] <= 1.0 and bp["chance"] == pytest.approx(0.1)
     assert len(nf["exit_val"]) == nf["num_units"] == 17 and nf["best_val"] == max(nf["exit_val"].values())
     assert nf["exit_val"][str(nf["selected_unit"])] == nf["best_val"]
-    assert nf["test"] == pytest.approx(nf["test_exit_model"], abs=1e-6)  # trainer.test scores the exported exit
+    assert nf["test_blockwise"] == pytest.approx(nf["test_exit_model"], abs=1e-6)  # trainer.test scores the exit
+    polish = nf["polish"]  # then the exit was polished end to end under the row's budget
+    assert polish["epochs"] == 1 and polish["measured_peak_bytes"] <= 30_000_000
+    assert nf["seconds"] == pytest.approx(nf["seconds_blockwise"] + polish["seconds"], abs=0.2)
+    if polish["kept"]:
+        assert nf["best_val"] >= polish["val_after"]
+    else:
+        assert nf["test"] == nf["test_blockwise"]
     assert len(nf["blocks"]) >= 2 and all(b["epochs"] == 1 for b in nf["blocks"])
     assert sorted(p.name for p in (root / "rows").iterdir()) == sorted(f"{tc.row_key(r)}.json" for r in rows)
 
@@ -127,4 +135,5 @@ def test_rows_run_in_subprocesses_save_results_and_resume(
     again = tc.run_rows(rows, root, tmp_path / "work", str(shared_datasets_dir), seed=0, parallel=2)
     assert again == results
     summary = tc.summarize(again, "test", tc.PRESETS["quick"], seed=0)
+    assert "Polish of the deployed exit (1 epochs" in tc.markdown(summary)
     assert summary["pairs"][0]["checks"]["gap_test_points"] == pytest.approx(100 * (bp["test"] - nf["test"]), abs=0.01)
