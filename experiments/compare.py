@@ -520,7 +520,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
     ]
     overhead = summary.get("overhead") or {}
     for method, stat in results["methods"].items():
-        label = LABELS.get(method, method)
+        label = LABELS.get(method, method) + (" + polish" if stat.get("polish") else "")
         if not stat.get("ran"):
             why = (stat.get("cannot_run") or ["failed"])[0]
             lines.append(f"| {label} | cannot run: {why} | | | | | | | | | |")
