@@ -102,6 +102,14 @@ def test_nf_train_polishes_and_exports_the_exit(tmp_path: Path, shared_datasets_
     assert program(torch.zeros(3, 3, 32, 32)).shape == (3, 10) and state
 
 
-def test_nf_train_refuses_polish_under_ddp(tmp_path: Path) -> None:
+def test_nf_train_refuses_polish_it_cannot_do_before_training(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="polish_epochs needs distributed=single"):
         run(compose_config("train", [*TINY, "method=neuroflux", "polish_epochs=1", "distributed=ddp"]), tmp_path)
+    with pytest.raises(ValueError, match="polish_epochs needs the early_exit callback"):
+        run(compose_config("train", [*TINY, "method=neuroflux", "polish_epochs=1", "~callbacks.early_exit"]), tmp_path)
+    assert not (tmp_path / "config.yaml").exists()  # refused before anything ran or was written
+
+
+def test_bp_ignores_polish_epochs() -> None:
+    assert compose_config("train", ["method=bp", "polish_epochs=3"]).method.get("polish_epochs") is None
+    assert compose_config("train", ["method=classic_ll", "polish_epochs=3"]).method.polish_epochs == 3

@@ -107,8 +107,10 @@ def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, 
         (True, 0.43)
     """
     cfg = OmegaConf.merge(cfg, {"paths": {"output_dir": str(out)}, "resume": None})
-    if cfg.get("polish_epochs") and cfg.distributed != "single":
+    if cfg.method.get("polish_epochs") and cfg.distributed != "single":
         raise ValueError("polish_epochs needs distributed=single: the exit is polished on one device")
+    if cfg.method.get("polish_epochs") and not (cfg.get("callbacks") or {}).get("early_exit"):
+        raise ValueError("polish_epochs needs the early_exit callback: it polishes the exit that callback selects")
     pl.seed_everything(cfg.seed, workers=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg))
@@ -148,7 +150,7 @@ def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, 
     if ckpt_path is not None:  # the history's clock was restored with it: both parts, without the downtime
         results["train_seconds"] = history.elapsed
     results.update(_outcome(trainer, datamodule, history))
-    if cfg.get("polish_epochs"):
+    if cfg.method.get("polish_epochs"):
         results["polish"] = _polish(cfg, trainer, datamodule, history, out)
         results["train_seconds"] = history.elapsed
         if results["polish"]["kept"]:
@@ -212,8 +214,8 @@ def _polish(
     if selector is None or selector.exit_model is None:
         raise ValueError(f"polish_epochs needs a deployed exit: method {cfg.method.name} selected none")
     model, report = polish_exit(
-        selector.exit_model, datamodule, memory_budget=cfg.budget, epochs=int(cfg.polish_epochs), lr=cfg.optim.lr,
-        reference_batch=cfg.optim.reference_batch, momentum=cfg.optim.momentum,
+        selector.exit_model, datamodule, memory_budget=cfg.budget, epochs=int(cfg.method.polish_epochs),
+        lr=cfg.optim.lr, reference_batch=cfg.optim.reference_batch, momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay, batch_limit=cfg.batch_limit, memory_overhead=cfg.memory_overhead,
         callbacks=[history], trainer_options={"accelerator": cfg.trainer.accelerator, "devices": 1,
                                               "enable_progress_bar": cfg.trainer.enable_progress_bar},
