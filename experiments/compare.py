@@ -106,11 +106,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "default": {  # about an hour on 2 cores: 2 learning rates, BP 30 epochs (cosine) at its tightest budget
         "train_subset": 5000, "val_subset": 1000, "test_subset": 0, "seeds": 3, "lrs": [0.05, 0.1],
-        "bp_epochs": 30, "nf_epochs": 10, "polish_epochs": 10,
+        "bp_epochs": 30, "nf_epochs": 10, "polish_epochs": 20,
     },
     "large": {  # all 45,000 training images, 5,000 for validation, longer schedules: for longer machines
         "train_subset": 0, "val_subset": 0, "test_subset": 0, "seeds": 3, "lrs": [0.025, 0.05, 0.1],
-        "bp_epochs": 60, "nf_epochs": 20, "polish_epochs": 20,
+        "bp_epochs": 60, "nf_epochs": 20, "polish_epochs": 40,
     },
 }  # fmt: skip
 

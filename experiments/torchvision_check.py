@@ -137,7 +137,7 @@ validation split is held out of the official training set; Tiny ImageNet's copy 
 9,000 + 1,000 such images in all). Rows run longest first, to share two cores evenly."""
 PRESETS: dict[str, dict[str, Any]] = {
     # BP's epochs, NeuroFlux's horizon per block (block_patience=2 may end a block sooner)
-    "default": {"bp_epochs": 30, "epochs_per_block": 6, "block_patience": 2, "polish_epochs": 6, "subset_scale": 1.0},
+    "default": {"bp_epochs": 30, "epochs_per_block": 6, "block_patience": 2, "polish_epochs": 12, "subset_scale": 1.0},
     "quick": {"bp_epochs": 2, "epochs_per_block": 2, "block_patience": 2, "polish_epochs": 1, "subset_scale": 0.1},
 }
 
