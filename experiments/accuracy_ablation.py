@@ -45,6 +45,11 @@ SUITES: dict[str, list[dict[str, Any]]] = {
         {"name": "+ feature flips", **VGG, "options": {"epochs_per_block": 10, "feature_augment": "flip"}},
         {"name": "horizon 20, block patience 2", **VGG, "options": {"epochs_per_block": 20, "block_patience": 2}},
     ],
+    "memorization": [  # each exit's accuracy on the training images too: do cached blocks memorize their cache?
+        {"name": "cosine per block, 10 epochs/block", **VGG, "options": {"epochs_per_block": 10}},
+        {"name": "+ image augmentation through frozen blocks (no cache)", **VGG,
+         "options": {"epochs_per_block": 10, "cache": False}},
+    ],
     "mobilenet": [
         {"name": "constant lr, 2 epochs/block (the reported collapse)", **MOBILENET,
          "options": {"epochs_per_block": 2, "lr_decay": "none"}},
@@ -101,19 +106,30 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
     run = strategy.run
     model = run.exit_model().eval()
     dm.setup("test")
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in dm.test_dataloader():
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
+    test = accuracy(model, dm.test_dataloader())
     accuracies = {unit: record.accuracy for unit, record in sorted(run.records.items())}
+    plain = torch.utils.data.DataLoader(dm.train_dataset(augment=False), batch_size=256)
+    train_accuracies = {unit: accuracy(run.exit_model(unit).eval(), plain) for unit in sorted(run.records)}
     return {
         "name": row["name"], "row": row, "seed": seed, "seconds": round(seconds, 1),
-        "best_val": max(accuracies.values()), "selected_unit": run.deploy_unit, "test": correct / total,
-        "exit_val": accuracies, "blocks": run.ended_blocks,
+        "best_val": max(accuracies.values()), "selected_unit": run.deploy_unit, "test": test,
+        "exit_val": accuracies, "exit_train": train_accuracies, "blocks": run.ended_blocks,
         "batch_sizes": [run.plan.batch_size(b) for b in range(run.num_blocks)],
+        "block_units": [list(run.units_of(b)) for b in range(run.num_blocks)],
         "chance": 1 / dm.num_classes,
     }
+
+
+def accuracy(model: Any, loader: Any) -> float:
+    """Fraction of ``loader``'s samples ``model`` classifies right (no grad)."""
+    import torch
+
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / total
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -128,6 +144,17 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"| {r['name']} | {r['best_val']:.1%} (unit {r['selected_unit']}) | {r['test']:.1%} | "
             f"{min(r['exit_val'].values()):.1%} | {epochs} | {r['seconds']:.0f} |"
         )
+    fits = [r for r in results if r.get("exit_train")]
+    if fits:
+        lines += ["", "Each exit's accuracy, validation / un-augmented training images (%), and its block:", ""]
+    for r in fits:
+        block_of = {u: b for b, units in enumerate(r.get("block_units", [])) for u in units}
+        exits = ", ".join(
+            f"{u}: {100 * r['exit_val'][u]:.0f}/{100 * r['exit_train'][u]:.0f}"
+            + (f" (block {block_of[int(u)]})" if int(u) in block_of else "")
+            for u in r["exit_val"]
+        )
+        lines.append(f"- {r['name']}: {exits}")
     return "\n".join(lines) + "\n"
 
 

@@ -85,7 +85,7 @@ def polish_exit(
 
     Args:
         exit_model: the deployed exit (``BlockwiseRun.exit_model()``,
-            ``EarlyExitSelector.exit_model``); trained in place on a copy, never modified.
+            ``EarlyExitSelector.exit_model``); a copy is trained, the input is never modified.
         datamodule: a LightningDataModule with ``num_classes``, ``input_shape`` and a
             settable ``batch_size`` (every ``nf_lightning.data`` module); its batch size
             is restored afterwards.
@@ -110,7 +110,7 @@ def polish_exit(
         weight_decay=weight_decay, nesterov=nesterov, lr_schedule="cosine",
     )  # fmt: skip
     budget = tensor_budget(memory_budget, memory_overhead)
-    batch, memory_model, peak = largest_backprop_batch(module, tuple(datamodule.input_shape), budget, batch_limit)
+    batch, _, peak = largest_backprop_batch(module, tuple(datamodule.input_shape), budget, batch_limit)
     if batch < 1:
         raise BudgetTooSmall(budget, peak, -1, needed_by="backpropagation through the deployed exit (batch 1)")
     module.hparams.lr = lr * batch / reference_batch
