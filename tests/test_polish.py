@@ -12,7 +12,7 @@ import torch
 
 from nf_lightning import NeuroFluxStrategy, data, models
 from nf_lightning.cli.common import compose_config
-from nf_lightning.cli.train import POLISHED_PROGRAM_FILE, POLISHED_STATE_FILE, run
+from nf_lightning.cli.train import POLISHED_PROGRAM_FILE, POLISHED_STATE_FILE, resume, run
 from nf_lightning.core.partitioner import BudgetTooSmall
 from nf_lightning.lightning.classifier import ClassifierModule
 from nf_lightning.lightning.polish import polish_exit
@@ -100,6 +100,11 @@ def test_nf_train_polishes_and_exports_the_exit(tmp_path: Path, shared_datasets_
     program = torch.export.load(str(tmp_path / "export" / POLISHED_PROGRAM_FILE)).module()
     state = torch.load(tmp_path / "export" / POLISHED_STATE_FILE)
     assert program(torch.zeros(3, 3, 32, 32)).shape == (3, 10) and state
+    # a run killed during its polish resumes from the block-wise run's last checkpoint and polishes again
+    (tmp_path / "export" / POLISHED_STATE_FILE).unlink()
+    again = resume(tmp_path)
+    assert again["polish"]["unit"] == polish["unit"] and (tmp_path / "export" / POLISHED_STATE_FILE).is_file()
+    assert again["exit"]["unit"] == results["exit"]["unit"]  # the same exit, restored, not retrained
 
 
 def test_nf_train_refuses_polish_it_cannot_do_before_training(tmp_path: Path) -> None:
