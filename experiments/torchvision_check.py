@@ -300,6 +300,28 @@ def run_rows(rows: list[dict[str, Any]], root: Path, work: Path, data_dir: str, 
         return list(pool.map(one, rows))
 
 
+def exit_throughput(result: dict[str, Any], repeats: int = 30) -> dict[str, Any]:
+    """Inference speed of a NeuroFlux row's deployed exit against its full network, batch 1 and 64, one thread.
+
+    Speed depends on the operations, not on the weights' values, so the architecture
+    is built afresh from the row (as ``compare.py`` and ``nf-throughput`` do).
+    """
+    from nf_lightning.core.decompose import decompose
+    from nf_lightning.core.exits import ExitModel
+    from nf_lightning.core.run import build_exits
+    from nf_lightning.core.throughput import compare_throughput
+    from nf_lightning.data import KNOWN_DATASETS
+
+    row = result["row"]
+    net = TorchvisionClassifier(row["arch"], result["num_classes"], width_mult=row["width_mult"]).net.eval()
+    input_shape = KNOWN_DATASETS[row["dataset"]].input_shape
+    parts = decompose(net)
+    exit_model = ExitModel(parts.units, build_exits(parts, input_shape, "adaptive"), result["selected_unit"])
+    rows = compare_throughput(exit_model, net, input_shape, batch_sizes=(1, 64), warmup=5, repeats=repeats,
+                              num_threads=1)  # fmt: skip
+    return {"unit": result["selected_unit"], "rows": rows}
+
+
 # --------------------------------------------------------------------------- the checks and the summary
 def checks(bp: dict[str, Any], nf: dict[str, Any]) -> dict[str, Any]:
     """Issue 10's acceptance for one model x data set, from a BP and a NeuroFlux result.
@@ -350,6 +372,13 @@ def summarize(results: list[dict[str, Any]], preset_name: str, preset: dict[str,
         },
         "pairs": pairs,
     }
+
+
+def _speed(throughput: dict[str, Any] | None) -> str:
+    if not throughput:
+        return ""
+    rows = ", ".join(f"{r['speedup']:.1f}x at batch {r['batch_size']}" for r in throughput["rows"])
+    return f"; inference against the full model: {rows}"
 
 
 def _pct(value: float) -> str:
@@ -415,7 +444,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"({nf['exit_parameters'][str(nf['selected_unit'])]:,} of {nf['parameters']:,} parameters) at batch "
             f"{report['batch_size']}: validation {_pct(report['val_before'])} -> {_pct(report['val_after'])}, test "
             f"{_pct(nf['test_blockwise'])} -> {_pct(nf['test']) if report['kept'] else 'not kept'}, "
-            f"{report['seconds']:.0f} s"
+            f"{report['seconds']:.0f} s{_speed(nf.get('throughput'))}"
         )
     a = summary["acceptance"]
     lines += [
@@ -461,6 +490,10 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(os.environ.get("NF_WORK_DIR", "/tmp/nf_torchvision_check")) / args.preset
     start = time.perf_counter()
     results = run_rows(make_rows(preset), root, work, args.data_dir, args.seed, args.parallel)
+    torch.set_num_threads(1)
+    for result in results:  # timed alone, after the rows, in this process
+        if result["row"]["method"] == "neuroflux" and "error" not in result:
+            result["throughput"] = exit_throughput(result)
     summary = summarize(results, args.preset, preset, args.seed)
     summary["wall_seconds_this_invocation"] = round(time.perf_counter() - start, 1)
     summary["code"] = code_version()

@@ -137,3 +137,12 @@ def test_rows_run_in_subprocesses_save_results_and_resume(
     summary = tc.summarize(again, "test", tc.PRESETS["quick"], seed=0)
     assert "Polish of the deployed exit (1 epochs" in tc.markdown(summary)
     assert summary["pairs"][0]["checks"]["gap_test_points"] == pytest.approx(100 * (bp["test"] - nf["test"]), abs=0.01)
+
+
+def test_exit_throughput_times_the_deployed_exit_against_the_full_network() -> None:
+    result = nf_result({"0": 0.3, "1": 0.4, "2": 0.5}, test=0.5)
+    result["row"].update(arch="mobilenet_v2", width_mult=0.5, dataset="cifar10_folder")
+    throughput = tc.exit_throughput(result, repeats=3)
+    assert throughput["unit"] == 2 and [r["batch_size"] for r in throughput["rows"]] == [1, 64]
+    assert throughput["rows"][1]["speedup"] > 1.5  # 3 of MobileNetV2's 17 units: far fewer operations
+    assert "inference against the full model: " in tc._speed(throughput)
