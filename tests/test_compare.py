@@ -289,7 +289,13 @@ def test_tiny_benchmark_end_to_end_and_resumed(tmp_path: Path, cifar: Path, caps
         assert written["overhead"][method]["bare_step_seconds"] > 0
     assert [r["batch_size"] for r in written["throughput"]["rows"]] == [1, 64]
     assert (tmp_path / "out" / "figure12.png").stat().st_size > 0
-    assert (tmp_path / "out" / "summary.md").read_text().count("| NeuroFlux |") == 1
+    table = (tmp_path / "out" / "summary.md").read_text()
+    assert table.count("| NeuroFlux + polish |") == 1 and "Polish (2 epochs of end-to-end BP" in table
+    polish = runs["neuroflux"]["polish"]  # the quick preset polishes the deployed exit for 2 epochs
+    assert polish["epochs"] == 2 and polish["measured_peak_bytes"] <= budget["bytes"]
+    assert runs["neuroflux"]["measured_peak_bytes"] >= polish["measured_peak_bytes"]
+    if not polish["kept"]:
+        assert runs["neuroflux"]["test_acc"] == runs["neuroflux"]["blockwise_test_acc"]
     assert "| method |" in capsys.readouterr().out
     assert summary["results"]["target"] == written["results"]["target"]
     # resumed: every run is reused, nothing trains again
