@@ -551,7 +551,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
         rows = tp.get("rows") or []
         speed = ", ".join(f"{r['speedup']:.2f}x at batch {r['batch_size']}" for r in rows) or "not measured"
         lines.append(
-            f"Deployable exit (smallest whose validation accuracy reaches the target, chosen per seed): unit "
+            f"Deployable exit of the block-wise run (smallest whose validation accuracy reached the target before "
+            f"any polish, chosen per seed): unit "
             f"{exit_['unit']} (reached in {exit_['reached']}/{len(exit_['per_seed'])} seeds), "
             f"{exit_['parameters']:,} parameters against {exit_['full_parameters']:,} "
             f"({exit_['compression']:.1f}x fewer), test accuracy {_pct(exit_['test_acc'])} %, inference {speed}."
