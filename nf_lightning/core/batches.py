@@ -107,7 +107,8 @@ def is_in_order(loader: Any) -> bool:
 
 
 def chunk_batch(batch: Any, pieces: int) -> list[Any]:
-    """``batch`` cut into ``pieces`` consecutive parts along its first dimension (fewer if it is smaller).
+    """``batch`` cut into ``pieces`` consecutive, near-equal parts along its first dimension (fewer if it is
+    smaller), so no part is much smaller than the others (a lone sample would fail BatchNorm).
 
     Tensors in tuples, lists and dicts are cut alike; anything else is repeated in every part.
 
@@ -115,14 +116,19 @@ def chunk_batch(batch: Any, pieces: int) -> list[Any]:
     >>> parts = chunk_batch((torch.arange(5), torch.arange(5) * 10, "tag"), 2)
     >>> [p[1].tolist() for p in parts], parts[1][2]
     ([[0, 10, 20], [30, 40]], 'tag')
+    >>> [len(p) for p in chunk_batch(torch.arange(10), 4)]
+    [3, 3, 2, 2]
     """
     if pieces < 1:
         raise ValueError(f"pieces must be >= 1, got {pieces}")
     size = _leading_size(batch)
     if size is None:
         raise TypeError(f"cannot cut a batch of type {type(batch).__name__}: it holds no tensor")
-    step = -(-size // pieces)
-    return [_slice(batch, start, start + step) for start in range(0, size, step)]
+    count = min(pieces, size)
+    bounds = [0]
+    for index in range(count):
+        bounds.append(bounds[-1] + size // count + (1 if index < size % count else 0))
+    return [_slice(batch, start, end) for start, end in zip(bounds, bounds[1:])]
 
 
 def batch_size_of(batch: Any) -> int | None:
