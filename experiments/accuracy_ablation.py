@@ -83,6 +83,7 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
     import torchvision
 
     from nf_lightning import NeuroFluxStrategy, data, models
+    from nf_lightning.core.exits import loader_accuracy
     from nf_lightning.lightning.classifier import ClassifierModule
 
     warnings.filterwarnings("ignore")
@@ -106,10 +107,10 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
     run = strategy.run
     model = run.exit_model().eval()
     dm.setup("test")
-    test = accuracy(model, dm.test_dataloader())
+    test = loader_accuracy(model, dm.test_dataloader())
     accuracies = {unit: record.accuracy for unit, record in sorted(run.records.items())}
     plain = torch.utils.data.DataLoader(dm.train_dataset(augment=False), batch_size=256)
-    train_accuracies = {unit: accuracy(run.exit_model(unit).eval(), plain) for unit in sorted(run.records)}
+    train_accuracies = {unit: loader_accuracy(run.exit_model(unit).eval(), plain) for unit in sorted(run.records)}
     return {
         "name": row["name"], "row": row, "seed": seed, "seconds": round(seconds, 1),
         "best_val": max(accuracies.values()), "selected_unit": run.deploy_unit, "test": test,
@@ -118,18 +119,6 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
         "block_units": [list(run.units_of(b)) for b in range(run.num_blocks)],
         "chance": 1 / dm.num_classes,
     }
-
-
-def accuracy(model: Any, loader: Any) -> float:
-    """Fraction of ``loader``'s samples ``model`` classifies right (no grad)."""
-    import torch
-
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / total
 
 
 def markdown(results: list[dict[str, Any]]) -> str:

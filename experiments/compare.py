@@ -843,17 +843,11 @@ class BenchmarkProbe(pl.Callback):
         (Path(trainer.default_root_dir) / PROBE_FILE).write_text(json.dumps(out, indent=2))
 
     def _score_test_split(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        from torch.utils.data import DataLoader, Subset
-
         from nf_lightning.core.run import BlockwiseRun
-        from nf_lightning.data import collate_batch
         from nf_lightning.lightning.early_exit import EarlyExitSelector
 
-        dataset = trainer.datamodule.test_dataset()
-        if self.subset and self.subset < len(dataset):
-            step = len(dataset) / self.subset
-            dataset = Subset(dataset, [int(i * step) for i in range(self.subset)])
-        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_batch)
+        loader = held_out_loader(trainer.datamodule, self.subset, self.batch_size)
+        dataset = loader.dataset
         device = trainer.strategy.root_device
         run = getattr(trainer.strategy, "run", None)
         out: dict[str, Any] = {"test_images": len(dataset)}
@@ -889,14 +883,15 @@ def worker(spec_path: Path) -> None:
     torch.set_num_threads(spec["threads"])
     out = Path(spec["out"])
     start = time.perf_counter()
-    run(compose_config("train", spec["overrides"]), out)
+    cfg = compose_config("train", spec["overrides"])
+    run(cfg, out)
     results = json.loads((out / "results.json").read_text())
     probe = json.loads((out / PROBE_FILE).read_text()) if (out / PROBE_FILE).is_file() else None
     polish = results.get("polish")
     if probe is not None and polish is not None and polish["kept"]:  # the deployed model is the polished exit
         polished = torch.export.load(str(out / "export" / POLISHED_PROGRAM_FILE)).module()
         probe["blockwise_accuracy"] = probe["accuracy"]
-        probe["accuracy"] = score_test_split(polished, compose_config("train", spec["overrides"]), probe["test_images"])
+        probe["accuracy"] = score_test_split(polished, cfg, probe["test_images"])
     shutil.rmtree(out / "cache", ignore_errors=True)  # the activation cache: large, and rebuilt by any rerun
     record = {"spec": spec, "status": "ok", "results": results, "probe": probe,
               "process_seconds": time.perf_counter() - start}  # fmt: skip
@@ -905,25 +900,30 @@ def worker(spec_path: Path) -> None:
     tmp.replace(out / RECORD_FILE)
 
 
-def score_test_split(model: torch.nn.Module, cfg: Any, images: int, batch_size: int = 500) -> float:
-    """Accuracy of ``model`` on the run's test split (every k-th image when ``images`` is fewer), as the probe scores."""
-    from hydra.utils import instantiate
+def held_out_loader(datamodule: Any, subset: int = 0, batch_size: int = 500) -> Any:
+    """The test split in order, batch ``batch_size``; ``subset`` > 0 keeps every k-th image only (the split
+    is ordered by class, so the subset stays balanced)."""
     from torch.utils.data import DataLoader, Subset
 
     from nf_lightning.data import collate_batch
 
+    dataset = datamodule.test_dataset()
+    if subset and subset < len(dataset):
+        step = len(dataset) / subset
+        dataset = Subset(dataset, [int(i * step) for i in range(subset)])
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
+
+
+def score_test_split(model: torch.nn.Module, cfg: Any, images: int) -> float:
+    """Accuracy of ``model`` on the run's test split (every k-th image when ``images`` is fewer), as the probe scores."""
+    from hydra.utils import instantiate
+
+    from nf_lightning.core.exits import loader_accuracy
+
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test")
-    dataset = datamodule.test_dataset()
-    if images < len(dataset):
-        step = len(dataset) / images
-        dataset = Subset(dataset, [int(i * step) for i in range(images)])
-    correct = 0
-    with torch.no_grad():
-        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch):
-            correct += int((model(x).argmax(1) == y).sum())
-    return correct / len(dataset)
+    return loader_accuracy(model, held_out_loader(datamodule, images))
 
 
 # =========================================================================== budget, bare loops, throughput

@@ -46,6 +46,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from nf_lightning.core.exits import loader_accuracy  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 RESULTS = HERE / "results" / "neuron_budget"
@@ -214,14 +216,8 @@ def trainer(epochs: int, callbacks: list, **kwargs: Any) -> Any:
     )
 
 
-@torch.no_grad()
 def accuracy(net: torch.nn.Module, dataset: ClassSubset) -> float:
-    net.eval()
-    correct = total = 0
-    for x, y in loader(dataset, 256, shuffle=False):
-        correct += int((net(x).argmax(1) == y).sum())
-        total += len(y)
-    return correct / total
+    return loader_accuracy(net.eval(), loader(dataset, 256, shuffle=False))
 
 
 def new_head(net: torch.nn.Module, seed: int) -> None:

@@ -171,6 +171,7 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
     import warnings
 
     from nf_lightning import NeuroFluxStrategy, data
+    from nf_lightning.core.exits import loader_accuracy
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -227,16 +228,11 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
     assert strategy is not None and strategy.run is not None
     run = strategy.run
     exit_model = run.exit_model().eval()
-    correct = total = 0
-    with torch.no_grad():  # the exported exit, scored outside Lightning: must agree with trainer.test
-        for x, y in test_loader:
-            correct += int((exit_model(x).argmax(1) == y).sum())
-            total += len(y)
     result.update({
         "exit_val": {str(unit): record.accuracy for unit, record in sorted(run.records.items())},
         "exit_parameters": {str(unit): record.parameters for unit, record in sorted(run.records.items())},
         "selected_unit": run.deploy_unit, "num_units": len(run.units),
-        "test_exit_model": correct / total,
+        "test_exit_model": loader_accuracy(exit_model, test_loader),  # outside Lightning: agrees with test
         "blocks": [{"units": list(run.units_of(b)), "batch_size": run.plan.batch_size(b), **ended}
                    for b, ended in zip(range(run.num_blocks), run.ended_blocks)],
         "epochs": trainer.current_epoch,
@@ -246,17 +242,14 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
         from nf_lightning.lightning.polish import polish_exit
 
         polished, report = polish_exit(
-            run.exit_model(), dm, memory_budget=row["budget"], epochs=row["polish_epochs"], lr=module.hparams.lr,
+            exit_model, dm, memory_budget=row["budget"], epochs=row["polish_epochs"], lr=module.hparams.lr,
             trainer_options={"accelerator": "cpu", "enable_progress_bar": False, "default_root_dir": str(out)},
         )
-        correct = 0
-        with torch.no_grad():
-            for x, y in test_loader:
-                correct += int((polished(x).argmax(1) == y).sum())
         result.update(polish=report.to_dict(), test_blockwise=result["test"], seconds_blockwise=result["seconds"],
                       seconds=round(seconds + report.seconds, 1))
         if report.kept:
-            result.update(test=correct / total, best_val=max(result["best_val"], report.val_after))
+            result.update(test=loader_accuracy(polished, test_loader),
+                          best_val=max(result["best_val"], report.val_after))
     return result
 
 

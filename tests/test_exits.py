@@ -13,7 +13,15 @@ from nf_lightning import models
 from nf_lightning.core import exits, throughput
 from nf_lightning.core.aux_heads import build_aux_heads
 from nf_lightning.core.decompose import decompose
-from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, export_program, select_exit
+from nf_lightning.core.exits import (
+    ExitModel,
+    ExitRecord,
+    exit_parameters,
+    export_program,
+    loader_accuracy,
+    save_exit,
+    select_exit,
+)
 from nf_lightning.core.throughput import compare_throughput
 
 SHAPE = (3, 32, 32)
@@ -161,3 +169,29 @@ def test_throughput_accepts_an_exported_program(vgg11, tmp_path: Path) -> None:
 def test_docstring_examples() -> None:
     assert doctest.testmod(exits).failed == 0
     assert doctest.testmod(throughput).failed == 0
+
+
+class DataDependent(nn.Module):
+    """A branch on a tensor's value: torch.export cannot capture it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) if x.sum() > 0 else -x.flatten(1)
+
+
+def test_save_exit_keeps_the_state_dict_and_writes_no_partial_program(tmp_path: Path) -> None:
+    files = save_exit(nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten()).eval(), (3, 5, 5), tmp_path, "ok")
+    assert files == {"state_dict": "ok.pt", "program": "ok.pt2"}
+    assert torch.export.load(str(tmp_path / "ok.pt2")).module()(torch.ones(4, 3, 5, 5)).shape == (4, 18)
+    with pytest.warns(UserWarning, match="torch.export could not capture bad"):
+        files = save_exit(DataDependent(), (3, 5, 5), tmp_path, "bad")
+    assert files == {"state_dict": "bad.pt", "program": None}
+    assert (tmp_path / "bad.pt").is_file() and not (tmp_path / "bad.pt2").exists()
+
+
+def test_loader_accuracy_counts_every_batch_and_refuses_an_empty_loader() -> None:
+    model = nn.Identity()
+    batches = [(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 1])),
+               (torch.tensor([[2.0, 0.0]]), torch.tensor([0]))]
+    assert loader_accuracy(model, batches) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="empty"):
+        loader_accuracy(model, [])

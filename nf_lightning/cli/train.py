@@ -35,7 +35,7 @@ from nf_lightning.core.budget import parse_bytes, tensor_budget
 from nf_lightning.core.cache import cache_size_report
 from nf_lightning.core.checkpointing import CheckpointedNetwork
 from nf_lightning.core.enforcement import BudgetGuard
-from nf_lightning.core.exits import export_program
+from nf_lightning.core.exits import save_exit
 from nf_lightning.core.partitioner import BudgetTooSmall
 from nf_lightning.core.run import BlockwiseRun
 from nf_lightning.lightning.backprop_batch import largest_backprop_batch
@@ -46,8 +46,8 @@ from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
 from nf_lightning.lightning.polish import polish_exit
 
 CONFIG_FILE = "config.yaml"  # the run's own config, what resume() reads
-POLISHED_STATE_FILE = "polished_exit.pt"
-POLISHED_PROGRAM_FILE = "polished_exit.pt2"
+POLISHED_STEM = "polished_exit"  # export/polished_exit.pt (state dict) and .pt2 (program)
+POLISHED_STATE_FILE, POLISHED_PROGRAM_FILE = f"{POLISHED_STEM}.pt", f"{POLISHED_STEM}.pt2"
 
 
 def fit_backprop_to_budget(
@@ -209,7 +209,8 @@ def _polish(
     cfg: DictConfig, trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: ValidationHistory, out: Path
 ) -> dict[str, Any]:
     """Polish the exit the run deployed (:func:`~nf_lightning.lightning.polish.polish_exit`) and export it
-    beside the block-wise one as ``export/polished_exit.pt`` (state dict) and ``polished_exit.pt2``."""
+    beside the block-wise one as ``export/polished_exit.pt`` (state dict) and ``polished_exit.pt2``
+    (:func:`~nf_lightning.core.exits.save_exit`)."""
     selector = next((c for c in trainer.callbacks if isinstance(c, EarlyExitSelector)), None)
     if selector is None or selector.exit_model is None:
         raise ValueError(f"polish_epochs needs a deployed exit: method {cfg.method.name} selected none")
@@ -220,13 +221,7 @@ def _polish(
         callbacks=[history], trainer_options={"accelerator": cfg.trainer.accelerator, "devices": 1,
                                               "enable_progress_bar": cfg.trainer.enable_progress_bar},
     )  # fmt: skip
-    export = out / "export"
-    export.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), export / POLISHED_STATE_FILE)
-    try:
-        export_program(model, tuple(datamodule.input_shape), export / POLISHED_PROGRAM_FILE)
-    except Exception as error:  # torch.export raises many kinds; the results must still be written
-        print(f"[nf-train] torch.export could not capture the polished exit: {error}")
+    save_exit(model, tuple(datamodule.input_shape), out / "export", POLISHED_STEM)
     print(
         f"[nf-train] polish: exit of unit {selector.selected.unit} from {report.val_before:.4f} to "
         f"{report.val_after:.4f} validation accuracy at batch {report.batch_size} "

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -145,6 +146,51 @@ def export_program(model: nn.Module, input_shape: Sequence[int], path: str | Pat
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))
     return program
+
+
+def loader_accuracy(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """Fraction of the ``(inputs, labels)`` batches of ``loader`` that ``model`` classifies right, without grad
+    (the model's train/eval mode is the caller's). An empty loader raises ``ValueError``.
+
+    >>> model = nn.Linear(2, 2).eval()
+    >>> with torch.no_grad():
+    ...     _ = model.weight.copy_(torch.eye(2)), model.bias.zero_()
+    >>> loader_accuracy(model, [(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))])
+    0.5
+    """
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    if total == 0:
+        raise ValueError("the loader is empty: there is no accuracy to measure")
+    return correct / total
+
+
+def save_exit(model: nn.Module, input_shape: Sequence[int], directory: str | Path, stem: str) -> dict[str, str | None]:
+    """``model``'s state dict as ``<stem>.pt`` and its :func:`export_program` as ``<stem>.pt2`` in ``directory``.
+
+    A model ``torch.export`` cannot capture gets a warning and no ``.pt2`` (never a
+    partial one); the state dict is always written. Returns the file names written,
+    ``{"state_dict": ..., "program": ... or None}``.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     save_exit(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).eval(), (3, 5, 5), tmp, "exit")
+    {'state_dict': 'exit.pt', 'program': 'exit.pt2'}
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str | None] = {"state_dict": f"{stem}.pt", "program": f"{stem}.pt2"}
+    torch.save(model.state_dict(), directory / f"{stem}.pt")
+    try:
+        export_program(model, input_shape, directory / f"{stem}.pt2")
+    except Exception as error:  # torch.export raises many kinds; the caller's results must still be saved
+        (directory / f"{stem}.pt2").unlink(missing_ok=True)
+        warnings.warn(f"torch.export could not capture {stem}, so no {stem}.pt2 is written: {error}", stacklevel=2)
+        files["program"] = None
+    return files
 
 
 def _check_unit(units: Sequence[nn.Module], exits: Sequence[nn.Module], unit: int) -> None:

@@ -26,11 +26,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, export_program, select_exit
+from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, save_exit, select_exit
 from nf_lightning.core.run import BlockwiseRun
 
-STATE_DICT_FILE = "exit_model.pt"
-PROGRAM_FILE = "exit_model.pt2"
+EXPORT_STEM = "exit_model"  # save_exit writes exit_model.pt (state dict) and exit_model.pt2 (program)
+PROGRAM_FILE = f"{EXPORT_STEM}.pt2"
 SUMMARY_FILE = "exit.json"
 
 
@@ -196,16 +196,7 @@ class EarlyExitSelector(pl.Callback):
 
     def _export(self, directory: Path, input_shape: tuple[int, ...]) -> None:
         assert self.exit_model is not None and self.summary is not None
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(self.exit_model.state_dict(), directory / STATE_DICT_FILE)
-        files = {"state_dict": STATE_DICT_FILE, "program": PROGRAM_FILE}
-        try:
-            export_program(self.exit_model, input_shape, directory / PROGRAM_FILE)
-        except Exception as error:  # torch.export raises many kinds; the run's results must still be saved
-            (directory / PROGRAM_FILE).unlink(missing_ok=True)
-            rank_zero_warn(f"torch.export could not capture the exit model, so no {PROGRAM_FILE} is written: {error}")
-            files["program"] = None
-        self.summary["files"] = files
+        self.summary["files"] = save_exit(self.exit_model, input_shape, directory, EXPORT_STEM)
         tmp = directory / f"{SUMMARY_FILE}.tmp"
         tmp.write_text(json.dumps(self.summary, indent=2))
         tmp.replace(directory / SUMMARY_FILE)

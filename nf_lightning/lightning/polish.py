@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from nf_lightning.core.budget import tensor_budget
+from nf_lightning.core.exits import loader_accuracy
 from nf_lightning.core.partitioner import BudgetTooSmall
 from nf_lightning.lightning.backprop import BudgetedBackpropStrategy
 from nf_lightning.lightning.backprop_batch import largest_backprop_batch
@@ -139,12 +140,7 @@ def polish_exit(
 def _accuracy(datamodule: Any, model: nn.Module) -> float:
     """Validation accuracy of ``model`` on the datamodule's validation split (eval mode, no grad, CPU)."""
     datamodule.setup("fit")
-    model = model.cpu().eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in datamodule.val_dataloader():
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    if total == 0:
-        raise ValueError("the validation split is empty: the polish cannot judge its result")
-    return correct / total
+    try:
+        return loader_accuracy(model.cpu().eval(), datamodule.val_dataloader())
+    except ValueError as error:
+        raise ValueError("the validation split is empty: the polish cannot judge its result") from error
