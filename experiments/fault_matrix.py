@@ -1,6 +1,6 @@
-"""The fault matrix of ``tests/test_faults.py`` as a table: what each SIGKILL cost and how long recovery took.
+"""The crash drill of ``nf_lightning.testing.faults`` (what ``tests/test_faults.py`` runs) as a table: what each SIGKILL cost and how long recovery took.
 
-Runs the same small NeuroFlux job as the tests (uninterrupted once, then killed
+Runs the drill's small NeuroFlux job (uninterrupted once, then killed
 at each fixed injection point and resumed from ``last.ckpt``) and writes
 ``results/fault_matrix/summary.{json,md}``:
 
@@ -17,14 +17,11 @@ at each fixed injection point and resumed from ``last.ckpt``) and writes
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from test_faults import FAST, SLOW, job, manifests, result  # noqa: E402  (the tests' own job and helpers)
+from nf_lightning.testing.faults import FAST, SLOW, job, killed_epoch, manifests, result
 
 OUT = Path(__file__).resolve().parent / "results" / "fault_matrix"
 
@@ -43,7 +40,7 @@ def main() -> None:
         for fault in [*FAST, *SLOW]:
             tmp = Path(root) / fault
             killed, killed_s = timed(tmp, fault)
-            kill_epoch = int(next(l for l in killed.stdout.splitlines() if l.startswith("KILLED")).split()[2])
+            kill_epoch = killed_epoch(killed)
             before = manifests(tmp)
             resumed_done, resumed_s = timed(tmp, "none")
             resumed = result(resumed_done)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from fault_injection import KillAtEpochStart  # noqa: E402
-from test_strategy import PlainClassifier, loaders  # noqa: E402
+from nf_lightning.testing.demo import PlainClassifier, loaders  # noqa: E402
 
 from nf_lightning import EarlyExitSelector  # noqa: E402
 from nf_lightning.lightning.strategy import NeuroFluxDDPStrategy  # noqa: E402

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nf_lightning import BudgetedBackpropStrategy, MemoryProfiler
 from nf_lightning.lightning.backprop_batch import backprop_step_peak
-from test_strategy import PlainClassifier, loaders, trainer
+from nf_lightning.testing.demo import PlainClassifier, loaders, trainer
 
 
 class NoNormClassifier(PlainClassifier):

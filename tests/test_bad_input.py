@@ -15,10 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nf_lightning import NeuroFluxStrategy
 from nf_lightning.core.cache import CacheInUse, claim_cache_dir
 from nf_lightning.core.decompose import UndecomposableModelError
-from test_strategy import PlainClassifier, loaders, tight_strategy, trainer
+from nf_lightning.testing.demo import PlainClassifier, loaders, tight_strategy, trainer
 
 
 def data(n: int = 64, channels: int = 3, classes: int = 10) -> TensorDataset:
@@ -132,11 +131,10 @@ def test_claims_are_exclusive_and_resumable(tmp_path: Path) -> None:
 FULL_DISK = textwrap.dedent(
     """
     import resource, signal, sys
-    sys.path.insert(0, {tests!r})
     from pathlib import Path
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from test_strategy import PlainClassifier, loaders, trainer, tight_strategy
+    from nf_lightning.testing.demo import PlainClassifier, loaders, trainer, tight_strategy
     if {limit}:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
@@ -154,10 +152,8 @@ FULL_DISK = textwrap.dedent(
 
 def test_a_full_disk_fails_clearly_after_a_checkpoint_and_resumes(tmp_path: Path) -> None:
     """A file-size limit (RLIMIT_FSIZE) makes the cache write fail as a full disk would; no mocks."""
-    tests = str(Path(__file__).parent)
-
     def run(limit: int) -> subprocess.CompletedProcess:
-        script = FULL_DISK.format(tests=tests, tmp=str(tmp_path), limit=limit)
+        script = FULL_DISK.format(tmp=str(tmp_path), limit=limit)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
 

@@ -45,7 +45,7 @@ def test_a_cuda_run_holds_every_metered_step_to_the_budget(tmp_path: Path) -> No
     import lightning.pytorch as pl
 
     from nf_lightning import NeuroFluxStrategy
-    from test_strategy import PlainClassifier, loaders
+    from nf_lightning.testing.demo import PlainClassifier, loaders
 
     train, val = loaders()
     strategy = NeuroFluxStrategy(memory_budget="2MB", epochs_per_block=1, batch_limit=64, cache_dir=tmp_path / "c",

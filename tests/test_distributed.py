@@ -19,16 +19,16 @@ import pytest
 JOBS = Path(__file__).with_name("ddp_jobs.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(job: str, out: Path, timeout: int = 300) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run ``job`` of ``ddp_jobs.py`` on two ranks; (the launch, each rank's JSON record).
+
+    ``--standalone`` lets torchrun bind its own rendezvous port and keep it: probing a free port
+    and passing it as ``--master-port`` leaves a window in which another process can take it
+    (``test_a_probed_master_port_can_be_taken_before_torchrun_binds_it``).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), str(JOBS), job, str(out)]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(JOBS), job,
+               str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) if (out / f"rank{r}.json").exists() else {}
@@ -68,6 +68,20 @@ def test_ranks_with_different_plans_fail_clearly_instead_of_hanging(tmp_path: Pa
     assert done.returncode != 0
     for rank in (r0, r1):
         assert rank["error"].startswith("PlanMismatch: the ranks disagree on the plan: ranks [0] vs [1]")
+
+
+def test_a_probed_master_port_can_be_taken_before_torchrun_binds_it(tmp_path: Path) -> None:
+    """The cause of an intermittent failure of these tests, forced: they probed a free port, closed the probe and
+    passed the port to ``torchrun --master-port``; a process that binds it in between fails the launch."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+                   str(JOBS), "core", str(tmp_path)]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "address already in use" in (done.stdout + done.stderr).lower(), done.stderr[-3000:]
 
 
 def test_a_lightning_project_trains_under_neuroflux_ddp_on_two_ranks(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from nf_lightning.cli import throughput as nf_throughput
 from nf_lightning.core.aux_heads import build_aux_heads
 from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, export_program
 from nf_lightning.lightning import early_exit
-from test_strategy import PlainClassifier, loaders, tight_strategy, trainer
+from nf_lightning.testing.demo import PlainClassifier, loaders, tight_strategy, trainer
 
 SHAPE = (3, 16, 16)
 

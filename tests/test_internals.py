@@ -106,3 +106,24 @@ def test_train_dataloader_is_reachable_before_the_fit_loop_loads_it(tmp_path) ->
                          default_root_dir=tmp_path, enable_model_summary=False, callbacks=[Peek()])
     trainer.fit(Tiny(), loader)
     assert seen == [loader]
+
+
+def test_has_val_dataloader_sees_every_way_fit_gets_validation_data(tmp_path) -> None:
+    from nf_lightning.testing.demo import PlainClassifier, loaders
+
+    class Probe(pl.Callback):
+        def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+            seen.append(_internals.has_val_dataloader(trainer))
+            raise SystemExit  # nothing more to run
+
+    class OwnLoaders(PlainClassifier):
+        def val_dataloader(self):
+            return loaders()[1]
+
+    train, val = loaders()
+    seen: list[bool] = []
+    for model, args in ((PlainClassifier(), (train,)), (PlainClassifier(), (train, val)), (OwnLoaders(), (train,))):
+        t = pl.Trainer(accelerator="cpu", logger=False, callbacks=[Probe()], default_root_dir=tmp_path)
+        with pytest.raises(SystemExit):
+            t.fit(model, *args)
+    assert seen == [False, True, True]

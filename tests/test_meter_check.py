@@ -30,7 +30,7 @@ def test_memory_overhead_shrinks_the_tensor_budget() -> None:
 
 
 def test_both_strategies_hold_tensors_to_the_budget_over_the_overhead(tmp_path) -> None:
-    from test_strategy import PlainClassifier, loaders, tight_strategy, trainer
+    from nf_lightning.testing.demo import PlainClassifier, loaders, tight_strategy, trainer
 
     from nf_lightning import BudgetedBackpropStrategy
 

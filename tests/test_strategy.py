@@ -12,71 +12,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from nf_lightning import NeuroFluxStrategy, decompose
 from nf_lightning.core.partitioner import BudgetTooSmall
-
-
-class PlainClassifier(pl.LightningModule):
-    """A LightningModule written without any knowledge of nf_lightning."""
-
-    def __init__(self, width: int = 8) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()),
-            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)),
-            nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2)),
-            nn.Sequential(nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(), nn.MaxPool2d(2)),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(4 * width, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-
-def loaders(n_train: int = 256, n_val: int = 64, batch: int = 32) -> tuple[DataLoader, DataLoader]:
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 10, (n_train + n_val,), generator=g)
-    # class-dependent mean so the task is learnable
-    x = torch.randn(n_train + n_val, 3, 16, 16, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float() / 5
-    train = TensorDataset(x[:n_train], y[:n_train])
-    val = TensorDataset(x[n_train:], y[n_train:])
-    return DataLoader(train, batch_size=batch, shuffle=True), DataLoader(val, batch_size=batch)
-
-
-def trainer(tmp_path: Path, strategy, **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
-
-
-def tight_strategy(tmp_path: Path, **kwargs) -> NeuroFluxStrategy:
-    kwargs = {"memory_budget": "1.2MB", "epochs_per_block": 1, "batch_limit": 64, **kwargs}
-    return NeuroFluxStrategy(cache_dir=tmp_path / "cache", **kwargs)
+from nf_lightning.testing.demo import PlainClassifier, loaders, tight_strategy, trainer
 
 
 def test_plain_module_trains_and_blocks_respect_budget(tmp_path: Path) -> None:
@@ -182,8 +121,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, time
     import lightning.pytorch as pl
-    sys.path.insert(0, {tests!r})
-    from test_strategy import PlainClassifier, loaders, trainer, tight_strategy
+    from nf_lightning.testing.demo import PlainClassifier, loaders, trainer, tight_strategy
     from lightning.pytorch.callbacks import ModelCheckpoint
     from pathlib import Path
 

@@ -16,11 +16,23 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 CONFIG_MODULE = "nf_lightning.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 """``config_path`` of the apps' ``hydra.main``."""
+
+
+def _value_or(value: object, default: object) -> object:
+    """``value`` unless it is null, then ``default``: ``${nf.value_or:${resume},outputs/...}``.
+
+    (``oc.select`` falls back only when a key is missing, not when it is null.)
+    """
+    return default if value is None else value
+
+
+if not OmegaConf.has_resolver("nf.value_or"):
+    OmegaConf.register_new_resolver("nf.value_or", _value_or)
 
 
 def compose_config(name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:

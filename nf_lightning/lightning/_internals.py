@@ -35,6 +35,12 @@ def train_dataloader_of(trainer: pl.Trainer) -> Any:
     return trainer.fit_loop._data_source.dataloader()
 
 
+def has_val_dataloader(trainer: pl.Trainer) -> bool:
+    """Whether ``fit`` was given validation data (``val_dataloaders=``, a data module's or the
+    LightningModule's own ``val_dataloader``), known before the loop loads it."""
+    return trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined()
+
+
 def reload_train_dataloader(trainer: pl.Trainer) -> None:
     """Make the fit loop fetch (and pass through ``Strategy.process_dataloader``) its training loader
     again at the start of the next epoch, with its length, progress bar total and validation interval

@@ -49,11 +49,13 @@ from nf_lightning.core.run import BlockwiseRun, DataSources
 from nf_lightning.core.schedule import BlockSchedule
 from nf_lightning.lightning._internals import (
     TrainerDevices,
+    has_val_dataloader,
     parse_optimizer_recipe,
     reload_train_dataloader,
     train_dataloader_of,
 )
 from nf_lightning.lightning.ddp import UnwrappedDDPStrategy, collective_for
+from nf_lightning.lightning.stopping import warn_if_early_stopping_cuts_blocks, warn_if_plan_unfinished
 
 AUX_POLICIES = ("adaptive", "classic")
 EVALUATE = ("exit", "full")
@@ -189,6 +191,7 @@ class _NeuroFluxAdapter:
             super().setup(trainer)
             return
         assert self.accelerator is not None and self.decomposition is not None
+        _require_validation(trainer)
         self.accelerator.setup(trainer)
         self._warn_if_device_is_small()
         options = {
@@ -635,12 +638,7 @@ class NeuroFluxHooks(pl.Callback):
         run = self._run(trainer)
         if run is None:
             return
-        if trainer.limit_val_batches == 0 or trainer.val_dataloaders is None:
-            rank_zero_warn(
-                "validation is off: NeuroFlux cannot score its exits, so no exit is selected and block patience "
-                "never acts; give the Trainer a validation loader"
-            )
-        elif sum(trainer.num_val_batches) == 0:
+        if trainer.val_dataloaders is not None and sum(trainer.num_val_batches) == 0:
             raise ValueError(
                 "the validation loader is empty: NeuroFlux scores its exits on validation data; give it samples"
             )
@@ -648,6 +646,12 @@ class NeuroFluxHooks(pl.Callback):
         self._end_epochs(trainer, lambda: run.catch_up(trainer.current_epoch))  # a checkpoint taken mid-end
         self._after_change(trainer, run, version)
         trainer.strategy.warn_if_max_epochs_cut_plan(trainer)
+        warn_if_early_stopping_cuts_blocks(trainer, run)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = self._run(trainer)
+        if run is not None:
+            warn_if_plan_unfinished(trainer, run)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = self._run(trainer)
@@ -728,6 +732,18 @@ def __getattr__(name: str) -> Any:
         _deprecated(f"nf_lightning.lightning.strategy.{name}", f"nf_lightning.core.batches.{name}")
         return _MOVED[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _require_validation(trainer: pl.Trainer) -> None:
+    """Fail before any work when ``fit`` has no validation data: NeuroFlux scores its exits on it."""
+    if trainer.limit_val_batches == 0 or not has_val_dataloader(trainer):
+        raise ValueError(
+            "NeuroFlux needs validation data: it scores every exit on it to choose the one to deploy and to end "
+            "blocks, and caches each block's outputs for it. Pass trainer.fit(model, train_loader, val_loader) "
+            "(or a datamodule with val_dataloader()) and keep limit_val_batches above 0. To hold out part of the "
+            "training set: train_set, val_set = torch.utils.data.random_split(dataset, [0.9, 0.1], "
+            "generator=torch.Generator().manual_seed(0))"
+        )
 
 
 def _loader_batch_size(trainer: pl.Trainer) -> int | None:
