@@ -244,3 +244,13 @@ def test_an_early_stopping_as_long_as_a_block_gets_no_warning(tmp_path: Path) ->
     assert not [w for w in caught if "may end the run" in str(w.message)]
     assert any("max_epochs=1" in str(w.message) and "never trained" in str(w.message) for w in caught)
 
+
+
+def test_fit_with_validation_turned_off_fails_the_same_way(tmp_path: Path) -> None:
+    from nf_lightning.testing.demo import PlainClassifier, loaders, tight_strategy, trainer
+
+    train, val = loaders()
+    t = trainer(tmp_path, tight_strategy(tmp_path), limit_val_batches=0, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="NeuroFlux needs validation data.*limit_val_batches above 0"):
+        t.fit(PlainClassifier(), train, val)
+    assert not (tmp_path / "cache").exists()

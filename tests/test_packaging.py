@@ -9,6 +9,7 @@ directory outside the project: they must find their configs in the package.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import site
 import subprocess
@@ -89,3 +90,18 @@ def test_installed_apps_find_their_configs(wheel_install: tuple[Path, Path, str]
     job = _check([str(bin_dir / "nf-train"), "--cfg", "job", "experiment=quickstart", "method=bp"], tmp_path)
     assert "name: bp" in job.stdout and "fit_backprop_to_budget" in job.stdout and "width_mult: 0.25" in job.stdout
     assert not list(tmp_path.iterdir())  # printing the config runs nothing and writes nothing
+
+
+def test_installed_nf_train_writes_to_its_default_run_directory(
+    wheel_install: tuple[Path, Path, str], tmp_path: Path, shared_datasets_dir: Path, data_cache_dir: Path
+) -> None:
+    """The wheel's ``nf-train`` from a fresh directory, no ``hydra.run.dir``: a short real run lands in ``outputs/``."""
+    _, bin_dir, _ = wheel_install
+    command = [str(bin_dir / "nf-train"), "experiment=quickstart", "data.train_subset=300", "data.val_subset=100",
+               "epochs=1", "polish_epochs=0", "trainer.enable_progress_bar=false"]  # fmt: skip
+    env = {**os.environ, "NF_DATA_DIR": str(shared_datasets_dir), "NF_CACHE_DIR": str(data_cache_dir),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results,) = tmp_path.glob("outputs/*/*_neuroflux_vgg11_20MB/results.json")
+    assert json.loads(results.read_text())["could_run"]
