@@ -83,7 +83,7 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
     import torchvision
 
     from nf_lightning import NeuroFluxStrategy, data, models
-    from nf_lightning.core.exits import loader_accuracy
+    from nf_lightning.core.exits.selection import loader_accuracy
     from nf_lightning.lightning.classifier import ClassifierModule
 
     warnings.filterwarnings("ignore")

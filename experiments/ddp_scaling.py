@@ -98,9 +98,9 @@ def estimate(budget: str = "300MB", flops_per_second: float = 20e12) -> str:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nf_lightning.core.budget import parse_bytes
-    from nf_lightning.core.decompose import decompose
-    from nf_lightning.core.run import BlockwiseRun
+    from nf_lightning.core.memory.budget import parse_bytes
+    from nf_lightning.core.network.decompose import decompose
+    from nf_lightning.core.train.run import BlockwiseRun
     from nf_lightning.models import create
 
     net = create("vgg16", num_classes=10, width_mult=1.0)

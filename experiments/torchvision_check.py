@@ -171,7 +171,7 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
     import warnings
 
     from nf_lightning import NeuroFluxStrategy, data
-    from nf_lightning.core.exits import loader_accuracy
+    from nf_lightning.core.exits.selection import loader_accuracy
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -299,10 +299,10 @@ def exit_throughput(result: dict[str, Any], repeats: int = 30) -> dict[str, Any]
     Speed depends on the operations, not on the weights' values, so the architecture
     is built afresh from the row (as ``compare.py`` and ``nf-throughput`` do).
     """
-    from nf_lightning.core.decompose import decompose
-    from nf_lightning.core.exits import ExitModel
-    from nf_lightning.core.run import build_exits
-    from nf_lightning.core.throughput import compare_throughput
+    from nf_lightning.core.network.decompose import decompose
+    from nf_lightning.core.exits.selection import ExitModel
+    from nf_lightning.core.train.run import build_exits
+    from nf_lightning.core.exits.throughput import compare_throughput
     from nf_lightning.data import KNOWN_DATASETS
 
     row = result["row"]

@@ -30,10 +30,10 @@ from test_strategy import PlainClassifier, loaders  # noqa: E402
 from nf_lightning import EarlyExitSelector  # noqa: E402
 from nf_lightning.lightning.strategy import NeuroFluxDDPStrategy  # noqa: E402
 
-from nf_lightning.core.decompose import decompose  # noqa: E402
-from nf_lightning.core.distributed import Collective  # noqa: E402
-from nf_lightning.core.run import BlockwiseRun, DataSources  # noqa: E402
-from nf_lightning.core.schedule import BlockSchedule  # noqa: E402
+from nf_lightning.core.network.decompose import decompose  # noqa: E402
+from nf_lightning.core.train.distributed import Collective  # noqa: E402
+from nf_lightning.core.train.run import BlockwiseRun, DataSources  # noqa: E402
+from nf_lightning.core.train.schedule import BlockSchedule  # noqa: E402
 
 
 def data(n: int = 240) -> tuple[TensorDataset, TensorDataset]:
@@ -204,8 +204,8 @@ def equivalence_run(out: Path, ranks: int) -> dict:
     The plan is fixed (no profiling), so both runs train the same blocks on the same global batch with
     the same schedule: 64 samples per step in one process, or 32 on each of two.
     """
-    from nf_lightning.core.plan import Block, TrainingPlan
-    from nf_lightning.core.run import build_exits
+    from nf_lightning.core.plan.training_plan import Block, TrainingPlan
+    from nf_lightning.core.train.run import build_exits
     from nf_lightning.data import CIFAR10FolderDataModule
     from nf_lightning.models import create
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nf_lightning import NeuroFluxStrategy
 from nf_lightning.core.cache import CacheInUse, claim_cache_dir
-from nf_lightning.core.decompose import UndecomposableModelError
+from nf_lightning.core.network.decompose import UndecomposableModelError
 from test_strategy import PlainClassifier, loaders, tight_strategy, trainer
 
 
@@ -109,7 +109,7 @@ def test_a_cache_directory_in_use_by_a_live_run_is_refused(tmp_path: Path) -> No
 
 
 def _host() -> str:
-    from nf_lightning.core import cache_writer
+    from nf_lightning.core.cache import writer as cache_writer
 
     return cache_writer._HOST
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nf_lightning import NeuroFluxStrategy, decompose
-from nf_lightning.core.run import BlockwiseRun
+from nf_lightning.core.train.run import BlockwiseRun
 
 
 class TypicalProject(pl.LightningModule):

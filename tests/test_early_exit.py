@@ -20,8 +20,8 @@ from torch import Tensor
 
 from nf_lightning import EarlyExitSelector, NeuroFluxStrategy, decompose, models
 from nf_lightning.cli import throughput as nf_throughput
-from nf_lightning.core.aux_heads import build_aux_heads
-from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, export_program
+from nf_lightning.core.exits.aux_heads import build_aux_heads
+from nf_lightning.core.exits.selection import ExitModel, ExitRecord, exit_parameters, export_program
 from nf_lightning.lightning import early_exit
 from test_strategy import PlainClassifier, loaders, tight_strategy, trainer
 

@@ -29,7 +29,8 @@ JOB = textwrap.dedent(
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
     from nf_lightning import EarlyExitSelector
-    from nf_lightning.core import cache_writer, local_learning, run as core_run
+    from nf_lightning.core.cache import writer as cache_writer
+    from nf_lightning.core.train import local_learning, run as core_run
     from nf_lightning.lightning import early_exit
     from test_strategy import PlainClassifier, loaders, trainer, tight_strategy
 

@@ -66,24 +66,48 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 def test_no_import_cycle_in_the_package() -> None:
     graph = import_graph()
-    assert "nf_lightning.core.run" in graph and "nf_lightning.lightning.strategy" in graph
+    assert "nf_lightning.core.train.run" in graph and "nf_lightning.lightning.strategy" in graph
     assert find_cycle(graph) is None
 
 
+def imported_names(path: Path) -> set[str]:
+    """Every absolute module name an import statement in ``path`` names (function-level imports included)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return names
+
+
+CORE_MUST_NOT_IMPORT = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "torchvision",
+                        "nf_lightning.lightning", "nf_lightning.cli", "nf_lightning.data", "nf_lightning.models")  # fmt: skip
+
+
 def test_imports_flow_one_way() -> None:
-    """core and models import nothing above them; callbacks never import the strategy."""
+    """core imports nothing above it (nor Lightning, Hydra or torchvision); callbacks never import the strategy."""
     graph = import_graph()
+    for path in (PACKAGE / "core").rglob("*.py"):
+        above = {n for n in imported_names(path) if any(n == m or n.startswith(f"{m}.") for m in CORE_MUST_NOT_IMPORT)}
+        assert not above, (path, above)
     for name, edges in graph.items():
-        if name.startswith(("nf_lightning.core", "nf_lightning.models")):
+        if name.startswith("nf_lightning.models"):
             assert not {e for e in edges if e.startswith(("nf_lightning.lightning", "nf_lightning.cli"))}, name
         if name.startswith("nf_lightning.lightning.") and name != "nf_lightning.lightning.strategy":
             assert "nf_lightning.lightning.strategy" not in edges, name
 
 
+def test_the_layer_check_sees_a_function_level_import(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    import lightning.pytorch as pl\n    from nf_lightning.models import vgg\n")
+    assert {"lightning.pytorch", "nf_lightning.models", "nf_lightning.models.vgg"} <= imported_names(module)
+
+
 def test_importing_core_loads_no_lightning() -> None:
     script = (
-        "import json, sys, nf_lightning.core, nf_lightning.core.run, nf_lightning.core.partitioner, "
-        "nf_lightning.core.plan, nf_lightning.core.cache, nf_lightning.core.exits\n"
+        "import json, sys, nf_lightning.core, nf_lightning.core.train.run, nf_lightning.core.plan.partitioner, "
+        "nf_lightning.core.plan.training_plan, nf_lightning.core.cache, nf_lightning.core.exits.selection\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('lightning', 'pytorch_lightning', 'torchvision', 'hydra'))))"
     )

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from nf_lightning.core.enforcement import BudgetGuard, update_overhead
-from nf_lightning.core.local_learning import LocalBlock, shrink, train_with_retry
-from nf_lightning.core.memory import TrackedMemoryMeter
+from nf_lightning.core.memory.enforcement import BudgetGuard, update_overhead
+from nf_lightning.core.train.local_learning import LocalBlock, shrink, train_with_retry
+from nf_lightning.core.memory.meter import TrackedMemoryMeter
 
 
 def block(optimizer: str = "sgd", channels: tuple[int, int] = (3, 8)) -> LocalBlock:
@@ -172,10 +172,10 @@ def test_a_run_with_a_wrong_plan_commits_only_steps_within_the_budget(tmp_path) 
     """The plan says batch 64 fits; it does not. Every step metered: failed attempts counted, no update twice."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from nf_lightning.core.decompose import decompose
-    from nf_lightning.core.partitioner import Block
-    from nf_lightning.core.plan import TrainingPlan
-    from nf_lightning.core.run import BlockwiseRun, DataSources, build_exits
+    from nf_lightning.core.network.decompose import decompose
+    from nf_lightning.core.plan.partitioner import Block
+    from nf_lightning.core.plan.training_plan import TrainingPlan
+    from nf_lightning.core.train.run import BlockwiseRun, DataSources, build_exits
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
@@ -220,8 +220,8 @@ def test_a_run_with_a_wrong_plan_commits_only_steps_within_the_budget(tmp_path) 
 def test_a_last_batch_of_one_sample_is_skipped_where_batchnorm_trains() -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from nf_lightning.core.decompose import decompose
-    from nf_lightning.core.run import BlockwiseRun, DataSources
+    from nf_lightning.core.network.decompose import decompose
+    from nf_lightning.core.train.run import BlockwiseRun, DataSources
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8), nn.ReLU(),

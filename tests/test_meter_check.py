@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from nf_lightning.core.budget import tensor_budget
-from nf_lightning.core.meter_check import cross_check
+from nf_lightning.core.memory.budget import tensor_budget
+from nf_lightning.cli.meter_check import cross_check
 
 # The stated tolerance (README, "What the budget guarantees"): a training step's resident memory growth
 # is at least what the meter counts (the meter never over-counts) and at most 2.5x it (kernel scratch and

@@ -13,7 +13,7 @@ import torch
 from nf_lightning import NeuroFluxStrategy, data, models
 from nf_lightning.cli.common import compose_config
 from nf_lightning.cli.train import POLISHED_PROGRAM_FILE, POLISHED_STATE_FILE, resume, run
-from nf_lightning.core.partitioner import BudgetTooSmall
+from nf_lightning.core.plan.partitioner import BudgetTooSmall
 from nf_lightning.lightning.classifier import ClassifierModule
 from nf_lightning.lightning.polish import polish_exit
 

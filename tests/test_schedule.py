@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nf_lightning.core.decompose import decompose
-from nf_lightning.core.feature_augment import augment_features, random_crop
-from nf_lightning.core.partitioner import Block
-from nf_lightning.core.plan import TrainingPlan
-from nf_lightning.core.run import BlockwiseRun, DataSources, build_exits
-from nf_lightning.core.schedule import BlockSchedule, Patience, cosine_factor
+from nf_lightning.core.network.decompose import decompose
+from nf_lightning.core.train.feature_augment import augment_features, random_crop
+from nf_lightning.core.plan.partitioner import Block
+from nf_lightning.core.plan.training_plan import TrainingPlan
+from nf_lightning.core.train.run import BlockwiseRun, DataSources, build_exits
+from nf_lightning.core.train.schedule import BlockSchedule, Patience, cosine_factor
 
 
 def test_horizon_is_lengthened_to_the_minimum_of_steps_and_capped() -> None:
@@ -117,7 +117,7 @@ def test_the_recipes_own_scheduler_replaces_the_decay(tmp_path: Path) -> None:
 
     def recipe():
         optimizer = torch.optim.SGD(net_holder["net"].parameters(), lr=0.1)
-        from nf_lightning.core.optim_recipe import SchedulerSpec
+        from nf_lightning.core.train.optim_recipe import SchedulerSpec
 
         return optimizer, [SchedulerSpec(torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5))]
 
@@ -162,7 +162,7 @@ def test_a_block_that_stalls_mid_horizon_anneals_its_rate_to_zero_then_ends(tmp_
 
 
 def test_with_the_recipes_own_scheduler_a_stalled_block_ends_at_once(tmp_path: Path) -> None:
-    from nf_lightning.core.optim_recipe import SchedulerSpec
+    from nf_lightning.core.train.optim_recipe import SchedulerSpec
 
     holder = {}
 

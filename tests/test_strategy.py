@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nf_lightning import NeuroFluxStrategy, decompose
-from nf_lightning.core.partitioner import BudgetTooSmall
+from nf_lightning.core.plan.partitioner import BudgetTooSmall
 
 
 class PlainClassifier(pl.LightningModule):
@@ -158,9 +158,9 @@ def _step_of(tmp_path: Path, epoch: int) -> int:
 
 
 def test_bp_infeasible_budget_trains_under_neuroflux(tmp_path: Path) -> None:
-    from nf_lightning.core.aux_heads import build_aux_heads
-    from nf_lightning.core.partitioner import minimum_budget
-    from nf_lightning.core.profiler import profile_backprop, profile_units
+    from nf_lightning.core.exits.aux_heads import build_aux_heads
+    from nf_lightning.core.plan.partitioner import minimum_budget
+    from nf_lightning.core.memory.profiler import profile_backprop, profile_units
 
     module = PlainClassifier(width=16)
     shape = (3, 16, 16)

@@ -22,11 +22,11 @@ from omegaconf import DictConfig
 from nf_lightning import models
 from nf_lightning.cli.common import CONFIG_PATH
 from nf_lightning.lightning.backprop_batch import largest_backprop_batch
-from nf_lightning.core.aux_heads import build_aux_heads
-from nf_lightning.core.budget import format_bytes, tensor_budget
-from nf_lightning.core.decompose import decompose
-from nf_lightning.core.partitioner import BudgetTooSmall
-from nf_lightning.core.plan import TrainingPlan, make_plan
+from nf_lightning.core.exits.aux_heads import build_aux_heads
+from nf_lightning.core.memory.budget import format_bytes, tensor_budget
+from nf_lightning.core.network.decompose import decompose
+from nf_lightning.core.plan.partitioner import BudgetTooSmall
+from nf_lightning.core.plan.training_plan import TrainingPlan, make_plan
 from nf_lightning.data import KNOWN_DATASETS
 
 

@@ -31,13 +31,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nf_lightning.cli.common import CONFIG_PATH, output_dir
-from nf_lightning.core.budget import parse_bytes, tensor_budget
+from nf_lightning.core.memory.budget import parse_bytes, tensor_budget
 from nf_lightning.core.cache import cache_size_report
-from nf_lightning.core.checkpointing import CheckpointedNetwork
-from nf_lightning.core.enforcement import BudgetGuard
-from nf_lightning.core.exits import save_exit
-from nf_lightning.core.partitioner import BudgetTooSmall
-from nf_lightning.core.run import BlockwiseRun
+from nf_lightning.core.network.checkpointing import CheckpointedNetwork
+from nf_lightning.core.memory.enforcement import BudgetGuard
+from nf_lightning.core.exits.selection import save_exit
+from nf_lightning.core.plan.partitioner import BudgetTooSmall
+from nf_lightning.core.train.run import BlockwiseRun
 from nf_lightning.lightning.backprop_batch import largest_backprop_batch
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
@@ -64,9 +64,9 @@ def fit_backprop_to_budget(
 
     Sets ``datamodule.batch_size`` and scales ``module.hparams.lr`` (the rate
     at ``reference_batch``) linearly to it; tensor bytes are held to ``budget / memory_overhead``
-    (:func:`~nf_lightning.core.budget.tensor_budget`). With ``checkpoint`` the module's
+    (:func:`~nf_lightning.core.memory.budget.tensor_budget`). With ``checkpoint`` the module's
     network (``module.net``) is first wrapped in
-    :class:`~nf_lightning.core.checkpointing.CheckpointedNetwork` (activation
+    :class:`~nf_lightning.core.network.checkpointing.CheckpointedNetwork` (activation
     checkpointing over its units, the ``bp_ckpt`` method) and that is what is
     profiled and trained. The batch comes from :func:`largest_backprop_batch`.
     Returns the ``results.json`` entries it decided; raises
@@ -210,7 +210,7 @@ def _polish(
 ) -> dict[str, Any]:
     """Polish the exit the run deployed (:func:`~nf_lightning.lightning.polish.polish_exit`) and export it
     beside the block-wise one as ``export/polished_exit.pt`` (state dict) and ``polished_exit.pt2``
-    (:func:`~nf_lightning.core.exits.save_exit`)."""
+    (:func:`~nf_lightning.core.exits.selection.save_exit`)."""
     selector = next((c for c in trainer.callbacks if isinstance(c, EarlyExitSelector)), None)
     if selector is None or selector.exit_model is None:
         raise ValueError(f"polish_epochs needs a deployed exit: method {cfg.method.name} selected none")

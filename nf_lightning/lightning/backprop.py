@@ -3,7 +3,7 @@
 
 The baselines must play by the rules NeuroFlux plays by. Every optimizer step
 of the whole network is one transaction of the same
-:class:`~nf_lightning.core.enforcement.BudgetGuard` that holds NeuroFlux's unit
+:class:`~nf_lightning.core.memory.enforcement.BudgetGuard` that holds NeuroFlux's unit
 steps: forward and backward run under the tracked meter with the budget as a
 hard limit, the update is refused before it starts if the bytes live then plus
 what ``optimizer.step()`` will allocate exceed the budget, and an update is
@@ -43,11 +43,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from nf_lightning.core.batches import batch_size_of, chunk_batch
-from nf_lightning.core.budget import format_bytes, parse_bytes, tensor_budget
-from nf_lightning.core.distributed import LOCAL, Collective, LocalCollective, PeerStepFailed
-from nf_lightning.core.enforcement import BudgetGuard
-from nf_lightning.core.run import cap_cuda_allocator
+from nf_lightning.core.train.batches import batch_size_of, chunk_batch
+from nf_lightning.core.memory.budget import format_bytes, parse_bytes, tensor_budget
+from nf_lightning.core.train.distributed import LOCAL, Collective, LocalCollective, PeerStepFailed
+from nf_lightning.core.memory.enforcement import BudgetGuard
+from nf_lightning.core.train.run import cap_cuda_allocator
 from nf_lightning.lightning._internals import TrainerDevices
 from nf_lightning.lightning.ddp import UnwrappedDDPStrategy, collective_for
 

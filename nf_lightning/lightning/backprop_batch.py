@@ -21,8 +21,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from nf_lightning.core.plan import profile_batch_sizes
-from nf_lightning.core.profiler import LinearMemoryModel, profile_backprop
+from nf_lightning.core.plan.training_plan import profile_batch_sizes
+from nf_lightning.core.memory.profiler import LinearMemoryModel, profile_backprop
 
 
 def largest_backprop_batch(
@@ -36,7 +36,7 @@ def largest_backprop_batch(
 
     ``module`` is profiled as NeuroFlux profiles its units: a step on fake
     tensors measured by the tracked meter, at the batch sizes of
-    :func:`~nf_lightning.core.plan.profile_batch_sizes` (2 to ``batch_limit``),
+    :func:`~nf_lightning.core.plan.training_plan.profile_batch_sizes` (2 to ``batch_limit``),
     fitted by a line. A line fitted over that whole range can miss the peak of a
     small batch by a few percent, so the batch it proposes is then checked with
     a step of its own and lowered until its measured peak fits: BP is held to

@@ -5,7 +5,7 @@ the active block on the validation data (from the activation cache, so no
 trained block runs again) and keeps the records; this callback sets the
 selection's tolerance, logs the exit table at every block's end, optionally
 stops going deeper, and when training ends selects the exit with
-:func:`~nf_lightning.core.exits.select_exit` and exports it. It reads the run
+:func:`~nf_lightning.core.exits.selection.select_exit` and exports it. It reads the run
 as ``trainer.strategy.run`` and imports nothing of the strategy.
 
 Example:
@@ -26,8 +26,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, save_exit, select_exit
-from nf_lightning.core.run import BlockwiseRun
+from nf_lightning.core.exits.selection import ExitModel, ExitRecord, exit_parameters, save_exit, select_exit
+from nf_lightning.core.train.run import BlockwiseRun
 
 EXPORT_STEM = "exit_model"  # save_exit writes exit_model.pt (state dict) and exit_model.pt2 (program)
 PROGRAM_FILE = f"{EXPORT_STEM}.pt2"
@@ -43,7 +43,7 @@ class EarlyExitSelector(pl.Callback):
     block's last validation (after which the unit is frozen) is final.
 
     When training ends, :attr:`selected` is the chosen exit and
-    :attr:`exit_model` the standalone :class:`~nf_lightning.core.exits.ExitModel`.
+    :attr:`exit_model` the standalone :class:`~nf_lightning.core.exits.selection.ExitModel`.
     With ``export`` on, the export directory receives
 
     - ``exit_model.pt``: the exit model's state dict;

@@ -17,8 +17,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from nf_lightning.core.enforcement import BudgetGuard
-from nf_lightning.core.run import BlockwiseRun
+from nf_lightning.core.memory.enforcement import BudgetGuard
+from nf_lightning.core.train.run import BlockwiseRun
 
 
 class MemoryProfiler(pl.Callback):

@@ -40,9 +40,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from nf_lightning.core.budget import tensor_budget
-from nf_lightning.core.exits import loader_accuracy
-from nf_lightning.core.partitioner import BudgetTooSmall
+from nf_lightning.core.memory.budget import tensor_budget
+from nf_lightning.core.exits.selection import loader_accuracy
+from nf_lightning.core.plan.partitioner import BudgetTooSmall
 from nf_lightning.lightning.backprop import BudgetedBackpropStrategy
 from nf_lightning.lightning.backprop_batch import largest_backprop_batch
 from nf_lightning.lightning.classifier import ClassifierModule

@@ -1,4 +1,4 @@
-"""``NeuroFluxStrategy``: a thin Lightning adapter over :class:`~nf_lightning.core.run.BlockwiseRun`.
+"""``NeuroFluxStrategy``: a thin Lightning adapter over :class:`~nf_lightning.core.train.run.BlockwiseRun`.
 
 The strategy decides where and how things run; what training means lives in
 the core run object. During ``fit`` it hands training batches to the run,
@@ -38,15 +38,15 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from nf_lightning.core import batches
-from nf_lightning.core.batches import split_batch
-from nf_lightning.core.budget import format_bytes, parse_bytes, tensor_budget
+from nf_lightning.core.train import batches
+from nf_lightning.core.train.batches import split_batch
+from nf_lightning.core.memory.budget import format_bytes, parse_bytes, tensor_budget
 from nf_lightning.core.cache import CacheSpaceError
-from nf_lightning.core.decompose import Decomposition, decompose
-from nf_lightning.core.memory import device_memory_bytes
-from nf_lightning.core.optim_recipe import SchedulerSpec
-from nf_lightning.core.run import BlockwiseRun, DataSources
-from nf_lightning.core.schedule import BlockSchedule
+from nf_lightning.core.network.decompose import Decomposition, decompose
+from nf_lightning.core.memory.meter import device_memory_bytes
+from nf_lightning.core.train.optim_recipe import SchedulerSpec
+from nf_lightning.core.train.run import BlockwiseRun, DataSources
+from nf_lightning.core.train.schedule import BlockSchedule
 from nf_lightning.lightning._internals import (
     TrainerDevices,
     parse_optimizer_recipe,
@@ -568,7 +568,7 @@ class NeuroFluxDDPStrategy(_NeuroFluxAdapter, UnwrappedDDPStrategy):
     - **BatchNorm** running statistics are averaged before every validation and cache write,
       so the ranks evaluate, cache and checkpoint the same network.
     - **One plan:** every rank profiles and partitions, and the plans are checked to be the same
-      (a mismatch raises :class:`~nf_lightning.core.distributed.PlanMismatch` on every rank).
+      (a mismatch raises :class:`~nf_lightning.core.train.distributed.PlanMismatch` on every rank).
     - **Per-rank caches** under ``cache_dir/rank<r>-of-<n>``, each of its own shard; a run resumed
       with another number of ranks rebuilds them (with a warning).
     - **Validation** counts are summed over ranks, so exit records, block ends and the exit
@@ -723,9 +723,9 @@ _MOVED = {"rebatch": batches.rebatch}
 
 
 def __getattr__(name: str) -> Any:
-    """Deprecated: ``rebatch`` moved to :mod:`nf_lightning.core.batches`."""
+    """Deprecated: ``rebatch`` moved to :mod:`nf_lightning.core.train.batches`."""
     if name in _MOVED:
-        _deprecated(f"nf_lightning.lightning.strategy.{name}", f"nf_lightning.core.batches.{name}")
+        _deprecated(f"nf_lightning.lightning.strategy.{name}", f"nf_lightning.core.train.batches.{name}")
         return _MOVED[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nf_lightning.core.budget import format_bytes
+from nf_lightning.core.memory.budget import format_bytes
 
 __all__ = [
     "Block",
@@ -48,7 +48,7 @@ __all__ = [
 class UnitMemoryModel(Protocol):
     """Training memory of one unit with its auxiliary head, as the profiler models it.
 
-    ``nf_lightning.core.profiler.LinearMemoryModel`` has this shape. ``predict``
+    ``nf_lightning.core.memory.profiler.LinearMemoryModel`` has this shape. ``predict``
     must be non-decreasing in ``batch``.
     """
 

@@ -18,7 +18,7 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> from torch.utils.data import DataLoader, TensorDataset
-    >>> from nf_lightning.core.decompose import decompose
+    >>> from nf_lightning.core.network.decompose import decompose
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
     ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     >>> data = TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,)))
@@ -58,9 +58,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
-from nf_lightning.core.aux_heads import build_aux_heads
-from nf_lightning.core.batches import rebatch, samples_in_order
-from nf_lightning.core.budget import format_bytes
+from nf_lightning.core.exits.aux_heads import build_aux_heads
+from nf_lightning.core.train.batches import rebatch, samples_in_order
+from nf_lightning.core.memory.budget import format_bytes
 from nf_lightning.core.cache import (
     ActivationCacheWriter,
     CacheCorrupt,
@@ -71,16 +71,16 @@ from nf_lightning.core.cache import (
     open_cache,
     release_cache_dir,
 )
-from nf_lightning.core.decompose import Decomposition
-from nf_lightning.core.distributed import LOCAL, Collective, LocalCollective, PeerStepFailed, shard_sampler
-from nf_lightning.core.feature_augment import POLICIES as AUGMENT_POLICIES
-from nf_lightning.core.feature_augment import augment_features
-from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, select_exit
-from nf_lightning.core.local_learning import LocalBlock, train_with_retry
-from nf_lightning.core.enforcement import BudgetGuard
-from nf_lightning.core.optim_recipe import Recipe, SchedulerSpec, replicate_recipe
-from nf_lightning.core.plan import TrainingPlan, make_plan
-from nf_lightning.core.schedule import BlockSchedule, Patience, cosine_factor
+from nf_lightning.core.network.decompose import Decomposition
+from nf_lightning.core.train.distributed import LOCAL, Collective, LocalCollective, PeerStepFailed, shard_sampler
+from nf_lightning.core.train.feature_augment import POLICIES as AUGMENT_POLICIES
+from nf_lightning.core.train.feature_augment import augment_features
+from nf_lightning.core.exits.selection import ExitModel, ExitRecord, exit_parameters, select_exit
+from nf_lightning.core.train.local_learning import LocalBlock, train_with_retry
+from nf_lightning.core.memory.enforcement import BudgetGuard
+from nf_lightning.core.train.optim_recipe import Recipe, SchedulerSpec, replicate_recipe
+from nf_lightning.core.plan.training_plan import TrainingPlan, make_plan
+from nf_lightning.core.train.schedule import BlockSchedule, Patience, cosine_factor
 
 log = logging.getLogger("nf_lightning")
 
@@ -128,16 +128,16 @@ class BlockwiseRun:
             The user's training loader's batch size if None.
         exit_tolerance: exits within this accuracy of the best count as equal; the smallest wins.
         schedule: each block's horizon, patience and learning-rate decay
-            (:class:`~nf_lightning.core.schedule.BlockSchedule`); the plan's epochs, cosine decay if None.
+            (:class:`~nf_lightning.core.train.schedule.BlockSchedule`); the plan's epochs, cosine decay if None.
         feature_augment: what blocks reading cached activations do to them each step
-            (:func:`~nf_lightning.core.feature_augment.augment_features`): ``"flip_crop"``,
+            (:func:`~nf_lightning.core.train.feature_augment.augment_features`): ``"flip_crop"``,
             ``"flip"``, ``"crop"`` or ``"none"``.
         meter_full_steps, meter_sample_every: every unit step of a block's first
             ``meter_full_steps`` batches (and after a shrink) is metered and held to the
             budget, then one batch in ``meter_sample_every``
-            (:class:`~nf_lightning.core.enforcement.BudgetGuard`).
+            (:class:`~nf_lightning.core.memory.enforcement.BudgetGuard`).
         collective: the other ranks when several processes train together
-            (:class:`~nf_lightning.core.distributed.Collective`): each rank trains on its own
+            (:class:`~nf_lightning.core.train.distributed.Collective`): each rank trains on its own
             shard and caches it under ``cache_dir/rank<r>-of-<n>``; gradients are averaged per
             unit, steps that do not fit on one rank are dropped on all, BatchNorm statistics
             averaged and validation counts summed. One process if None.
@@ -929,7 +929,7 @@ def build_exits(decomposition: Decomposition, input_shape: Sequence[int], aux: s
     """Every unit's classifier: an auxiliary head per unit but the last, then the model's own head.
 
     >>> from torch import nn
-    >>> from nf_lightning.core.decompose import Decomposition
+    >>> from nf_lightning.core.network.decompose import Decomposition
     >>> parts = Decomposition([nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)], nn.Sequential(nn.Flatten(), nn.Linear(64, 5)))
     >>> len(build_exits(parts, (3, 8, 8)))
     2

@@ -2,11 +2,11 @@
 
 A plan is what the profiler and the partitioner decide before training
 starts, kept as plain data so it goes into checkpoints and JSON unchanged.
-Which block is active is the run's state (:class:`~nf_lightning.core.run.BlockwiseRun`),
+Which block is active is the run's state (:class:`~nf_lightning.core.train.run.BlockwiseRun`),
 not the plan's: ``epochs_per_block`` is each block's allotment.
 
 Example:
-    >>> from nf_lightning.core.partitioner import Block
+    >>> from nf_lightning.core.plan.partitioner import Block
     >>> plan = TrainingPlan(budget=10**8, batch_limit=256, rho=0.4, aux_policy="adaptive",
     ...     input_shape=(3, 32, 32), unit_models=[], blocks=[Block((0, 1), 64, 0), Block((2,), 256, 0)],
     ...     epochs_per_block=[2, 3])
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from nf_lightning.core.budget import format_bytes
-from nf_lightning.core.partitioner import Block, BudgetTooSmall, block_peak, largest_batch, minimum_budget, partition
-from nf_lightning.core.profiler import LinearMemoryModel, profile_units
+from nf_lightning.core.memory.budget import format_bytes
+from nf_lightning.core.plan.partitioner import Block, BudgetTooSmall, block_peak, largest_batch, minimum_budget, partition
+from nf_lightning.core.memory.profiler import LinearMemoryModel, profile_units
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from nf_lightning.core.memory import MemoryLimitExceeded, TrackedMemoryMeter, Trackable, meter_for
+from nf_lightning.core.memory.meter import MemoryLimitExceeded, TrackedMemoryMeter, Trackable, meter_for
 
 
 @dataclass
@@ -115,7 +115,7 @@ class BudgetGuard:
         ``optimizer`` is the unit's; what its update will allocate is measured
         before the window opens (the measurement's own copies must not count).
 
-        Raises :class:`~nf_lightning.core.memory.MemoryLimitExceeded` (an
+        Raises :class:`~nf_lightning.core.memory.meter.MemoryLimitExceeded` (an
         ``OutOfMemoryError``) when the forward/backward or the coming update
         does not fit; nothing has been updated then.
         """
