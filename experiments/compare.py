@@ -774,18 +774,11 @@ def _finished(spec: RunSpec, returncode: int, directory: Path, settings: dict[st
 # =========================================================================== the worker (a subprocess per run)
 def neuroflux_metering() -> dict[str, int]:
     """How often NeuroFlux meters its steps by default: every step of a block's first ``full_steps``, then one in
-    ``sample_every`` (the strategy's ``meter_full_steps``/``meter_sample_every``; every step if it has neither)."""
-    import inspect
+    ``sample_every`` (:class:`~nf_lightning.core.options.NeuroFluxOptions`' ``meter_full_steps``/``meter_sample_every``)."""
+    from nf_lightning.core.options import NeuroFluxOptions
 
-    from nf_lightning.lightning.strategy import NeuroFluxStrategy
-
-    parameters = inspect.signature(NeuroFluxStrategy.__init__).parameters
-    if "meter_sample_every" not in parameters:
-        return {"full_steps": 0, "sample_every": 1}
-    return {
-        "full_steps": int(parameters["meter_full_steps"].default),
-        "sample_every": int(parameters["meter_sample_every"].default),
-    }
+    defaults = NeuroFluxOptions()
+    return {"full_steps": defaults.meter_full_steps, "sample_every": defaults.meter_sample_every}
 
 
 class BenchmarkProbe(pl.Callback):
@@ -993,7 +986,7 @@ def bare_step_seconds(
     from nf_lightning.core.network.checkpointing import CheckpointedNetwork
     from nf_lightning.core.network.decompose import decompose
     from nf_lightning.core.train.local_learning import LocalBlock
-    from nf_lightning.core.train.run import build_exits
+    from nf_lightning.core.exits.aux_heads import build_exits
 
     torch.manual_seed(0)
     shape = (3, 32, 32)
@@ -1044,7 +1037,7 @@ def exit_throughput(settings: dict[str, Any], unit: int, repeats: int) -> dict[s
     """
     from nf_lightning.core.network.decompose import decompose
     from nf_lightning.core.exits.selection import ExitModel
-    from nf_lightning.core.train.run import build_exits
+    from nf_lightning.core.exits.aux_heads import build_exits
     from nf_lightning.core.exits.throughput import compare_throughput
 
     net = _network(settings).eval()

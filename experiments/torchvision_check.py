@@ -234,15 +234,17 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
         "selected_unit": run.deploy_unit, "num_units": len(run.units),
         "test_exit_model": loader_accuracy(exit_model, test_loader),  # outside Lightning: agrees with test
         "blocks": [{"units": list(run.units_of(b)), "batch_size": run.plan.batch_size(b), **ended}
-                   for b, ended in zip(range(run.num_blocks), run.ended_blocks)],
+                   for b, ended in zip(range(run.num_blocks), run.progress.ended_blocks)],
         "epochs": trainer.current_epoch,
     })
     result["best_val"] = max(result["exit_val"].values())
     if row.get("polish_epochs"):  # end-to-end BP on the deployed exit, under the same budget
+        from nf_lightning.core.memory.budget import MemoryBudget
         from nf_lightning.lightning.polish import polish_exit
 
         polished, report = polish_exit(
-            exit_model, dm, memory_budget=row["budget"], epochs=row["polish_epochs"], lr=module.hparams.lr,
+            exit_model, dm, MemoryBudget.parse(row["budget"]), epochs=row["polish_epochs"], lr=module.hparams.lr,
+            reference_batch=128, momentum=0.9, weight_decay=5e-4,  # the polish's recipe (nf-train's optim)
             trainer_options={"accelerator": "cpu", "enable_progress_bar": False, "default_root_dir": str(out)},
         )
         result.update(polish=report.to_dict(), test_blockwise=result["test"], seconds_blockwise=result["seconds"],
@@ -301,7 +303,7 @@ def exit_throughput(result: dict[str, Any], repeats: int = 30) -> dict[str, Any]
     """
     from nf_lightning.core.network.decompose import decompose
     from nf_lightning.core.exits.selection import ExitModel
-    from nf_lightning.core.train.run import build_exits
+    from nf_lightning.core.exits.aux_heads import build_exits
     from nf_lightning.core.exits.throughput import compare_throughput
     from nf_lightning.data import KNOWN_DATASETS
 

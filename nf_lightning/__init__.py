@@ -16,15 +16,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "ActivationCache": "nf_lightning.lightning.activation_cache",
     "BlockwiseRun": "nf_lightning.core.train.run",
     "BudgetedBackpropDDPStrategy": "nf_lightning.lightning.backprop",
     "BudgetedBackpropStrategy": "nf_lightning.lightning.backprop",
     "ClassifierModule": "nf_lightning.lightning.classifier",
     "Decomposition": "nf_lightning.core.network.decompose",
     "EarlyExitSelector": "nf_lightning.lightning.early_exit",
+    "MemoryBudget": "nf_lightning.core.memory.budget",
     "MemoryProfiler": "nf_lightning.lightning.memory_profiler",
     "NeuroFluxDDPStrategy": "nf_lightning.lightning.strategy",
+    "NeuroFluxOptions": "nf_lightning.core.options",
     "NeuroFluxStrategy": "nf_lightning.lightning.strategy",
     "NeuronUpdateBudget": "nf_lightning.lightning.neuron_budget",
     "decompose": "nf_lightning.core.network.decompose",
@@ -33,9 +34,10 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from nf_lightning import models
+    from nf_lightning.core.memory.budget import MemoryBudget
     from nf_lightning.core.network.decompose import Decomposition, decompose
+    from nf_lightning.core.options import NeuroFluxOptions
     from nf_lightning.core.train.run import BlockwiseRun
-    from nf_lightning.lightning.activation_cache import ActivationCache
     from nf_lightning.lightning.backprop import BudgetedBackpropDDPStrategy, BudgetedBackpropStrategy
     from nf_lightning.lightning.classifier import ClassifierModule
     from nf_lightning.lightning.early_exit import EarlyExitSelector

@@ -147,7 +147,7 @@ FULL_DISK = textwrap.dedent(
     t = trainer(tmp, strategy, callbacks=[ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True)])
     resume = tmp / "neuroflux-disk-full.ckpt"
     t.fit(PlainClassifier(), train, val, ckpt_path=str(resume) if resume.exists() else None)
-    print("FINISHED", strategy.run.finished, [b["block"] for b in strategy.run.ended_blocks])
+    print("FINISHED", strategy.run.finished, [b["block"] for b in strategy.run.progress.ended_blocks])
     """
 )
 

@@ -53,7 +53,7 @@ def test_a_cuda_run_holds_every_metered_step_to_the_budget(tmp_path: Path) -> No
     trainer = pl.Trainer(strategy=strategy, accelerator="gpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
     trainer.fit(PlainClassifier(), train, val)
-    guard = strategy.run.guard
+    guard = strategy.run.step.guard
     assert strategy.run.finished and guard.metered_steps > 0
     assert guard.peak <= strategy.run.plan.budget and not guard.violations
     torch.cuda.set_per_process_memory_fraction(1.0, 0)

@@ -87,8 +87,8 @@ def test_plain_module_trains_and_blocks_respect_budget(tmp_path: Path) -> None:
     t.fit(module, train, val)
     plan = strategy.plan
     assert len(plan.blocks) >= 2, plan.blocks
-    assert set(strategy.run.peaks) == set(range(len(plan.blocks)))
-    for block, peak in strategy.run.peaks.items():
+    assert set(strategy.run.step.peaks) == set(range(len(plan.blocks)))
+    for block, peak in strategy.run.step.peaks.items():
         assert 0.3 * plan.budget < peak <= plan.budget, (block, peak, plan.budget)
     assert t.current_epoch == plan.total_epochs
     assert strategy.run.finished
@@ -174,7 +174,7 @@ def test_bp_infeasible_budget_trains_under_neuroflux(tmp_path: Path) -> None:
     train, val = loaders()
     t = trainer(tmp_path, tight_strategy(tmp_path, memory_budget=budget), enable_checkpointing=False)
     t.fit(module, train, val)
-    assert max(t.strategy.run.peaks.values()) <= budget < bp_minimum
+    assert max(t.strategy.run.step.peaks.values()) <= budget < bp_minimum
     assert t.callback_metrics["val_acc"] > 0.15  # above chance (0.1) on a learnable task
 
 

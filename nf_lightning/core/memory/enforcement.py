@@ -45,6 +45,9 @@ from torch.optim import Optimizer
 
 from nf_lightning.core.memory.meter import MemoryLimitExceeded, TrackedMemoryMeter, Trackable, meter_for
 
+FULL_STEPS = 5  # batches metered in full while a batch size is new
+SAMPLE_EVERY = 20  # then one batch in this many
+
 
 @dataclass
 class Attempt:
@@ -73,8 +76,8 @@ class BudgetGuard:
 
     device: torch.device
     budget: int
-    full_steps: int = 5
-    sample_every: int = 20
+    full_steps: int = FULL_STEPS
+    sample_every: int = SAMPLE_EVERY
     failed: list[Attempt] = field(default_factory=list)
     violations: list[Attempt] = field(default_factory=list)
     metered_steps: int = 0

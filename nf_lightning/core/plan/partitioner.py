@@ -33,6 +33,9 @@ from typing import Any, Protocol
 
 from nf_lightning.core.memory.budget import format_bytes
 
+BATCH_LIMIT = 256  # B in Algorithm 1: the largest batch any block uses
+RHO = 0.4  # Algorithm 1's grouping threshold
+
 __all__ = [
     "Block",
     "BudgetTooSmall",
@@ -182,7 +185,7 @@ def block_peak(models: Sequence[UnitMemoryModel], units: Sequence[int], batch: i
 
 
 def partition(
-    models: Sequence[UnitMemoryModel], budget_bytes: int, batch_limit: int = 256, rho: float = 0.4
+    models: Sequence[UnitMemoryModel], budget_bytes: int, batch_limit: int = BATCH_LIMIT, rho: float = RHO
 ) -> list[Block]:
     """Blocks of units with batch sizes whose :func:`block_peak` fits ``budget_bytes``.
 
