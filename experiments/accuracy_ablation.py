@@ -115,7 +115,7 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
         "name": row["name"], "row": row, "seed": seed, "seconds": round(seconds, 1),
         "best_val": max(accuracies.values()), "selected_unit": run.deploy_unit, "test": test,
         "exit_val": accuracies, "exit_train": train_accuracies, "blocks": run.progress.ended_blocks,
-        "batch_sizes": [run.plan.batch_size(b) for b in range(run.num_blocks)],
+        "batch_sizes": [run.batch_size_of(b) for b in range(run.num_blocks)],
         "block_units": [list(run.units_of(b)) for b in range(run.num_blocks)],
         "chance": 1 / dm.num_classes,
     }

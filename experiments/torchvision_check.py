@@ -233,7 +233,7 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
         "exit_parameters": {str(unit): record.parameters for unit, record in sorted(run.records.items())},
         "selected_unit": run.deploy_unit, "num_units": len(run.units),
         "test_exit_model": loader_accuracy(exit_model, test_loader),  # outside Lightning: agrees with test
-        "blocks": [{"units": list(run.units_of(b)), "batch_size": run.plan.batch_size(b), **ended}
+        "blocks": [{"units": list(run.units_of(b)), "batch_size": run.batch_size_of(b), **ended}
                    for b, ended in zip(range(run.num_blocks), run.progress.ended_blocks)],
         "epochs": trainer.current_epoch,
     })

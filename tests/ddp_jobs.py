@@ -136,7 +136,7 @@ def lightning_run(out: Path, kill: int | None = None) -> dict:
     run = strategy.run
     return {
         "digest": digest(run), "finished": run.finished, "resumed": resumed, "epochs": trainer.current_epoch,
-        "blocks": [[list(b.units), run.plan.batch_size(i)] for i, b in enumerate(run.plan.blocks)],
+        "blocks": [[list(b.units), run.batch_size_of(i)] for i, b in enumerate(run.plan.blocks)],
         "records": {str(u): r.accuracy for u, r in run.records.items()}, "deploy_unit": run.deploy_unit,
         "cache_dir": str(run.caches.directory), "caches": cache_samples(run), "world_size": trainer.world_size,
         "exported": (out / "export" / "exit.json").is_file(),
@@ -193,7 +193,7 @@ def single_resume(out: Path) -> dict:
         trainer.fit(PlainClassifier(), train, val, ckpt_path=str(out / "ckpt" / "last.ckpt"))
     run = strategy.run
     return {"finished": run.finished, "cache_dir": str(run.caches.directory), "caches": cache_samples(run),
-            "blocks": [[list(b.units), run.plan.batch_size(i)] for i, b in enumerate(run.plan.blocks)],
+            "blocks": [[list(b.units), run.batch_size_of(i)] for i, b in enumerate(run.plan.blocks)],
             "warnings": [str(w.message) for w in caught]}  # fmt: skip
 
 

@@ -31,7 +31,7 @@ JOB = textwrap.dedent(
     from nf_lightning import EarlyExitSelector
     from nf_lightning.core.cache import writer as cache_writer
     from nf_lightning.core.train import local_learning, run as core_run
-    from nf_lightning.lightning import early_exit
+    from nf_lightning.core.exits import selection
     from test_strategy import PlainClassifier, loaders, trainer, tight_strategy
 
     fault, tmp = {fault!r}, Path({tmp!r})
@@ -83,11 +83,11 @@ JOB = textwrap.dedent(
             return save(checkpoint, path)
         torch_io._atomic_save = patched_save
     elif fault == "mid_export":  # after training, while the selected exit is exported
-        export = early_exit.export_program
+        export = selection.export_program
         def patched_export(*args, **kwargs):
             kill_on_call(1)
             return export(*args, **kwargs)
-        early_exit.export_program = patched_export
+        selection.export_program = patched_export
 
     pl.seed_everything(0)
     train, val = loaders(n_train=512, n_val=256)
@@ -100,7 +100,7 @@ JOB = textwrap.dedent(
     run = strategy.run
     print("RESULT", json.dumps({{
         "start_epoch": start_epoch, "epochs": t.current_epoch, "finished": run.finished,
-        "blocks": [[list(b.units), run.plan.batch_size(i)] for i, b in enumerate(run.plan.blocks)],
+        "blocks": [[list(b.units), run.batch_size_of(i)] for i, b in enumerate(run.plan.blocks)],
         "best": max(r.accuracy for r in run.records.values()),
         "export": (tmp / "export" / "exit.json").is_file(),
     }}))
