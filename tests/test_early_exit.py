@@ -176,6 +176,8 @@ def test_depth_patience_stops_once_the_best_exit_stops_changing(tmp_path: Path, 
     assert [record.unit for record in selector.records] == list(range(patience + 1))
     assert selector.selected.unit == 0
     assert selector.stale_blocks == patience
+    assert run.strategy.run.validation.tolerance == 0.0  # the selector's own tolerance did not become the run's
+    assert selector.summary["tolerance"] == 1.0
     assert not (tmp_path / "export").exists()
 
 

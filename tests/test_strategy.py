@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nf_lightning import NeuroFluxStrategy, decompose
 from nf_lightning.core.plan.partitioner import BudgetTooSmall
+from nf_lightning.lightning.hooks import NeuroFluxHooks
 
 
 class PlainClassifier(pl.LightningModule):
@@ -100,6 +101,16 @@ def test_plain_module_trains_and_blocks_respect_budget(tmp_path: Path) -> None:
             assert (tmp_path / "cache" / f"block{block}-{split}" / "manifest.json").is_file()
     # the user's module is handed back unchanged in kind
     assert module.automatic_optimization
+    # the strategy's hooks callback is in plain sight, once
+    assert isinstance(t.callbacks[0], NeuroFluxHooks) and sum(isinstance(c, NeuroFluxHooks) for c in t.callbacks) == 1
+
+
+def test_a_listed_hooks_callback_is_used_as_is(tmp_path: Path) -> None:
+    hooks = NeuroFluxHooks()
+    train, val = loaders(n_train=64, n_val=32)
+    t = trainer(tmp_path, tight_strategy(tmp_path), callbacks=[hooks], enable_checkpointing=False, max_epochs=1)
+    t.fit(PlainClassifier(), train, val)
+    assert [c for c in t.callbacks if isinstance(c, NeuroFluxHooks)] == [hooks]
 
 
 def test_registered_name_resolves(tmp_path: Path) -> None:

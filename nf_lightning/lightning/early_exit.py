@@ -65,7 +65,7 @@ class EarlyExitSelector(pl.Callback):
             ``exit_tolerance``, which is also what the run deploys during ``fit``.
         reference_accuracy: export the smallest exit whose validation accuracy reaches this
             absolute accuracy (a fraction) instead; the best exit if none does. Deployment
-            during ``fit`` still follows ``tolerance``.
+            during ``fit`` still follows the strategy's ``exit_tolerance``.
         depth_patience: stop training deeper once this many consecutive blocks
             have left the selected exit unchanged (``None`` trains every block).
         export_dir: where the files go; ``<default_root_dir>/export`` if None.

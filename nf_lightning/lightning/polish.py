@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
 
 from nf_lightning.core.exits.selection import loader_accuracy
