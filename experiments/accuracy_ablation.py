@@ -83,7 +83,7 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
     import torchvision
 
     from nf_lightning import NeuroFluxStrategy, data, models
-    from nf_lightning.core.exits import loader_accuracy
+    from nf_lightning.core.exits.selection import loader_accuracy
     from nf_lightning.lightning.classifier import ClassifierModule
 
     warnings.filterwarnings("ignore")
@@ -114,8 +114,8 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
     return {
         "name": row["name"], "row": row, "seed": seed, "seconds": round(seconds, 1),
         "best_val": max(accuracies.values()), "selected_unit": run.deploy_unit, "test": test,
-        "exit_val": accuracies, "exit_train": train_accuracies, "blocks": run.ended_blocks,
-        "batch_sizes": [run.plan.batch_size(b) for b in range(run.num_blocks)],
+        "exit_val": accuracies, "exit_train": train_accuracies, "blocks": run.progress.ended_blocks,
+        "batch_sizes": [run.batch_size_of(b) for b in range(run.num_blocks)],
         "block_units": [list(run.units_of(b)) for b in range(run.num_blocks)],
         "chance": 1 / dm.num_classes,
     }

@@ -437,7 +437,7 @@ def exit_choices(nf_runs: Sequence[dict[str, Any]], target: float | None) -> dic
 
     ``unit`` is the most frequent choice over seeds (the shallower on ties).
     """
-    from nf_lightning.core.exits import ExitRecord, select_exit
+    from nf_lightning.core.exits.selection import ExitRecord, select_exit
 
     if target is None or not nf_runs or not all(r.get("exits") for r in nf_runs):
         return None
@@ -774,18 +774,11 @@ def _finished(spec: RunSpec, returncode: int, directory: Path, settings: dict[st
 # =========================================================================== the worker (a subprocess per run)
 def neuroflux_metering() -> dict[str, int]:
     """How often NeuroFlux meters its steps by default: every step of a block's first ``full_steps``, then one in
-    ``sample_every`` (the strategy's ``meter_full_steps``/``meter_sample_every``; every step if it has neither)."""
-    import inspect
+    ``sample_every`` (:class:`~nf_lightning.core.options.NeuroFluxOptions`' ``meter_full_steps``/``meter_sample_every``)."""
+    from nf_lightning.core.options import NeuroFluxOptions
 
-    from nf_lightning.lightning.strategy import NeuroFluxStrategy
-
-    parameters = inspect.signature(NeuroFluxStrategy.__init__).parameters
-    if "meter_sample_every" not in parameters:
-        return {"full_steps": 0, "sample_every": 1}
-    return {
-        "full_steps": int(parameters["meter_full_steps"].default),
-        "sample_every": int(parameters["meter_sample_every"].default),
-    }
+    defaults = NeuroFluxOptions()
+    return {"full_steps": defaults.meter_full_steps, "sample_every": defaults.meter_sample_every}
 
 
 class BenchmarkProbe(pl.Callback):
@@ -843,7 +836,7 @@ class BenchmarkProbe(pl.Callback):
         (Path(trainer.default_root_dir) / PROBE_FILE).write_text(json.dumps(out, indent=2))
 
     def _score_test_split(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        from nf_lightning.core.run import BlockwiseRun
+        from nf_lightning.core.train.run import BlockwiseRun
         from nf_lightning.lightning.early_exit import EarlyExitSelector
 
         loader = held_out_loader(trainer.datamodule, self.subset, self.batch_size)
@@ -918,7 +911,7 @@ def score_test_split(model: torch.nn.Module, cfg: Any, images: int) -> float:
     """Accuracy of ``model`` on the run's test split (every k-th image when ``images`` is fewer), as the probe scores."""
     from hydra.utils import instantiate
 
-    from nf_lightning.core.exits import loader_accuracy
+    from nf_lightning.core.exits.selection import loader_accuracy
 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
@@ -989,11 +982,11 @@ def bare_step_seconds(
     """
     import torch.nn.functional as F
 
-    from nf_lightning.core.aux_heads import unit_shapes
-    from nf_lightning.core.checkpointing import CheckpointedNetwork
-    from nf_lightning.core.decompose import decompose
-    from nf_lightning.core.local_learning import LocalBlock
-    from nf_lightning.core.run import build_exits
+    from nf_lightning.core.exits.aux_heads import unit_shapes
+    from nf_lightning.core.network.checkpointing import CheckpointedNetwork
+    from nf_lightning.core.network.decompose import decompose
+    from nf_lightning.core.train.local_learning import LocalBlock
+    from nf_lightning.core.exits.aux_heads import build_exits
 
     torch.manual_seed(0)
     shape = (3, 32, 32)
@@ -1042,10 +1035,10 @@ def exit_throughput(settings: dict[str, Any], unit: int, repeats: int) -> dict[s
     Throughput depends on the operations, not on the weights' values, so the
     architecture is built afresh (as ``nf-throughput`` does without a checkpoint).
     """
-    from nf_lightning.core.decompose import decompose
-    from nf_lightning.core.exits import ExitModel
-    from nf_lightning.core.run import build_exits
-    from nf_lightning.core.throughput import compare_throughput
+    from nf_lightning.core.network.decompose import decompose
+    from nf_lightning.core.exits.selection import ExitModel
+    from nf_lightning.core.exits.aux_heads import build_exits
+    from nf_lightning.core.exits.throughput import compare_throughput
 
     net = _network(settings).eval()
     parts = decompose(net)
@@ -1191,7 +1184,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_at_start = list(os.getloadavg())  # other work on the machine slows every run (recorded, not corrected)
     settings = settings_of(args)
     torch.set_num_threads(args.threads)
-    from nf_lightning.core.budget import format_bytes, parse_bytes
+    from nf_lightning.core.memory.budget import format_bytes, parse_bytes
 
     if args.budget:
         budget, rule = args.budget, "given"

@@ -98,14 +98,16 @@ def estimate(budget: str = "300MB", flops_per_second: float = 20e12) -> str:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nf_lightning.core.budget import parse_bytes
-    from nf_lightning.core.decompose import decompose
-    from nf_lightning.core.run import BlockwiseRun
+    from nf_lightning.core.memory.budget import MemoryBudget
+    from nf_lightning.core.network.decompose import decompose
+    from nf_lightning.core.options import NeuroFluxOptions
+    from nf_lightning.core.train.run import BlockwiseRun
     from nf_lightning.models import create
 
     net = create("vgg16", num_classes=10, width_mult=1.0)
     recipe = lambda: (torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), [])  # noqa: E731
-    run = BlockwiseRun.create(decompose(net), recipe, (3, 32, 32), parse_bytes(budget), cache_dir=None)
+    run = BlockwiseRun.create(decompose(net), recipe, (3, 32, 32), MemoryBudget.parse(budget),
+                              NeuroFluxOptions(epochs_per_block=1, cache=False))
     links = {"10 GbE": 1.25e9, "NVLink": 300e9}
     lines = [
         f"VGG-16 (width 1.0, 32x32) under {budget} per device, 2 ranks; compute at {flops_per_second / 1e12:.0f} "

@@ -55,8 +55,8 @@ def worker(options: dict[str, Any], data_dir: str, train: int, out: Path) -> dic
                          default_root_dir=out)
     trainer.fit(ClassifierModule(models.create("vgg11", width_mult=0.25), 10), datamodule=dm)
     run = strategy.run
-    return {"train_seconds": run.seconds["train"], "steps": sum(b["steps"] for b in run.ended_blocks),
-            **run.guard.summary()}
+    return {"train_seconds": run.seconds["train"], "steps": sum(b["steps"] for b in run.progress.ended_blocks),
+            **run.step.guard.summary()}
 
 
 def main() -> None:

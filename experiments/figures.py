@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nf_lightning import models
-from nf_lightning.core.aux_heads import build_aux_heads, unit_shapes
-from nf_lightning.core.decompose import decompose
+from nf_lightning.core.exits.aux_heads import build_aux_heads, unit_shapes
+from nf_lightning.core.network.decompose import decompose
 
 FIG13_MODELS = ("vgg19", "resnet18")
 AUX_POLICIES = ("adaptive", "classic")

@@ -1,6 +1,6 @@
 """The paper's memory Figures 4, 6 and 8 (§3, §5.2) for the nf_lightning models.
 
-Every peak is measured by the profiler (``nf_lightning.core.profiler``) on fake tensors:
+Every peak is measured by the profiler (``nf_lightning.core.memory.profiler``) on fake tensors:
 the exact storage bytes of one step, with the profiler's default optimizer (SGD with
 momentum), on CIFAR-10 shapes (3x32x32 inputs, 10 classes), at the batch sizes the
 planner profiles at for ``--batch-limit`` (``plan.profile_batch_sizes``: powers of two
@@ -37,12 +37,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import StrMethodFormatter
 
 from nf_lightning import models
-from nf_lightning.core.aux_heads import build_aux_heads
-from nf_lightning.core.budget import format_bytes, parse_bytes
-from nf_lightning.core.decompose import decompose
-from nf_lightning.core.partitioner import Block, block_peak, max_batch_sizes, partition
-from nf_lightning.core.plan import profile_batch_sizes
-from nf_lightning.core.profiler import LinearMemoryModel, profile_backprop, profile_inference, profile_units
+from nf_lightning.core.exits.aux_heads import build_aux_heads
+from nf_lightning.core.memory.budget import format_bytes, parse_bytes
+from nf_lightning.core.network.decompose import decompose
+from nf_lightning.core.plan.partitioner import Block, block_peak, max_batch_sizes, partition
+from nf_lightning.core.plan.training_plan import profile_batch_sizes
+from nf_lightning.core.memory.profiler import LinearMemoryModel, profile_backprop, profile_inference, profile_units
 
 MB = 1e6
 INPUT_SHAPE = (3, 32, 32)  # CIFAR-10, as in the paper's figures

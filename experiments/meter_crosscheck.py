@@ -2,7 +2,7 @@
 
 For zoo models at a few widths and batch sizes, one SGD step is measured in a
 fresh subprocess by the tracked meter and by ``VmHWM`` (see
-``nf_lightning.core.meter_check``). Writes ``results/meter_crosscheck/summary.{json,md}``.
+``nf_lightning.cli.meter_check``). Writes ``results/meter_crosscheck/summary.{json,md}``.
 
     python experiments/meter_crosscheck.py            # about 2 minutes on 2 cores
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nf_lightning.core.meter_check import cross_check
+from nf_lightning.cli.meter_check import cross_check
 
 OUT = Path(__file__).resolve().parent / "results" / "meter_crosscheck"
 GRID = [("vgg11", 0.25), ("resnet18", 0.25), ("mobilenetv2", 0.5)]

@@ -46,7 +46,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from nf_lightning.core.exits import loader_accuracy  # noqa: E402
+from nf_lightning.core.exits.selection import loader_accuracy  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
@@ -234,7 +234,7 @@ class StepCost:
     def __new__(cls, meter_epoch: int | None = None, meter_batches: int = 1) -> Any:
         import lightning.pytorch as pl
 
-        from nf_lightning.core.memory import meter_for
+        from nf_lightning.core.memory.meter import meter_for
 
         class _StepCost(pl.Callback):
             def __init__(self) -> None:

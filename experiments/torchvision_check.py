@@ -171,7 +171,7 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
     import warnings
 
     from nf_lightning import NeuroFluxStrategy, data
-    from nf_lightning.core.exits import loader_accuracy
+    from nf_lightning.core.exits.selection import loader_accuracy
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -233,16 +233,18 @@ def worker(row: dict[str, Any], out: Path, data_dir: str, seed: int) -> dict[str
         "exit_parameters": {str(unit): record.parameters for unit, record in sorted(run.records.items())},
         "selected_unit": run.deploy_unit, "num_units": len(run.units),
         "test_exit_model": loader_accuracy(exit_model, test_loader),  # outside Lightning: agrees with test
-        "blocks": [{"units": list(run.units_of(b)), "batch_size": run.plan.batch_size(b), **ended}
-                   for b, ended in zip(range(run.num_blocks), run.ended_blocks)],
+        "blocks": [{"units": list(run.units_of(b)), "batch_size": run.batch_size_of(b), **ended}
+                   for b, ended in zip(range(run.num_blocks), run.progress.ended_blocks)],
         "epochs": trainer.current_epoch,
     })
     result["best_val"] = max(result["exit_val"].values())
     if row.get("polish_epochs"):  # end-to-end BP on the deployed exit, under the same budget
+        from nf_lightning.core.memory.budget import MemoryBudget
         from nf_lightning.lightning.polish import polish_exit
 
         polished, report = polish_exit(
-            exit_model, dm, memory_budget=row["budget"], epochs=row["polish_epochs"], lr=module.hparams.lr,
+            exit_model, dm, MemoryBudget.parse(row["budget"]), epochs=row["polish_epochs"], lr=module.hparams.lr,
+            reference_batch=128, momentum=0.9, weight_decay=5e-4,  # the polish's recipe (nf-train's optim)
             trainer_options={"accelerator": "cpu", "enable_progress_bar": False, "default_root_dir": str(out)},
         )
         result.update(polish=report.to_dict(), test_blockwise=result["test"], seconds_blockwise=result["seconds"],
@@ -299,10 +301,10 @@ def exit_throughput(result: dict[str, Any], repeats: int = 30) -> dict[str, Any]
     Speed depends on the operations, not on the weights' values, so the architecture
     is built afresh from the row (as ``compare.py`` and ``nf-throughput`` do).
     """
-    from nf_lightning.core.decompose import decompose
-    from nf_lightning.core.exits import ExitModel
-    from nf_lightning.core.run import build_exits
-    from nf_lightning.core.throughput import compare_throughput
+    from nf_lightning.core.network.decompose import decompose
+    from nf_lightning.core.exits.selection import ExitModel
+    from nf_lightning.core.exits.aux_heads import build_exits
+    from nf_lightning.core.exits.throughput import compare_throughput
     from nf_lightning.data import KNOWN_DATASETS
 
     row = result["row"]

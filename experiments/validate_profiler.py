@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import torch
 
 from nf_lightning import models
-from nf_lightning.core.aux_heads import build_aux_heads
-from nf_lightning.core.decompose import decompose
-from nf_lightning.core.profiler import LinearMemoryModel, profile_backprop, profile_units
+from nf_lightning.core.exits.aux_heads import build_aux_heads
+from nf_lightning.core.network.decompose import decompose
+from nf_lightning.core.memory.profiler import LinearMemoryModel, profile_backprop, profile_units
 
 MB = 1e6
 INPUT_SHAPE = (3, 32, 32)

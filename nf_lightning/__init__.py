@@ -16,9 +16,10 @@ Example:
 from __future__ import annotations
 
 from nf_lightning import models
-from nf_lightning.core.decompose import Decomposition, decompose
-from nf_lightning.core.run import BlockwiseRun
-from nf_lightning.lightning.activation_cache import ActivationCache
+from nf_lightning.core.memory.budget import MemoryBudget
+from nf_lightning.core.network.decompose import Decomposition, decompose
+from nf_lightning.core.options import NeuroFluxOptions
+from nf_lightning.core.train.run import BlockwiseRun
 from nf_lightning.lightning.backprop import BudgetedBackpropDDPStrategy, BudgetedBackpropStrategy
 from nf_lightning.lightning.classifier import ClassifierModule
 from nf_lightning.lightning.early_exit import EarlyExitSelector
@@ -27,15 +28,16 @@ from nf_lightning.lightning.neuron_budget import NeuronUpdateBudget
 from nf_lightning.lightning.strategy import NeuroFluxDDPStrategy, NeuroFluxStrategy
 
 __all__ = [
-    "ActivationCache",
     "BlockwiseRun",
     "BudgetedBackpropDDPStrategy",
     "BudgetedBackpropStrategy",
     "ClassifierModule",
     "Decomposition",
     "EarlyExitSelector",
+    "MemoryBudget",
     "MemoryProfiler",
     "NeuroFluxDDPStrategy",
+    "NeuroFluxOptions",
     "NeuroFluxStrategy",
     "NeuronUpdateBudget",
     "decompose",

@@ -30,10 +30,10 @@ from nf_lightning.testing.demo import PlainClassifier, loaders  # noqa: E402
 from nf_lightning import EarlyExitSelector  # noqa: E402
 from nf_lightning.lightning.strategy import NeuroFluxDDPStrategy  # noqa: E402
 
-from nf_lightning.core.decompose import decompose  # noqa: E402
-from nf_lightning.core.distributed import Collective  # noqa: E402
-from nf_lightning.core.run import BlockwiseRun, DataSources  # noqa: E402
-from nf_lightning.core.schedule import BlockSchedule  # noqa: E402
+from nf_lightning.core.network.decompose import decompose  # noqa: E402
+from nf_lightning.core.train.distributed import Collective  # noqa: E402
+from nf_lightning.core.train.run import BlockwiseRun, DataSources  # noqa: E402
+from nf_lightning.core.options import NeuroFluxOptions  # noqa: E402
 
 
 def data(n: int = 240) -> tuple[TensorDataset, TensorDataset]:
@@ -59,7 +59,7 @@ def digest(run: BlockwiseRun) -> str:
 
 def cache_samples(run: BlockwiseRun) -> dict[str, int]:
     """Samples in each of the run's committed caches, by name."""
-    manifests = sorted(run.cache_dir.glob("*/manifest.json"))
+    manifests = sorted(run.caches.directory.glob("*/manifest.json"))
     return {p.parent.name: json.loads(p.read_text())["num_samples"] for p in manifests}
 
 
@@ -97,18 +97,18 @@ def core_run(out: Path, budget: int = 1_200_000, shrink_rank: int | None = None)
     val_loader = DataLoader(val, batch_size=32, sampler=DistributedSampler(val, shuffle=False))
     run = BlockwiseRun.create(
         decompose(net), lambda: (torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), []), (3, 16, 16),
-        budget, epochs_per_block=2, batch_limit=64, cache_dir=out / "cache", collective=Collective(),
-        schedule=BlockSchedule.from_epochs(2, patience=None), meter_sample_every=1,
+        budget, NeuroFluxOptions(epochs_per_block=2, batch_limit=64, cache_dir=out / "cache", block_patience=None,
+                                 meter_sample_every=1), collective=Collective(),
     )  # fmt: skip
     if shrink_rank == rank:  # this rank alone finds its steps over the budget: every rank must drop them with it
-        run.guard.budget = int(run.plan.blocks[0].predicted_peak * 0.6)
+        run.step.guard.budget = int(run.plan.blocks[0].predicted_peak * 0.6)
     run.attach_data(DataSources(train_loader, val_loader))
     run.start()
     digests, accuracies, samples = train_to_the_end(run, val_loader)
     return {
         "digests": digests, "accuracies": [{str(k): v for k, v in a.items()} for a in accuracies],
-        "blocks": [list(b.units) for b in run.plan.blocks], "cache_dir": str(run.cache_dir), "caches": cache_samples(run),
-        "shrinks": run.shrinks, "failed": [a.phase for a in run.guard.failed], "run_id": run.run_id,
+        "blocks": [list(b.units) for b in run.plan.blocks], "cache_dir": str(run.caches.directory), "caches": cache_samples(run),
+        "shrinks": run.step.shrinks, "failed": [a.phase for a in run.step.guard.failed], "run_id": run.run_id,
         "train_samples": samples,
     }  # fmt: skip
 
@@ -136,9 +136,9 @@ def lightning_run(out: Path, kill: int | None = None) -> dict:
     run = strategy.run
     return {
         "digest": digest(run), "finished": run.finished, "resumed": resumed, "epochs": trainer.current_epoch,
-        "blocks": [[list(b.units), run.plan.batch_size(i)] for i, b in enumerate(run.plan.blocks)],
+        "blocks": [[list(b.units), run.batch_size_of(i)] for i, b in enumerate(run.plan.blocks)],
         "records": {str(u): r.accuracy for u, r in run.records.items()}, "deploy_unit": run.deploy_unit,
-        "cache_dir": str(run.cache_dir), "caches": cache_samples(run), "world_size": trainer.world_size,
+        "cache_dir": str(run.caches.directory), "caches": cache_samples(run), "world_size": trainer.world_size,
         "exported": (out / "export" / "exit.json").is_file(),
     }  # fmt: skip
 
@@ -192,8 +192,8 @@ def single_resume(out: Path) -> dict:
         warnings.simplefilter("always")
         trainer.fit(PlainClassifier(), train, val, ckpt_path=str(out / "ckpt" / "last.ckpt"))
     run = strategy.run
-    return {"finished": run.finished, "cache_dir": str(run.cache_dir), "caches": cache_samples(run),
-            "blocks": [[list(b.units), run.plan.batch_size(i)] for i, b in enumerate(run.plan.blocks)],
+    return {"finished": run.finished, "cache_dir": str(run.caches.directory), "caches": cache_samples(run),
+            "blocks": [[list(b.units), run.batch_size_of(i)] for i, b in enumerate(run.plan.blocks)],
             "warnings": [str(w.message) for w in caught]}  # fmt: skip
 
 
@@ -204,8 +204,8 @@ def equivalence_run(out: Path, ranks: int) -> dict:
     The plan is fixed (no profiling), so both runs train the same blocks on the same global batch with
     the same schedule: 64 samples per step in one process, or 32 on each of two.
     """
-    from nf_lightning.core.plan import Block, TrainingPlan
-    from nf_lightning.core.run import build_exits
+    from nf_lightning.core.plan.training_plan import Block, TrainingPlan
+    from nf_lightning.core.exits.aux_heads import build_exits
     from nf_lightning.data import CIFAR10FolderDataModule
     from nf_lightning.models import create
 
@@ -222,8 +222,8 @@ def equivalence_run(out: Path, ranks: int) -> dict:
                         unit_models=[], blocks=[Block((0, 1, 2), batch, 0), Block((3, 4, 5, 6, 7), batch, 0)],
                         epochs_per_block=[4, 4])  # fmt: skip
     recipe = lambda: (torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4), [])  # noqa: E731
-    run = BlockwiseRun(parts, build_exits(parts, (3, 32, 32)), plan, recipe, cache_dir=out / f"cache{ranks}",
-                       lr_reference_batch=batch, schedule=BlockSchedule.from_epochs(4),
+    options = NeuroFluxOptions(cache_dir=out / f"cache{ranks}", lr_reference_batch=batch, block_patience=None)
+    run = BlockwiseRun(parts, build_exits(parts, (3, 32, 32)), plan, recipe, options,
                        collective=Collective() if sharded else None)  # fmt: skip
     run.collective.broadcast_modules([*parts.units, *run.exits])
     run.attach_data(DataSources(train_loader, val_loader, train_unaugmented=data.train_dataset(augment=False)))

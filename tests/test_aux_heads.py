@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from nf_lightning.core import aux_heads
-from nf_lightning.core.aux_heads import AuxHead, aux_widths, build_aux_heads, unit_shapes
-from nf_lightning.core.decompose import decompose
+from nf_lightning.core.exits import aux_heads
+from nf_lightning.core.exits.aux_heads import AuxHead, aux_widths, build_aux_heads, unit_shapes
+from nf_lightning.core.network.decompose import decompose
 from nf_lightning.models import create
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nf_lightning.core.cache import CacheInUse, claim_cache_dir
-from nf_lightning.core.decompose import UndecomposableModelError
+from nf_lightning.core.network.decompose import UndecomposableModelError
 from nf_lightning.testing.demo import PlainClassifier, loaders, tight_strategy, trainer
 
 
@@ -108,7 +108,7 @@ def test_a_cache_directory_in_use_by_a_live_run_is_refused(tmp_path: Path) -> No
 
 
 def _host() -> str:
-    from nf_lightning.core import cache_writer
+    from nf_lightning.core.cache import writer as cache_writer
 
     return cache_writer._HOST
 
@@ -145,7 +145,7 @@ FULL_DISK = textwrap.dedent(
     t = trainer(tmp, strategy, callbacks=[ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True)])
     resume = tmp / "neuroflux-disk-full.ckpt"
     t.fit(PlainClassifier(), train, val, ckpt_path=str(resume) if resume.exists() else None)
-    print("FINISHED", strategy.run.finished, [b["block"] for b in strategy.run.ended_blocks])
+    print("FINISHED", strategy.run.finished, [b["block"] for b in strategy.run.progress.ended_blocks])
     """
 )
 

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nf_lightning.core import budget
-from nf_lightning.core.budget import format_bytes, parse_bytes
+from nf_lightning.core.memory import budget
+from nf_lightning.core.memory.budget import format_bytes, parse_bytes
 
 
 @pytest.mark.parametrize(

@@ -26,8 +26,8 @@ from nf_lightning.core.cache import (
     open_cache,
     verify_cache,
 )
-from nf_lightning.core.cache_format import ACTIVATIONS_FILE, CHUNK_BYTES, DATA_FILES, LABELS_FILE, MANIFEST_FILE
-from nf_lightning.core.cache_loader import ThreadPrefetcher
+from nf_lightning.core.cache.format import ACTIVATIONS_FILE, CHUNK_BYTES, DATA_FILES, LABELS_FILE, MANIFEST_FILE
+from nf_lightning.core.cache.loader import ThreadPrefetcher
 
 SHAPE = (4, 3, 3)
 

@@ -18,11 +18,11 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from nf_lightning.cli.common import compose_config
 from nf_lightning.cli.train import run
 from nf_lightning.lightning.backprop_batch import backprop_step_peak, largest_backprop_batch
-from nf_lightning.core import checkpointing
-from nf_lightning.core.checkpointing import CheckpointedNetwork
-from nf_lightning.core.memory import TrackedMemoryMeter
-from nf_lightning.core.plan import profile_batch_sizes
-from nf_lightning.core.profiler import profile_backprop
+from nf_lightning.core.network import checkpointing
+from nf_lightning.core.network.checkpointing import CheckpointedNetwork
+from nf_lightning.core.memory.meter import TrackedMemoryMeter
+from nf_lightning.core.plan.training_plan import profile_batch_sizes
+from nf_lightning.core.memory.profiler import profile_backprop
 from nf_lightning.lightning.classifier import ClassifierModule
 from nf_lightning.models import create
 

@@ -59,7 +59,7 @@ def test_every_method_and_model_composes(method: str, model: str) -> None:
         assert cfg.method.before_fit._target_.endswith("fit_backprop_to_budget")
     else:
         assert strategy._target_.endswith("NeuroFluxStrategy") and strategy.memory_budget == "100MB"
-        assert strategy.single_block == (method == "classic_ll") and "early_exit" in cfg.callbacks
+        assert strategy.get("single_block", False) == (method == "classic_ll") and "early_exit" in cfg.callbacks
 
 
 def test_quickstart_is_small() -> None:

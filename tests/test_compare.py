@@ -149,8 +149,8 @@ def test_every_method_is_metered_by_its_strategy_on_neurofluxs_schedule() -> Non
     from nf_lightning.lightning.strategy import NeuroFluxStrategy
 
     defaults = NeuroFluxStrategy()
-    assert compare.neuroflux_metering() == {"full_steps": defaults.meter_full_steps,
-                                            "sample_every": defaults.meter_sample_every}  # fmt: skip
+    assert compare.neuroflux_metering() == {"full_steps": defaults.options.meter_full_steps,
+                                            "sample_every": defaults.options.meter_sample_every}  # fmt: skip
     settings = {"model": "vgg11", "width": 0.25, "data": "cifar10_folder", "train_subset": 10, "val_subset": 10,
                 "data_seed": 0, "batch_limit": 8, "bp_epochs": 1, "nf_epochs": 1, "test_subset": 0, "set": [],
                 "meter": {"full_steps": 20, "sample_every": 10}}  # fmt: skip

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_the_allocator_refuses_past_the_budget() -> None:
-    from nf_lightning.core.run import cap_cuda_allocator
+    from nf_lightning.core.train.run import cap_cuda_allocator
 
     device = torch.device("cuda", 0)
     fraction = cap_cuda_allocator(device, 256 * 2**20)
@@ -32,7 +32,7 @@ def test_the_allocator_refuses_past_the_budget() -> None:
 
 
 def test_real_step_profiling_covers_the_plans_range() -> None:
-    from nf_lightning.core.profiler import profile_unit
+    from nf_lightning.core.memory.profiler import profile_unit
 
     unit = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
     aux = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
@@ -53,7 +53,7 @@ def test_a_cuda_run_holds_every_metered_step_to_the_budget(tmp_path: Path) -> No
     trainer = pl.Trainer(strategy=strategy, accelerator="gpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
     trainer.fit(PlainClassifier(), train, val)
-    guard = strategy.run.guard
+    guard = strategy.run.step.guard
     assert strategy.run.finished and guard.metered_steps > 0
     assert guard.peak <= strategy.run.plan.budget and not guard.violations
     torch.cuda.set_per_process_memory_fraction(1.0, 0)

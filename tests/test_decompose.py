@@ -11,8 +11,8 @@ from torchvision import models as tv
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.vgg import make_layers
 
-from nf_lightning.core import decompose as decompose_module
-from nf_lightning.core.decompose import Decomposition, UndecomposableModelError, decompose
+from nf_lightning.core.network import decompose as decompose_module
+from nf_lightning.core.network.decompose import Decomposition, UndecomposableModelError, decompose
 from nf_lightning.models import KNOWN_MODELS, create
 
 

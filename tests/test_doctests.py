@@ -8,16 +8,16 @@ import importlib
 import pytest
 
 MODULES = [
-    "nf_lightning.core.batches",
-    "nf_lightning.core.enforcement",
-    "nf_lightning.core.exits",
-    "nf_lightning.core.feature_augment",
-    "nf_lightning.core.local_learning",
-    "nf_lightning.core.memory",
-    "nf_lightning.core.optim_recipe",
-    "nf_lightning.core.plan",
-    "nf_lightning.core.run",
-    "nf_lightning.core.schedule",
+    "nf_lightning.core.train.batches",
+    "nf_lightning.core.memory.enforcement",
+    "nf_lightning.core.exits.selection",
+    "nf_lightning.core.train.feature_augment",
+    "nf_lightning.core.train.local_learning",
+    "nf_lightning.core.memory.meter",
+    "nf_lightning.core.train.optim_recipe",
+    "nf_lightning.core.plan.training_plan",
+    "nf_lightning.core.train.run",
+    "nf_lightning.core.train.schedule",
 ]
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nf_lightning import NeuroFluxStrategy, decompose
-from nf_lightning.core.run import BlockwiseRun
+from nf_lightning.core.train.run import BlockwiseRun
 
 
 class TypicalProject(pl.LightningModule):
@@ -236,7 +236,7 @@ def test_param_groups_keep_their_settings_per_unit(tmp_path: Path) -> None:
     module = TypicalProject()
     trainer.fit(module, loader(64, 0), loader(64, 1))
     run = strategy.run
-    for unit, optimizer in zip(run.active_units, run.optimizers):
+    for unit, optimizer in zip(run.active_units, run.optim.optimizers):
         decay, no_decay = optimizer.param_groups
         assert (decay["weight_decay"], no_decay["weight_decay"]) == (5e-4, 0.0)
         unit_params = {id(p) for p in run.units[unit].parameters()}
@@ -259,7 +259,7 @@ def test_plateau_scheduler_lowers_the_learning_rate(tmp_path: Path) -> None:
     # the block's rate is the recipe's scaled from the loader's batch (32) to the block's; val_flat never
     # improves, so patience 0 halves it after epochs 1 and 2
     expected = 0.04 * run.batch_size / 32 * 0.25
-    assert [group["lr"] for group in run.optimizers[0].param_groups] == pytest.approx([expected, expected])
+    assert [group["lr"] for group in run.optim.optimizers[0].param_groups] == pytest.approx([expected, expected])
 
 
 def test_bf16_mixed_precision_trains(tmp_path: Path) -> None:
@@ -289,20 +289,14 @@ def test_a_validation_step_that_bypasses_the_network_gets_a_clear_error(tmp_path
         trainer.fit(BypassingProject(), loader(64, 0), loader(64, 1))
 
 
-def test_deprecated_names_warn_and_still_work(tmp_path: Path) -> None:
-    from nf_lightning import ActivationCache
+def test_the_removed_shims_are_gone() -> None:
+    """CHANGELOG 0.2.0: the deprecated names of 0.1.0 were removed, not kept as aliases."""
+    import nf_lightning
     from nf_lightning.lightning import strategy as strategy_module
 
-    with pytest.warns(FutureWarning, match="ActivationCache is deprecated"):
-        callback = ActivationCache(num_workers=0, seed=3)
-    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
-    trainer = make_trainer(tmp_path, strategy, [callback], logger=False, enable_checkpointing=False,
-                           max_epochs=1, limit_train_batches=1, limit_val_batches=1)
-    trainer.fit(TypicalProject(), loader(64, 0), loader(64, 1))
-    assert strategy.run.cache_seed == 3  # the deprecated callback's option still reaches the cache
-    with pytest.warns(FutureWarning, match="active_block is deprecated"):
-        assert strategy.active_block == strategy.run.active_block
-    with pytest.warns(FutureWarning, match="exit_modules"):
-        assert strategy.exit_modules() is strategy.run.exits
-    with pytest.warns(FutureWarning, match="rebatch is deprecated"):
-        assert strategy_module.rebatch(loader(8, 0), 4, shuffle=False).batch_size == 4
+    with pytest.raises(AttributeError):
+        nf_lightning.ActivationCache  # noqa: B018
+    with pytest.raises(AttributeError):
+        strategy_module.rebatch  # noqa: B018
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET)
+    assert not hasattr(strategy, "active_block") and not hasattr(strategy, "exit_modules")

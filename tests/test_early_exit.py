@@ -20,8 +20,8 @@ from torch import Tensor
 
 from nf_lightning import EarlyExitSelector, NeuroFluxStrategy, decompose, models
 from nf_lightning.cli import throughput as nf_throughput
-from nf_lightning.core.aux_heads import build_aux_heads
-from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, export_program
+from nf_lightning.core.exits.aux_heads import build_aux_heads
+from nf_lightning.core.exits.selection import ExitModel, ExitRecord, exit_parameters, export_program
 from nf_lightning.lightning import early_exit
 from nf_lightning.testing.demo import PlainClassifier, loaders, tight_strategy, trainer
 
@@ -176,6 +176,8 @@ def test_depth_patience_stops_once_the_best_exit_stops_changing(tmp_path: Path, 
     assert [record.unit for record in selector.records] == list(range(patience + 1))
     assert selector.selected.unit == 0
     assert selector.stale_blocks == patience
+    assert run.strategy.run.validation.tolerance == 0.0  # the selector's own tolerance did not become the run's
+    assert selector.summary["tolerance"] == 1.0
     assert not (tmp_path / "export").exists()
 
 

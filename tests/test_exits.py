@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from nf_lightning import models
-from nf_lightning.core import exits, throughput
-from nf_lightning.core.aux_heads import build_aux_heads
-from nf_lightning.core.decompose import decompose
-from nf_lightning.core.exits import (
+from nf_lightning.core.exits import selection as exits, throughput
+from nf_lightning.core.exits.aux_heads import build_aux_heads
+from nf_lightning.core.network.decompose import decompose
+from nf_lightning.core.exits.selection import (
     ExitModel,
     ExitRecord,
     exit_parameters,
@@ -22,7 +22,7 @@ from nf_lightning.core.exits import (
     save_exit,
     select_exit,
 )
-from nf_lightning.core.throughput import compare_throughput
+from nf_lightning.core.exits.throughput import compare_throughput
 
 SHAPE = (3, 32, 32)
 

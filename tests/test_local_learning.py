@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from nf_lightning.core.enforcement import BudgetGuard, update_overhead
-from nf_lightning.core.local_learning import LocalBlock, shrink, train_with_retry
-from nf_lightning.core.memory import TrackedMemoryMeter
+from nf_lightning.core.memory.enforcement import BudgetGuard, update_overhead
+from nf_lightning.core.train.local_learning import LocalBlock, shrink, train_with_retry
+from nf_lightning.core.memory.meter import TrackedMemoryMeter
 
 
 def block(optimizer: str = "sgd", channels: tuple[int, int] = (3, 8)) -> LocalBlock:
@@ -172,10 +172,12 @@ def test_a_run_with_a_wrong_plan_commits_only_steps_within_the_budget(tmp_path) 
     """The plan says batch 64 fits; it does not. Every step metered: failed attempts counted, no update twice."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from nf_lightning.core.decompose import decompose
-    from nf_lightning.core.partitioner import Block
-    from nf_lightning.core.plan import TrainingPlan
-    from nf_lightning.core.run import BlockwiseRun, DataSources, build_exits
+    from nf_lightning.core.network.decompose import decompose
+    from nf_lightning.core.plan.partitioner import Block
+    from nf_lightning.core.plan.training_plan import TrainingPlan
+    from nf_lightning.core.exits.aux_heads import build_exits
+    from nf_lightning.core.options import NeuroFluxOptions
+    from nf_lightning.core.train.run import BlockwiseRun, DataSources
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
@@ -186,15 +188,15 @@ def test_a_run_with_a_wrong_plan_commits_only_steps_within_the_budget(tmp_path) 
                         unit_models=[], blocks=[Block((0, 1), 64, budget)], epochs_per_block=[1])
     recipe = lambda: (torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True,  # noqa: E731
                                       weight_decay=5e-4), [])
-    run = BlockwiseRun(parts, build_exits(parts, (3, 16, 16)), plan, recipe, cache_dir=tmp_path,
-                       meter_full_steps=0, meter_sample_every=1)
+    options = NeuroFluxOptions(cache_dir=tmp_path, meter_full_steps=0, meter_sample_every=1)
+    run = BlockwiseRun(parts, build_exits(parts, (3, 16, 16)), plan, recipe, options)
     data = TensorDataset(torch.randn(128, 3, 16, 16), torch.randint(0, 10, (128,)))
     run.attach_data(DataSources(DataLoader(data, batch_size=64, shuffle=True), DataLoader(data, batch_size=64)))
     run.start()
     last_batch: dict[int, int] = {}
     applied: Counter = Counter()  # samples each unit's applied updates covered
     steps = 0
-    for index, (unit, optimizer) in enumerate(zip(run.active_units, run.optimizers)):
+    for index, (unit, optimizer) in enumerate(zip(run.active_units, run.optim.optimizers)):
         run.units[unit].register_forward_pre_hook(lambda m, args, _i=index: last_batch.__setitem__(_i, len(args[0])))
         original = optimizer.step
 
@@ -209,8 +211,8 @@ def test_a_run_with_a_wrong_plan_commits_only_steps_within_the_budget(tmp_path) 
         run.begin_epoch()
         for x, y in run.train_loader():
             run.train_batch(x, y)
-    guard = run.guard
-    assert guard.failed and run.shrinks  # the wrong plan was caught
+    guard = run.step.guard
+    assert guard.failed and run.step.shrinks  # the wrong plan was caught
     assert guard.peak <= budget and not guard.violations  # every committed step within the budget
     assert applied == Counter({0: 128, 1: 128})  # every sample in exactly one applied update per unit
     assert guard.metered_steps == steps  # and each applied update was metered
@@ -220,15 +222,16 @@ def test_a_run_with_a_wrong_plan_commits_only_steps_within_the_budget(tmp_path) 
 def test_a_last_batch_of_one_sample_is_skipped_where_batchnorm_trains() -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from nf_lightning.core.decompose import decompose
-    from nf_lightning.core.run import BlockwiseRun, DataSources
+    from nf_lightning.core.network.decompose import decompose
+    from nf_lightning.core.options import NeuroFluxOptions
+    from nf_lightning.core.train.run import BlockwiseRun, DataSources
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8), nn.ReLU(),
                         nn.Flatten(), nn.Linear(8, 10))  # fmt: skip
     data = TensorDataset(torch.randn(9, 3, 8, 8), torch.randint(0, 10, (9,)))
     run = BlockwiseRun.create(decompose(net), lambda: (torch.optim.SGD(net.parameters(), lr=0.1), []), (3, 8, 8),
-                              budget=10**8, cache_dir=None)  # fmt: skip
+                              budget=10**8, options=NeuroFluxOptions(cache=False))  # fmt: skip
     run.attach_data(DataSources(DataLoader(data, batch_size=8), DataLoader(data, batch_size=8)))
     run.start()
     run.begin_epoch()

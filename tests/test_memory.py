@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from nf_lightning.core.memory import CudaMemoryMeter, MemoryLimitExceeded, TrackedMemoryMeter, meter_for
+from nf_lightning.core.memory.meter import CudaMemoryMeter, MemoryLimitExceeded, TrackedMemoryMeter, meter_for
 
 FLOAT = 4  # bytes per float32
 

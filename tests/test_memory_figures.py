@@ -1,11 +1,14 @@
-"""experiments/memory_figures.py end to end on a small VGG-11: files written, numbers consistent."""
+"""experiments/memory_figures.py end to end on a small VGG-11: files written, numbers consistent.
+
+The script runs as a user runs it, in a process of its own (tests import nothing from ``experiments/``).
+"""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
+import subprocess
+import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -17,20 +20,15 @@ BATCHES = (2, 4, 8)  # the planner profiles at powers of two from 2 to the batch
 BUDGET_MB = 1.0  # between the small width's most and least demanding units at the limit
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("memory_figures", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One run of the script's ``main`` at width 0.125, shared by the tests below."""
+    """One run of the script at width 0.125, shared by the tests below."""
     out = tmp_path_factory.mktemp("memory_figures")
     argv = ["--model", "vgg11", "--width", "0.125", "--budget", f"{BUDGET_MB}MB", "--batch-limit", str(BATCH_LIMIT)]
-    paths = _load_script().main([*argv, "--out", str(out)])
+    done = subprocess.run([sys.executable, str(SCRIPT), *argv, "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = sorted(out.iterdir())
     assert sorted(p.name for p in paths) == sorted(
         f"{stem}.{ext}"
         for stem in ("fig4_memory_vs_batch", "fig6_max_batch_per_unit", "fig8_unit_linear_fits")

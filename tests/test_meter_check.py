@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from nf_lightning.core.budget import tensor_budget
-from nf_lightning.core.meter_check import cross_check
+from nf_lightning.core.memory.budget import MemoryBudget
+from nf_lightning.cli.meter_check import cross_check
 
 # The stated tolerance (README, "What the budget guarantees"): a training step's resident memory growth
 # is at least what the meter counts (the meter never over-counts) and at most 2.5x it (kernel scratch and
@@ -24,9 +24,9 @@ def test_resident_growth_of_a_step_is_within_the_stated_tolerance_of_the_meter(m
 
 
 def test_memory_overhead_shrinks_the_tensor_budget() -> None:
-    assert tensor_budget("100MB", 2.0) == 50_000_000
+    assert MemoryBudget.parse("100MB", 2.0).tensor_bytes == 50_000_000
     with pytest.raises(ValueError, match="at least 1.0"):
-        tensor_budget("100MB", 0.5)
+        MemoryBudget.parse("100MB", 0.5)
 
 
 def test_both_strategies_hold_tensors_to_the_budget_over_the_overhead(tmp_path) -> None:
@@ -37,8 +37,8 @@ def test_both_strategies_hold_tensors_to_the_budget_over_the_overhead(tmp_path) 
     train, val = loaders(n_train=64, n_val=32)
     nf = tight_strategy(tmp_path, memory_budget="2.4MB", memory_overhead=2.0)
     trainer(tmp_path, nf, max_epochs=1).fit(PlainClassifier(), train, val)
-    assert nf.run.plan.budget == nf.run.guard.budget == 1_200_000
-    assert 0 < max(nf.run.peaks.values()) <= 1_200_000
+    assert nf.run.plan.budget == nf.run.step.guard.budget == 1_200_000
+    assert 0 < max(nf.run.step.peaks.values()) <= 1_200_000
     bp = BudgetedBackpropStrategy(memory_budget="20MB", memory_overhead=2.5)
     trainer(tmp_path / "bp", bp, max_epochs=1, enable_checkpointing=False).fit(PlainClassifier(), train, val)
     assert bp.guard.budget == 8_000_000 and 0 < bp.guard.peak <= 8_000_000

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nf_lightning.core import partitioner
-from nf_lightning.core.partitioner import (
+from nf_lightning.core.plan import partitioner
+from nf_lightning.core.plan.partitioner import (
     Block,
     BudgetTooSmall,
     block_peak,

@@ -13,10 +13,12 @@ import torch
 from nf_lightning import NeuroFluxStrategy, data, models
 from nf_lightning.cli.common import compose_config
 from nf_lightning.cli.train import POLISHED_PROGRAM_FILE, POLISHED_STATE_FILE, resume, run
-from nf_lightning.core.partitioner import BudgetTooSmall
+from nf_lightning.core.plan.partitioner import BudgetTooSmall
 from nf_lightning.lightning.classifier import ClassifierModule
 from nf_lightning.lightning.polish import polish_exit
+from nf_lightning.core.memory.budget import MemoryBudget
 
+RECIPE = {"reference_batch": 128, "momentum": 0.9, "weight_decay": 5e-4}  # the polish takes the whole recipe
 BUDGET = 6_000_000
 TINY = ["model=vgg11", "model.width_mult=0.125", "data.train_subset=1000", "data.val_subset=200", "epochs=2",
         "batch_limit=64", "trainer.enable_progress_bar=false"]  # fmt: skip
@@ -54,7 +56,7 @@ def test_polish_improves_the_exit_within_the_budget_and_leaves_the_input_alone(t
     exit_model, dm = trained
     before = {k: v.clone() for k, v in exit_model.state_dict().items()}
     batch_before = dm.batch_size
-    polished, report = polish_exit(exit_model, dm, memory_budget=BUDGET, epochs=3, lr=0.05,
+    polished, report = polish_exit(exit_model, dm, MemoryBudget.parse(BUDGET), **RECIPE, epochs=3, lr=0.05,
                                    trainer_options={"accelerator": "cpu", "enable_progress_bar": False})  # fmt: skip
     assert report.kept and report.val_after > report.val_before  # 3 epochs of BP on a 2-epoch exit gain
     assert report.val_after == pytest.approx(_accuracy(polished, dm))
@@ -70,7 +72,7 @@ def test_a_polish_that_loses_accuracy_returns_the_exit_unchanged(trained: tuple)
     exit_model, dm = trained
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kept, report = polish_exit(exit_model, dm, memory_budget=BUDGET, epochs=1, lr=1e4,  # diverges
+        kept, report = polish_exit(exit_model, dm, MemoryBudget.parse(BUDGET), **RECIPE, epochs=1, lr=1e4,  # diverges
                                    trainer_options={"accelerator": "cpu", "enable_progress_bar": False})  # fmt: skip
     assert not report.kept and report.val_after < report.val_before
     assert all(torch.equal(v, exit_model.state_dict()[k]) for k, v in kept.state_dict().items())
@@ -79,9 +81,9 @@ def test_a_polish_that_loses_accuracy_returns_the_exit_unchanged(trained: tuple)
 def test_polish_refuses_a_budget_below_one_sample_and_bad_epochs(trained: tuple) -> None:
     exit_model, dm = trained
     with pytest.raises(BudgetTooSmall, match="deployed exit"):
-        polish_exit(exit_model, dm, memory_budget=10_000, epochs=1, lr=0.05)
+        polish_exit(exit_model, dm, MemoryBudget.parse(10_000), **RECIPE, epochs=1, lr=0.05)
     with pytest.raises(ValueError, match="epochs must be a positive integer"):
-        polish_exit(exit_model, dm, memory_budget=BUDGET, epochs=0, lr=0.05)
+        polish_exit(exit_model, dm, MemoryBudget.parse(BUDGET), **RECIPE, epochs=0, lr=0.05)
 
 
 def test_nf_train_polishes_and_exports_the_exit(tmp_path: Path, shared_datasets_dir: Path, data_cache_dir: Path,

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from nf_lightning import models
-from nf_lightning.core.aux_heads import build_aux_heads
-from nf_lightning.core.decompose import decompose
-from nf_lightning.core.profiler import (
+from nf_lightning.core.exits.aux_heads import build_aux_heads
+from nf_lightning.core.network.decompose import decompose
+from nf_lightning.core.memory.profiler import (
     LinearMemoryModel,
     profile_backprop,
     profile_inference,

@@ -10,12 +10,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nf_lightning.core.decompose import decompose
-from nf_lightning.core.feature_augment import augment_features, random_crop
-from nf_lightning.core.partitioner import Block
-from nf_lightning.core.plan import TrainingPlan
-from nf_lightning.core.run import BlockwiseRun, DataSources, build_exits
-from nf_lightning.core.schedule import BlockSchedule, Patience, cosine_factor
+from nf_lightning.core.network.decompose import decompose
+from nf_lightning.core.train.feature_augment import augment_features, random_crop
+from nf_lightning.core.plan.partitioner import Block
+from nf_lightning.core.plan.training_plan import TrainingPlan
+from nf_lightning.core.exits.aux_heads import build_exits
+from nf_lightning.core.options import NeuroFluxOptions
+from nf_lightning.core.plan.training_plan import expand_epochs
+from nf_lightning.core.train.run import BlockwiseRun, DataSources
+from nf_lightning.core.train.schedule import BlockSchedule, Patience, cosine_factor
 
 
 def test_horizon_is_lengthened_to_the_minimum_of_steps_and_capped() -> None:
@@ -53,7 +56,7 @@ def test_cosine_factor_and_patience() -> None:
 
 
 def tiny_run(
-    root: Path | None, schedule: BlockSchedule, lr: float = 0.1, feature_augment: str = "none"
+    root: Path | None, options: NeuroFluxOptions, lr: float = 0.1, feature_augment: str = "none"
 ) -> tuple[BlockwiseRun, nn.Module]:
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -66,12 +69,11 @@ def tiny_run(
     data = TensorDataset(x, y)
     parts = decompose(net)
     plan = TrainingPlan(budget=10**8, batch_limit=16, rho=0.0, aux_policy="adaptive", input_shape=(3, 8, 8),
-                        unit_models=[], blocks=[Block((0,), 16, 0), Block((1,), 16, 0)], epochs_per_block=[1, 1])
+                        unit_models=[], blocks=[Block((0,), 16, 0), Block((1,), 16, 0)],
+                        epochs_per_block=expand_epochs(options.epochs_per_block, 2))
     recipe = lambda: (torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9), [])  # noqa: E731
-    run = BlockwiseRun(
-        parts, build_exits(parts, (3, 8, 8)), plan, recipe, cache_dir=root, schedule=schedule,
-        feature_augment=feature_augment,
-    )
+    options = options.replace(cache=root is not None, cache_dir=root, feature_augment=feature_augment)
+    run = BlockwiseRun(parts, build_exits(parts, (3, 8, 8)), plan, recipe, options)
     run.attach_data(DataSources(DataLoader(data, batch_size=16, shuffle=True), DataLoader(data, batch_size=16)))
     return run, net
 
@@ -82,7 +84,7 @@ def train_epoch(run: BlockwiseRun, epoch: int, validate: bool = True) -> str:
         run.train_batch(x, y)
     if validate:
         run.begin_validation()
-        for x, y in run._sources.val:
+        for x, y in run.sources.val:
             run.validate_batch(x, y)
         run.end_validation()
     return run.end_epoch(epoch)
@@ -95,19 +97,19 @@ def learning_rates_over(run: BlockwiseRun, epochs: Iterable[int]) -> tuple[list[
         run.begin_epoch()
         for x, y in run.train_loader():
             run.train_batch(x, y)
-            seen.append(run.optimizers[0].param_groups[0]["lr"])
+            seen.append(run.optim.optimizers[0].param_groups[0]["lr"])
         event = run.end_epoch(epoch)
     return seen, event
 
 
 def test_learning_rate_decays_to_zero_over_the_horizon(tmp_path: Path) -> None:
-    run, _ = tiny_run(tmp_path, BlockSchedule(epochs=1, min_steps=12), lr=0.1)
+    run, _ = tiny_run(tmp_path, NeuroFluxOptions(epochs_per_block=1, min_steps_per_block=12, block_patience=None), lr=0.1)
     run.start()
     assert run.num_blocks == 2
     run.begin_epoch()
-    assert run.horizon == 2  # 6 steps per epoch (96 / 16), lengthened to 12 steps
+    assert run.progress.horizon == 2  # 6 steps per epoch (96 / 16), lengthened to 12 steps
     seen, event = learning_rates_over(run, range(2))
-    assert event == "next_block" and run.ended_blocks[0]["reason"] == "horizon"
+    assert event == "next_block" and run.progress.ended_blocks[0]["reason"] == "horizon"
     expected = [0.1 * cosine_factor(step / 12) for step in range(12)]  # lr scaling: loader batch = block batch
     assert seen == pytest.approx(expected)
 
@@ -117,52 +119,52 @@ def test_the_recipes_own_scheduler_replaces_the_decay(tmp_path: Path) -> None:
 
     def recipe():
         optimizer = torch.optim.SGD(net_holder["net"].parameters(), lr=0.1)
-        from nf_lightning.core.optim_recipe import SchedulerSpec
+        from nf_lightning.core.train.optim_recipe import SchedulerSpec
 
         return optimizer, [SchedulerSpec(torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5))]
 
-    run, net = tiny_run(tmp_path, BlockSchedule(epochs=2))
+    run, net = tiny_run(tmp_path, NeuroFluxOptions(epochs_per_block=2, block_patience=None))
     net_holder["net"] = net
-    run.recipe = recipe
+    run.optim.recipe = recipe
     run.start()
-    assert not run.decays
+    assert not run.optim.decays
     train_epoch(run, 0, validate=False)
-    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)  # StepLR stepped, no cosine
+    assert run.optim.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)  # StepLR stepped, no cosine
 
 
 def test_patience_ends_a_block_whose_exits_stopped_improving(tmp_path: Path) -> None:
     # lr 0 and a gain of 0.5 needed: nothing improves after the first epoch
-    schedule = BlockSchedule(epochs=50, patience=1, min_epochs=2, min_delta=0.5, anneal_epochs=0)
-    run, _ = tiny_run(tmp_path, schedule, lr=0.0)
+    options = NeuroFluxOptions(epochs_per_block=50, block_patience=1, min_epochs_per_block=2, block_min_delta=0.5, block_anneal_epochs=0)
+    run, _ = tiny_run(tmp_path, options, lr=0.0)
     run.start()
     events = [train_epoch(run, epoch) for epoch in range(3)]
     assert events == ["continue", "next_block", "continue"]
-    assert run.ended_blocks[0] == {
+    assert run.progress.ended_blocks[0] == {
         "block": 0, "epochs": 2, "horizon": 50, "steps": 12, "reason": "patience",
-        "best_accuracy": run.ended_blocks[0]["best_accuracy"], "annealed_from": None,
+        "best_accuracy": run.progress.ended_blocks[0]["best_accuracy"], "annealed_from": None,
     }
 
 
 def test_a_block_that_stalls_mid_horizon_anneals_its_rate_to_zero_then_ends(tmp_path: Path) -> None:
     # a gain of 0.5 needed: nothing counts as improving after the first epoch, so epoch 2 stalls at a high rate
-    schedule = BlockSchedule(epochs=50, patience=1, min_epochs=2, min_delta=0.5, anneal_epochs=2)
-    run, _ = tiny_run(tmp_path, schedule, lr=0.1)
+    options = NeuroFluxOptions(epochs_per_block=50, block_patience=1, min_epochs_per_block=2, block_min_delta=0.5, block_anneal_epochs=2)
+    run, _ = tiny_run(tmp_path, options, lr=0.1)
     run.start()
     assert [train_epoch(run, epoch) for epoch in range(2)] == ["continue", "continue"]  # stalled: annealing
     start = cosine_factor(2 / 50)
-    assert run.anneal == {"start": 2, "epochs": 2, "factor": start}
+    assert run.progress.anneal == {"start": 2, "epochs": 2, "factor": start}
     state = run.state_dict()
-    assert state["anneal"] == run.anneal  # a resumed run anneals on
+    assert state["anneal"] == run.progress.anneal  # a resumed run anneals on
     seen, event = learning_rates_over(run, (2, 3))
-    assert event == "next_block" and run.ended_blocks[0]["reason"] == "patience"
-    assert run.ended_blocks[0]["annealed_from"] == 2 and run.ended_blocks[0]["epochs"] == 4
+    assert event == "next_block" and run.progress.ended_blocks[0]["reason"] == "patience"
+    assert run.progress.ended_blocks[0]["annealed_from"] == 2 and run.progress.ended_blocks[0]["epochs"] == 4
     expected = [0.1 * start * cosine_factor(step / 12) for step in range(12)]  # 6 steps per epoch, over 2 epochs
     assert seen == pytest.approx(expected)
-    assert run.anneal is None  # the next block starts afresh
+    assert run.progress.anneal is None  # the next block starts afresh
 
 
 def test_with_the_recipes_own_scheduler_a_stalled_block_ends_at_once(tmp_path: Path) -> None:
-    from nf_lightning.core.optim_recipe import SchedulerSpec
+    from nf_lightning.core.train.optim_recipe import SchedulerSpec
 
     holder = {}
 
@@ -170,31 +172,30 @@ def test_with_the_recipes_own_scheduler_a_stalled_block_ends_at_once(tmp_path: P
         optimizer = torch.optim.SGD(holder["net"].parameters(), lr=0.1)
         return optimizer, [SchedulerSpec(torch.optim.lr_scheduler.StepLR(optimizer, step_size=10))]
 
-    run, net = tiny_run(tmp_path, BlockSchedule(epochs=50, patience=1, min_epochs=2, min_delta=0.5))
-    holder["net"], run.recipe = net, recipe
+    run, net = tiny_run(tmp_path, NeuroFluxOptions(epochs_per_block=50, block_patience=1, min_epochs_per_block=2, block_min_delta=0.5))
+    holder["net"], run.optim.recipe = net, recipe
     run.start()
     assert [train_epoch(run, epoch) for epoch in range(2)] == ["continue", "next_block"]
-    assert run.ended_blocks[0]["annealed_from"] is None
+    assert run.progress.ended_blocks[0]["annealed_from"] is None
 
 
 def test_stop_and_resume_mid_block_continues_the_same_schedule(tmp_path: Path) -> None:
-    schedule = BlockSchedule(epochs=1, min_steps=18, patience=5)
-    run, _ = tiny_run(tmp_path / "a", schedule)
+    options = NeuroFluxOptions(epochs_per_block=1, min_steps_per_block=18, block_patience=5)
+    run, _ = tiny_run(tmp_path / "a", options)
     run.start()
     train_epoch(run, 0)
     state = run.state_dict()
     uninterrupted = [train_epoch(run, epoch) for epoch in (1, 2, 3)]
 
-    resumed, net = tiny_run(tmp_path / "b", schedule)
+    resumed, net = tiny_run(tmp_path / "b", options)
     resumed.decomposition.units[0].load_state_dict(run.decomposition.units[0].state_dict())  # weights travel separately
-    resumed = BlockwiseRun.from_state(resumed.decomposition, state, resumed.recipe, cache_dir=tmp_path / "b",
-                                      schedule=schedule)
-    resumed.attach_data(run._sources)
+    resumed = BlockwiseRun.from_state(resumed.decomposition, state, resumed.optim.recipe, resumed.options)
+    resumed.attach_data(run.sources)
     resumed.start()
-    assert (resumed.horizon, resumed.epochs_in_block, resumed.block_step) == (3, 1, 6)
-    assert resumed.patience.best == state["patience"]["best"]
+    assert (resumed.progress.horizon, resumed.progress.epochs_in_block, resumed.progress.block_step) == (3, 1, 6)
+    assert resumed.progress.patience.best == state["patience"]["best"]
     assert [train_epoch(resumed, epoch) for epoch in (1, 2, 3)][:2] == uninterrupted[:2]
-    assert resumed.ended_blocks[0]["steps"] == run.ended_blocks[0]["steps"] == 18
+    assert resumed.progress.ended_blocks[0]["steps"] == run.progress.ended_blocks[0]["steps"] == 18
 
 
 def test_flip_is_a_mirror_and_crop_a_shift_with_zeros() -> None:
@@ -224,7 +225,7 @@ def test_small_maps_are_only_flipped_and_none_is_the_identity() -> None:
 
 
 def test_cached_blocks_see_augmented_inputs(tmp_path: Path) -> None:
-    run, _ = tiny_run(tmp_path, BlockSchedule(epochs=1), lr=0.1, feature_augment="flip_crop")
+    run, _ = tiny_run(tmp_path, NeuroFluxOptions(epochs_per_block=1, block_patience=None), lr=0.1, feature_augment="flip_crop")
     run.start()
     train_epoch(run, 0)
     assert run.active_block == 1
@@ -234,4 +235,4 @@ def test_cached_blocks_see_augmented_inputs(tmp_path: Path) -> None:
     run.train_batch(x, y)
     hook.remove()
     assert seen[0].shape == x.shape and not torch.equal(seen[0], x)
-    assert run.feature_augment == "flip_crop"
+    assert run.options.feature_augment == "flip_crop"

@@ -14,7 +14,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from nf_lightning import NeuroFluxStrategy, decompose
-from nf_lightning.core.partitioner import BudgetTooSmall
+from nf_lightning.core.plan.partitioner import BudgetTooSmall
+from nf_lightning.lightning.hooks import NeuroFluxHooks
 from nf_lightning.testing.demo import PlainClassifier, loaders, tight_strategy, trainer
 
 
@@ -26,8 +27,8 @@ def test_plain_module_trains_and_blocks_respect_budget(tmp_path: Path) -> None:
     t.fit(module, train, val)
     plan = strategy.plan
     assert len(plan.blocks) >= 2, plan.blocks
-    assert set(strategy.run.peaks) == set(range(len(plan.blocks)))
-    for block, peak in strategy.run.peaks.items():
+    assert set(strategy.run.step.peaks) == set(range(len(plan.blocks)))
+    for block, peak in strategy.run.step.peaks.items():
         assert 0.3 * plan.budget < peak <= plan.budget, (block, peak, plan.budget)
     assert t.current_epoch == plan.total_epochs
     assert strategy.run.finished
@@ -39,6 +40,16 @@ def test_plain_module_trains_and_blocks_respect_budget(tmp_path: Path) -> None:
             assert (tmp_path / "cache" / f"block{block}-{split}" / "manifest.json").is_file()
     # the user's module is handed back unchanged in kind
     assert module.automatic_optimization
+    # the strategy's hooks callback is in plain sight, once
+    assert isinstance(t.callbacks[0], NeuroFluxHooks) and sum(isinstance(c, NeuroFluxHooks) for c in t.callbacks) == 1
+
+
+def test_a_listed_hooks_callback_is_used_as_is(tmp_path: Path) -> None:
+    hooks = NeuroFluxHooks()
+    train, val = loaders(n_train=64, n_val=32)
+    t = trainer(tmp_path, tight_strategy(tmp_path), callbacks=[hooks], enable_checkpointing=False, max_epochs=1)
+    t.fit(PlainClassifier(), train, val)
+    assert [c for c in t.callbacks if isinstance(c, NeuroFluxHooks)] == [hooks]
 
 
 def test_registered_name_resolves(tmp_path: Path) -> None:
@@ -97,9 +108,9 @@ def _step_of(tmp_path: Path, epoch: int) -> int:
 
 
 def test_bp_infeasible_budget_trains_under_neuroflux(tmp_path: Path) -> None:
-    from nf_lightning.core.aux_heads import build_aux_heads
-    from nf_lightning.core.partitioner import minimum_budget
-    from nf_lightning.core.profiler import profile_backprop, profile_units
+    from nf_lightning.core.exits.aux_heads import build_aux_heads
+    from nf_lightning.core.plan.partitioner import minimum_budget
+    from nf_lightning.core.memory.profiler import profile_backprop, profile_units
 
     module = PlainClassifier(width=16)
     shape = (3, 16, 16)
@@ -113,7 +124,7 @@ def test_bp_infeasible_budget_trains_under_neuroflux(tmp_path: Path) -> None:
     train, val = loaders()
     t = trainer(tmp_path, tight_strategy(tmp_path, memory_budget=budget), enable_checkpointing=False)
     t.fit(module, train, val)
-    assert max(t.strategy.run.peaks.values()) <= budget < bp_minimum
+    assert max(t.strategy.run.step.peaks.values()) <= budget < bp_minimum
     assert t.callback_metrics["val_acc"] > 0.15  # above chance (0.1) on a learnable task
 
 

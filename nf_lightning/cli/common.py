@@ -2,17 +2,24 @@
 
 The configs ship inside the package as ``nf_lightning.conf`` (the project's
 top-level ``conf/``), so the apps find them from any install and any directory.
+They restate no default of the code: a key the command line may set but whose
+value is the code's default reads it through the ``code_default`` resolver
+(``batch_limit: ${code_default:nf_lightning.core.options.NeuroFluxOptions.batch_limit}``),
+so every default is written once, in the code.
 
 Example:
     >>> cfg = compose_config("train", ["experiment=quickstart", "method=bp"])
-    >>> cfg.method.name, cfg.model.name
-    ('bp', 'vgg11')
+    >>> cfg.method.name, cfg.model.name, cfg.batch_limit
+    ('bp', 'vgg11', 256)
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
@@ -33,6 +40,25 @@ def _value_or(value: object, default: object) -> object:
 
 if not OmegaConf.has_resolver("nf.value_or"):
     OmegaConf.register_new_resolver("nf.value_or", _value_or)
+
+
+def code_default(path: str) -> Any:
+    """The default of parameter ``name`` of the callable at ``module.Callable`` (``path`` = ``module.Callable.name``).
+
+    >>> code_default("nf_lightning.core.options.NeuroFluxOptions.rho")
+    0.4
+    """
+    owner_path, _, name = path.rpartition(".")
+    module_name, _, owner_name = owner_path.rpartition(".")
+    owner = getattr(importlib.import_module(module_name), owner_name)
+    default = inspect.signature(owner).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise KeyError(f"{path}: {owner_name} has no default for {name!r}")
+    return default
+
+
+if not OmegaConf.has_resolver("code_default"):
+    OmegaConf.register_new_resolver("code_default", code_default)
 
 
 def compose_config(name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:

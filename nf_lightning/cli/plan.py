@@ -22,11 +22,12 @@ from omegaconf import DictConfig
 from nf_lightning import models
 from nf_lightning.cli.common import CONFIG_PATH
 from nf_lightning.lightning.backprop_batch import largest_backprop_batch
-from nf_lightning.core.aux_heads import build_aux_heads
-from nf_lightning.core.budget import format_bytes, tensor_budget
-from nf_lightning.core.decompose import decompose
-from nf_lightning.core.partitioner import BudgetTooSmall
-from nf_lightning.core.plan import TrainingPlan, make_plan
+from nf_lightning.core.exits.aux_heads import build_aux_heads
+from nf_lightning.core.memory.budget import MemoryBudget, format_bytes
+from nf_lightning.core.network.decompose import decompose
+from nf_lightning.core.options import NeuroFluxOptions
+from nf_lightning.core.plan.partitioner import BudgetTooSmall
+from nf_lightning.core.plan.training_plan import TrainingPlan, make_plan
 from nf_lightning.data import KNOWN_DATASETS
 
 
@@ -38,7 +39,7 @@ def plan_report(cfg: DictConfig) -> dict[str, Any]:
     info = KNOWN_DATASETS[cfg.data.name]  # the class knows classes and input shape; no data is loaded
     net = models.create(cfg.model.name, num_classes=info.num_classes, width_mult=cfg.model.width_mult)
     input_shape = tuple(info.input_shape)
-    budget = tensor_budget(cfg.budget, cfg.get("memory_overhead", 1.0))  # tensor bytes, as nf-train holds them
+    budget = MemoryBudget.parse(cfg.budget, cfg.memory_overhead).tensor_bytes  # tensor bytes, as nf-train holds them
     decomposition = decompose(net)
 
     def optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -50,9 +51,9 @@ def plan_report(cfg: DictConfig) -> dict[str, Any]:
         "data": cfg.data.name,
         "budget": cfg.budget,
         "budget_bytes": budget,
-        "memory_overhead": cfg.get("memory_overhead", 1.0),
+        "memory_overhead": cfg.memory_overhead,
         "batch_limit": cfg.batch_limit,
-        "rho": cfg.method.get("rho", 0.4),
+        "rho": cfg.trainer.strategy.get("rho", NeuroFluxOptions.rho),  # the method's, else NeuroFlux's default
     }
     for name, policy, single in (("neuroflux", "adaptive", False), ("classic_ll", "classic", True)):
         aux = build_aux_heads(decomposition.units, info.num_classes, input_shape, policy=policy)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from nf_lightning import models
-from nf_lightning.core.throughput import compare_throughput
+from nf_lightning.core.exits.throughput import compare_throughput
 from nf_lightning.lightning.early_exit import PROGRAM_FILE, SUMMARY_FILE
 
 EXPORT_DIR = "export"
@@ -50,7 +50,7 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows of :func:`~nf_lightning.core.throughput.compare_throughput` as aligned text.
+    """Rows of :func:`~nf_lightning.core.exits.throughput.compare_throughput` as aligned text.
 
     >>> print(format_table([{"batch_size": 1, "exit_images_per_s": 300.0, "full_images_per_s": 100.0, "speedup": 3.0}]))
     batch  exit img/s  full img/s  speedup

@@ -8,7 +8,9 @@ Examples:
 The app is thin: every object comes from the config's ``_target_`` entries
 (see ``conf/train.yaml``), so a method or a callback is a config file, not
 code here. A method whose config has ``method.before_fit`` gets that hook
-called before the Trainer is built (BP sizes its batch to the budget there).
+called before the Trainer is built, with the module, the data module and the
+run's :class:`~nf_lightning.core.memory.budget.MemoryBudget` (BP sizes its batch
+to the budget there). The budget is parsed once, here.
 Every run writes ``results.json`` into its output directory (see the README).
 A killed run continues with ``nf-train resume=<its output directory>``.
 """
@@ -31,67 +33,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nf_lightning.cli.common import CONFIG_PATH, output_dir
-from nf_lightning.core.budget import parse_bytes, tensor_budget
 from nf_lightning.core.cache import cache_size_report
-from nf_lightning.core.checkpointing import CheckpointedNetwork
-from nf_lightning.core.enforcement import BudgetGuard
-from nf_lightning.core.exits import save_exit
-from nf_lightning.core.partitioner import BudgetTooSmall
-from nf_lightning.core.run import BlockwiseRun
-from nf_lightning.lightning.backprop_batch import largest_backprop_batch
+from nf_lightning.core.exits.selection import save_exit
+from nf_lightning.core.memory.budget import MemoryBudget
+from nf_lightning.core.memory.enforcement import BudgetGuard
+from nf_lightning.core.plan.partitioner import BudgetTooSmall
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
 from nf_lightning.lightning.neuron_budget import load_pretrained
 from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
 from nf_lightning.lightning.polish import polish_exit
+from nf_lightning.lightning.run_access import neuroflux_run
 
 CONFIG_FILE = "config.yaml"  # the run's own config, what resume() reads
 POLISHED_STEM = "polished_exit"  # export/polished_exit.pt (state dict) and .pt2 (program)
 POLISHED_STATE_FILE, POLISHED_PROGRAM_FILE = f"{POLISHED_STEM}.pt", f"{POLISHED_STEM}.pt2"
-
-
-def fit_backprop_to_budget(
-    module: pl.LightningModule,
-    datamodule: pl.LightningDataModule,
-    *,
-    budget: str | int,
-    batch_limit: int,
-    reference_batch: int,
-    checkpoint: bool = False,
-    memory_overhead: float = 1.0,
-) -> dict[str, Any]:
-    """BP's ``before_fit`` hook: train at the largest batch the profiler fits under ``budget``.
-
-    Sets ``datamodule.batch_size`` and scales ``module.hparams.lr`` (the rate
-    at ``reference_batch``) linearly to it; tensor bytes are held to ``budget / memory_overhead``
-    (:func:`~nf_lightning.core.budget.tensor_budget`). With ``checkpoint`` the module's
-    network (``module.net``) is first wrapped in
-    :class:`~nf_lightning.core.checkpointing.CheckpointedNetwork` (activation
-    checkpointing over its units, the ``bp_ckpt`` method) and that is what is
-    profiled and trained. The batch comes from :func:`largest_backprop_batch`.
-    Returns the ``results.json`` entries it decided; raises
-    :class:`BudgetTooSmall` if batch 1 does not fit.
-
-    Example (``conf/method/bp.yaml``; ``bp_ckpt.yaml`` adds ``checkpoint: true``)::
-
-        before_fit:
-          _target_: nf_lightning.cli.train.fit_backprop_to_budget
-          _partial_: true
-          budget: ${budget}
-          batch_limit: ${batch_limit}
-          reference_batch: ${optim.reference_batch}
-    """
-    if checkpoint:
-        module.net = CheckpointedNetwork(module.net)
-    budget_bytes = tensor_budget(budget, memory_overhead)
-    batch, model, peak = largest_backprop_batch(module, tuple(datamodule.input_shape), budget_bytes, batch_limit)
-    if batch < 1:
-        needed = math.ceil(max(model.predict(1), peak))
-        what = "backpropagation with activation checkpointing" if checkpoint else "backpropagation"
-        raise BudgetTooSmall(budget_bytes, needed, -1, needed_by=f"{what} through the whole model (batch 1)")
-    datamodule.batch_size = batch
-    module.hparams.lr = module.hparams.lr * batch / reference_batch
-    return {"batch_sizes": [batch], "predicted_peak_bytes": peak, "memory_model": model.to_dict()}
 
 
 def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, Any]:
@@ -107,10 +63,7 @@ def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, 
         (True, 0.43)
     """
     cfg = OmegaConf.merge(cfg, {"paths": {"output_dir": str(out)}, "resume": None})
-    if cfg.method.get("polish_epochs") and cfg.distributed != "single":
-        raise ValueError("polish_epochs needs distributed=single: the exit is polished on one device")
-    if cfg.method.get("polish_epochs") and not (cfg.get("callbacks") or {}).get("early_exit"):
-        raise ValueError("polish_epochs needs the early_exit callback: it polishes the exit that callback selects")
+    _check_polish(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg))
@@ -118,24 +71,13 @@ def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, 
     net = instantiate(cfg.model, num_classes=datamodule.num_classes)
     module = instantiate(cfg.module, net=net, num_classes=datamodule.num_classes)
     pretrained = load_pretrained(module, cfg.pretrained) if cfg.get("pretrained") else None
-    results: dict[str, Any] = {
-        "method": cfg.method.name,
-        "model": OmegaConf.to_container(cfg.model),
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "budget": cfg.budget,
-        "budget_bytes": parse_bytes(cfg.budget),
-        "epochs": cfg.epochs,
-        "could_run": True,
-    }
-    if pretrained is not None:
-        results["pretrained"] = pretrained
-    if ckpt_path is not None:
-        results["resumed_from"] = str(ckpt_path)
+    budget = MemoryBudget.parse(cfg.budget, cfg.memory_overhead)  # the one place the app parses it
+    results = _header(cfg, budget, pretrained, ckpt_path)
     history = ValidationHistory()
     start = time.perf_counter()
     try:
         if cfg.method.get("before_fit") is not None:
-            results.update(instantiate(cfg.method.before_fit)(module=module, datamodule=datamodule))
+            results.update(instantiate(cfg.method.before_fit)(module=module, datamodule=datamodule, budget=budget))
             results["before_fit_seconds"] = time.perf_counter() - start  # not on the history's clock
         trainer = instantiate(
             cfg.trainer, callbacks=[history, *_instantiate_all(cfg.callbacks)], logger=_instantiate_all(cfg.logger)
@@ -151,7 +93,7 @@ def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, 
         results["train_seconds"] = history.elapsed
     results.update(_outcome(trainer, datamodule, history))
     if cfg.method.get("polish_epochs"):
-        results["polish"] = _polish(cfg, trainer, datamodule, history, out)
+        results["polish"] = _polish(cfg, budget, trainer, datamodule, history, out)
         results["train_seconds"] = history.elapsed
         if results["polish"]["kept"]:
             results["final_accuracy"] = results["polish"]["val_after"]
@@ -162,6 +104,31 @@ def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, 
         f"[nf-train] {cfg.method.name} {cfg.model.name} @ {cfg.budget}: validation accuracy "
         f"{results['final_accuracy']:.4f} in {results['train_seconds']:.1f} s -> {out / 'results.json'}"
     )
+    return results
+
+
+def _check_polish(cfg: DictConfig) -> None:
+    if cfg.method.get("polish_epochs") and cfg.distributed != "single":
+        raise ValueError("polish_epochs needs distributed=single: the exit is polished on one device")
+    if cfg.method.get("polish_epochs") and not (cfg.get("callbacks") or {}).get("early_exit"):
+        raise ValueError("polish_epochs needs the early_exit callback: it polishes the exit that callback selects")
+
+
+def _header(cfg: DictConfig, budget: MemoryBudget, pretrained: Any, ckpt_path: Path | None) -> dict[str, Any]:
+    """What ``results.json`` says of the run before it trains."""
+    results: dict[str, Any] = {
+        "method": cfg.method.name,
+        "model": OmegaConf.to_container(cfg.model),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "budget": cfg.budget,
+        "budget_bytes": budget.bytes,
+        "epochs": cfg.epochs,
+        "could_run": True,
+    }
+    if pretrained is not None:
+        results["pretrained"] = pretrained
+    if ckpt_path is not None:
+        results["resumed_from"] = str(ckpt_path)
     return results
 
 
@@ -178,19 +145,20 @@ def _outcome(trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: V
         "final_accuracy": history.final_accuracy(),
         "measured_peak_bytes": None,
     }
-    run = getattr(trainer.strategy, "run", None)
-    if isinstance(run, BlockwiseRun):
+    run = neuroflux_run(trainer)
+    if run is not None:
         plan = run.plan
-        cache = cache_size_report(run.cache_dir) if run.cache_dir is not None and run.cache_dir.is_dir() else {}
+        directory = run.caches.directory if run.caches is not None else None
+        cache = cache_size_report(directory) if directory is not None and directory.is_dir() else {}
         samples = len(datamodule.train_dataset(augment=False)) + len(datamodule.val_dataset())
         outcome.update(
             plan=plan.to_dict(),
-            batch_sizes=[plan.batch_size(i) for i in range(len(plan.blocks))],
+            batch_sizes=[run.batch_size_of(i) for i in range(len(plan.blocks))],
             exit_accuracies=history.final_exit_accuracies(),
-            measured_peak_bytes=max(run.peaks.values(), default=None),
+            measured_peak_bytes=max(run.step.peaks.values(), default=None),
             cache_bytes=sum(cache.values()),
             dataset_bytes=samples * math.prod(datamodule.input_shape),  # as uint8 images
-            enforcement=run.guard.summary(),
+            enforcement=run.step.guard.summary(),
         )
     elif isinstance(getattr(trainer.strategy, "guard", None), BudgetGuard):  # BP's, on one device or several
         outcome.update(measured_peak_bytes=trainer.strategy.guard.peak, enforcement=trainer.strategy.summary())
@@ -206,18 +174,18 @@ def _outcome(trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: V
 
 
 def _polish(
-    cfg: DictConfig, trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: ValidationHistory, out: Path
+    cfg: DictConfig, budget: MemoryBudget, trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: ValidationHistory, out: Path
 ) -> dict[str, Any]:
     """Polish the exit the run deployed (:func:`~nf_lightning.lightning.polish.polish_exit`) and export it
     beside the block-wise one as ``export/polished_exit.pt`` (state dict) and ``polished_exit.pt2``
-    (:func:`~nf_lightning.core.exits.save_exit`)."""
+    (:func:`~nf_lightning.core.exits.selection.save_exit`)."""
     selector = next((c for c in trainer.callbacks if isinstance(c, EarlyExitSelector)), None)
     if selector is None or selector.exit_model is None:
         raise ValueError(f"polish_epochs needs a deployed exit: method {cfg.method.name} selected none")
     model, report = polish_exit(
-        selector.exit_model, datamodule, memory_budget=cfg.budget, epochs=int(cfg.method.polish_epochs),
+        selector.exit_model, datamodule, budget, epochs=int(cfg.method.polish_epochs),
         lr=cfg.optim.lr, reference_batch=cfg.optim.reference_batch, momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay, batch_limit=cfg.batch_limit, memory_overhead=cfg.memory_overhead,
+        weight_decay=cfg.optim.weight_decay, batch_limit=cfg.batch_limit,
         callbacks=[history], trainer_options={"accelerator": cfg.trainer.accelerator, "devices": 1,
                                               "enable_progress_bar": cfg.trainer.enable_progress_bar},
     )  # fmt: skip

@@ -6,19 +6,13 @@ number in a user's subset); labels follow the sorted wnids, as ImageFolder does.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
-import tarfile
 import warnings
-import zipfile
-import zlib
-from abc import ABC, abstractmethod
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,10 +20,20 @@ import torch
 
 from nf_lightning.data.base import OfficialSplits, _Prepared
 from nf_lightning.data.decoded import DecodableSource, DecodedImageDataModule
-from nf_lightning.data.images import ImageSource, decode_images, is_image_name, listing_key, sha256_file
+from nf_lightning.data.images import ImageSource, decode_images, listing_key, sha256_file
 from nf_lightning.data.paths import DatasetNotFoundError
+from nf_lightning.data.tiny_imagenet_tree import (
+    ANNOTATIONS,
+    FOLDER_NAME,
+    VAL_IMAGES,
+    WNIDS,
+    FolderTree,
+    LayoutTree,
+    archive_members,
+    archive_root,
+    archive_tree,
+)
 
-FOLDER_NAME = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 ARCHIVE_PATTERN = "tiny-imagenet*"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -37,135 +41,8 @@ OFFICIAL_NUM_CLASSES = 200
 TINY_IMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
 TINY_IMAGENET_STD = (0.2770, 0.2691, 0.2821)
 
-WNIDS = "wnids.txt"
-ANNOTATIONS = "val/val_annotations.txt"
-VAL_IMAGES = "val/images"
-
 LabelledFiles = list[tuple[str, ImageSource, int]]
 """``(name for messages, image file or bytes, label)`` triples."""
-
-
-# --- the files of a data set: an unpacked folder or the members of an archive -----------------
-
-
-class _Tree(ABC):
-    """Files of a ``tiny-imagenet-200/`` layout, by posix path relative to its root."""
-
-    where: str
-    """The root, for messages."""
-
-    def describe(self, name: str) -> str:
-        return f"{self.where}/{name}"
-
-    @abstractmethod
-    def read_text(self, name: str) -> str:
-        """The text of the file ``name``."""
-
-    @abstractmethod
-    def images_in(self, folder: str) -> list[str]:
-        """Sorted names of the image files directly in ``folder`` (empty if there is none)."""
-
-    @abstractmethod
-    def source(self, name: str) -> ImageSource:
-        """The image file ``name``, as a path or its bytes."""
-
-
-class _FolderTree(_Tree):
-    def __init__(self, root: Path) -> None:
-        self.root, self.where = root, str(root)
-
-    def read_text(self, name: str) -> str:
-        return (self.root / name).read_text()
-
-    def images_in(self, folder: str) -> list[str]:
-        directory = self.root / folder
-        if not directory.is_dir():
-            return []
-        return sorted(f"{folder}/{path.name}" for path in directory.iterdir() if is_image_name(path.name))
-
-    def source(self, name: str) -> ImageSource:
-        return self.root / name
-
-
-class _ArchiveTree(_Tree):
-    def __init__(self, members: Mapping[str, bytes], where: str) -> None:
-        self.members, self.where = members, where
-        self._folders: dict[str, list[str]] = defaultdict(list)
-        for name in members:
-            if is_image_name(name):
-                self._folders[str(PurePosixPath(name).parent)].append(name)
-
-    def read_text(self, name: str) -> str:
-        if name not in self.members:
-            raise ValueError(
-                f"{self.describe(name)} is missing: expected {WNIDS}, train/<wnid>/images/*.JPEG, "
-                f"{VAL_IMAGES}/*.JPEG and {ANNOTATIONS} in the archive"
-            )
-        return self.members[name].decode()
-
-    def images_in(self, folder: str) -> list[str]:
-        return sorted(self._folders.get(folder, []))
-
-    def source(self, name: str) -> ImageSource:
-        return self.members[name]
-
-
-def _wanted(parts: tuple[str, ...]) -> bool:
-    """Whether an archive member is one the data module reads (the unlabelled test/ images are not)."""
-    if parts[-1] in ("wnids.txt", "val_annotations.txt"):
-        return True
-    if not is_image_name(parts[-1]) or len(parts) < 3 or parts[-2] != "images":
-        return False
-    return parts[-3] == "val" or (len(parts) >= 4 and parts[-4] == "train")
-
-
-def _archive_members(archive: Path, stop_at_wnids: bool = False) -> dict[str, bytes]:
-    """``{path in archive: bytes}`` of the members ``_wanted`` keeps (zip or tar; nothing unpacked to disk).
-
-    With ``stop_at_wnids``, only the first ``wnids.txt`` (a tar is read up to it).
-    """
-    keep = (lambda parts: parts[-1] == WNIDS) if stop_at_wnids else _wanted
-    members: dict[str, bytes] = {}
-    try:
-        if archive.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(archive) as zipped:
-                for info in zipped.infolist():
-                    name = PurePosixPath(info.filename).as_posix().removeprefix("./")
-                    if not info.is_dir() and keep(PurePosixPath(name).parts):
-                        members[name] = zipped.read(info)
-                        if stop_at_wnids:
-                            break
-            return members
-        with tarfile.open(archive, "r|*") as tar:
-            for member in tar:
-                name = PurePosixPath(member.name).as_posix().removeprefix("./")
-                if member.isfile() and keep(PurePosixPath(name).parts):
-                    data = tar.extractfile(member)
-                    assert data is not None  # regular files always have data
-                    members[name] = data.read()
-                    if stop_at_wnids:
-                        break
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, gzip.BadGzipFile, zlib.error) as err:
-        raise ValueError(f"{archive}: cannot read the archive ({err})") from err
-    return members
-
-
-def _archive_root(names: Iterable[str], archive: Path) -> str:
-    """The folder of the archive's one ``wnids.txt`` (``""`` at the top), with a trailing slash."""
-    roots = sorted(str(PurePosixPath(name).parent) for name in names if PurePosixPath(name).name == WNIDS)
-    if len(roots) != 1:
-        found = "no wnids.txt" if not roots else f"{len(roots)} wnids.txt files ({', '.join(roots)})"
-        raise ValueError(
-            f"{archive}: expected one {FOLDER_NAME}/{WNIDS} next to train/ and val/, found {found}"
-        )
-    return "" if roots[0] == "." else roots[0] + "/"
-
-
-def _archive_tree(archive: Path) -> _ArchiveTree:
-    members = _archive_members(archive)
-    root = _archive_root(members, archive)
-    inside = {name.removeprefix(root): data for name, data in members.items() if name.startswith(root)}
-    return _ArchiveTree(inside, f"{archive}:{root.rstrip('/') or '.'}")
 
 
 # --- the class list and the labelled files -----------------------------------------------------
@@ -209,7 +86,7 @@ class TinyImageNetFiles:
     val: LabelledFiles
 
     @classmethod
-    def scan(cls, tree: _Tree) -> TinyImageNetFiles:
+    def scan(cls, tree: LayoutTree) -> TinyImageNetFiles:
         classes = parse_wnids(tree.read_text(WNIDS), tree.describe(WNIDS))
         train: LabelledFiles = []
         for label, wnid in enumerate(classes):
@@ -227,7 +104,7 @@ class TinyImageNetFiles:
         return OfficialSplits(*_decode(self.train), *_decode(self.val), classes=self.classes)
 
 
-def _scan_val(tree: _Tree, label_of: dict[str, int]) -> LabelledFiles:
+def _scan_val(tree: LayoutTree, label_of: dict[str, int]) -> LabelledFiles:
     where = tree.describe(ANNOTATIONS)
     images = set(tree.images_in(VAL_IMAGES))
     val: LabelledFiles = []
@@ -329,11 +206,11 @@ class TinyImageNetDataModule(DecodedImageDataModule):
         if self._wnids is None:
             location = self._locate()
             if location.is_dir():
-                tree: _Tree = _FolderTree(location)
+                tree: LayoutTree = FolderTree(location)
                 self._wnids = parse_wnids(tree.read_text(WNIDS), tree.describe(WNIDS))
             else:
-                members = _archive_members(location, stop_at_wnids=True)
-                root = _archive_root(members, location)
+                members = archive_members(location, stop_at_wnids=True)
+                root = archive_root(members, location)
                 self._wnids = parse_wnids(members[f"{root}{WNIDS}"].decode(), f"{location}:{root}{WNIDS}")
         return self._wnids
 
@@ -399,7 +276,7 @@ class TinyImageNetDataModule(DecodedImageDataModule):
     def _find_source(self) -> DecodableSource:
         location = self._locate()
         if location.is_dir():
-            files = TinyImageNetFiles.scan(_FolderTree(location))
+            files = TinyImageNetFiles.scan(FolderTree(location))
             self._wnids = files.classes
             images = [source for _, source, _ in files.train + files.val if isinstance(source, Path)]
             listed = [location / WNIDS, location / ANNOTATIONS, *images]
@@ -407,5 +284,5 @@ class TinyImageNetDataModule(DecodedImageDataModule):
         return DecodableSource(
             key=f"sha256:{sha256_file(location)}",
             location=location,
-            decode=lambda: TinyImageNetFiles.scan(_archive_tree(location)).decode(),
+            decode=lambda: TinyImageNetFiles.scan(archive_tree(location)).decode(),
         )

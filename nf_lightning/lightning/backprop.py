@@ -3,7 +3,7 @@
 
 The baselines must play by the rules NeuroFlux plays by. Every optimizer step
 of the whole network is one transaction of the same
-:class:`~nf_lightning.core.enforcement.BudgetGuard` that holds NeuroFlux's unit
+:class:`~nf_lightning.core.memory.enforcement.BudgetGuard` that holds NeuroFlux's unit
 steps: forward and backward run under the tracked meter with the budget as a
 hard limit, the update is refused before it starts if the bytes live then plus
 what ``optimizer.step()`` will allocate exceed the budget, and an update is
@@ -22,7 +22,7 @@ Example:
     >>> import lightning.pytorch as pl
     >>> trainer = pl.Trainer(strategy=BudgetedBackpropStrategy(memory_budget="50MB"), accelerator="cpu",
     ...                      logger=False, enable_progress_bar=False, enable_checkpointing=False)
-    >>> trainer.strategy.memory_budget
+    >>> trainer.strategy.budget.bytes
     50000000
 """
 
@@ -43,11 +43,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from nf_lightning.core.batches import batch_size_of, chunk_batch
-from nf_lightning.core.budget import format_bytes, parse_bytes, tensor_budget
-from nf_lightning.core.distributed import LOCAL, Collective, LocalCollective, PeerStepFailed
-from nf_lightning.core.enforcement import BudgetGuard
-from nf_lightning.core.run import cap_cuda_allocator
+from nf_lightning.core.train.batches import batch_size_of, chunk_batch
+from nf_lightning.core.memory.budget import DEFAULT_BUDGET, MemoryBudget, format_bytes
+from nf_lightning.core.train.distributed import LOCAL, Collective, LocalCollective, PeerStepFailed
+from nf_lightning.core.memory.enforcement import FULL_STEPS, SAMPLE_EVERY, BudgetGuard
+from nf_lightning.core.memory.meter import cap_cuda_allocator
 from nf_lightning.lightning._internals import TrainerDevices
 from nf_lightning.lightning.ddp import UnwrappedDDPStrategy, collective_for
 
@@ -59,13 +59,10 @@ class _BudgetedBackpropAdapter:
     :class:`BudgetedBackpropDDPStrategy` (several processes); it comes before a Lightning
     strategy in the method resolution order, so ``super()`` reaches that strategy."""
 
-    def _configure(
-        self, memory_budget: str | int, memory_overhead: float, meter_full_steps: int, meter_sample_every: int
-    ) -> None:
-        self.memory_budget = parse_bytes(memory_budget)
-        self.tensor_budget = tensor_budget(memory_budget, memory_overhead)
+    def _configure(self, budget: MemoryBudget, meter_full_steps: int, meter_sample_every: int) -> None:
+        self.budget = budget
         self.guard = BudgetGuard(
-            torch.device("cpu"), self.tensor_budget, full_steps=meter_full_steps, sample_every=meter_sample_every
+            torch.device("cpu"), budget.tensor_bytes, full_steps=meter_full_steps, sample_every=meter_sample_every
         )
         self.pieces = 1
         self.shrinks: list[dict[str, int]] = []
@@ -93,7 +90,7 @@ class _BudgetedBackpropAdapter:
                 f"accumulate_grad_batches must be 1, got {trainer.accumulate_grad_batches}"
             )
         self.guard.device = self.root_device
-        cap_cuda_allocator(self.root_device, self.tensor_budget)
+        cap_cuda_allocator(self.root_device, self.budget.tensor_bytes)
         self.collective = collective_for(self)
         self.collective.broadcast_modules([self.lightning_module])  # every rank starts from rank 0's weights
 
@@ -131,7 +128,7 @@ class _BudgetedBackpropAdapter:
                 new = -(-size // self.pieces)
                 self.shrinks.append({"from": old, "to": new, "pieces": self.pieces})
                 warnings.warn(
-                    f"a backpropagation step at batch {old} needed more than the {format_bytes(self.tensor_budget)} "
+                    f"a backpropagation step at batch {old} needed more than the {format_bytes(self.budget.tensor_bytes)} "
                     f"budget; retrying the batch in {self.pieces} pieces of at most {new} (gradients accumulated) "
                     "and training so from now on",
                     stacklevel=2,
@@ -222,7 +219,8 @@ class BudgetedBackpropStrategy(_BudgetedBackpropAdapter, TrainerDevices, SingleD
     """Backpropagation on one device, every step held to ``memory_budget`` as a transaction.
 
     Args:
-        memory_budget: device memory for training, e.g. ``"300MB"`` or a number of bytes.
+        memory_budget: device memory for training, e.g. ``"300MB"``, a number of bytes or a
+            :class:`~nf_lightning.core.memory.budget.MemoryBudget`.
         memory_overhead: device bytes held per tensor byte the meter counts; steps are held
             to ``memory_budget / memory_overhead`` tensor bytes (as ``NeuroFluxStrategy``).
         meter_full_steps, meter_sample_every: meter every step while the batch size is
@@ -238,10 +236,10 @@ class BudgetedBackpropStrategy(_BudgetedBackpropAdapter, TrainerDevices, SingleD
 
     def __init__(
         self,
-        memory_budget: str | int = "300MB",
-        memory_overhead: float = 1.0,
-        meter_full_steps: int = 5,
-        meter_sample_every: int = 20,
+        memory_budget: str | int | MemoryBudget = DEFAULT_BUDGET,
+        memory_overhead: float | None = None,
+        meter_full_steps: int = FULL_STEPS,
+        meter_sample_every: int = SAMPLE_EVERY,
         device: str | torch.device | None = None,
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
@@ -251,7 +249,7 @@ class BudgetedBackpropStrategy(_BudgetedBackpropAdapter, TrainerDevices, SingleD
             device=device or "cpu", accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
         )
         self._device = torch.device(device) if device is not None else None
-        self._configure(memory_budget, memory_overhead, meter_full_steps, meter_sample_every)
+        self._configure(MemoryBudget.parse(memory_budget, memory_overhead), meter_full_steps, meter_sample_every)
 
     @property
     def root_device(self) -> torch.device:
@@ -278,7 +276,7 @@ class BudgetedBackpropDDPStrategy(_BudgetedBackpropAdapter, UnwrappedDDPStrategy
 
     Example::
 
-        >>> BudgetedBackpropDDPStrategy("50MB", memory_overhead=2.0).tensor_budget
+        >>> BudgetedBackpropDDPStrategy("50MB", memory_overhead=2.0).budget.tensor_bytes
         25000000
     """
 
@@ -286,14 +284,14 @@ class BudgetedBackpropDDPStrategy(_BudgetedBackpropAdapter, UnwrappedDDPStrategy
 
     def __init__(
         self,
-        memory_budget: str | int = "300MB",
-        memory_overhead: float = 1.0,
-        meter_full_steps: int = 5,
-        meter_sample_every: int = 20,
+        memory_budget: str | int | MemoryBudget = DEFAULT_BUDGET,
+        memory_overhead: float | None = None,
+        meter_full_steps: int = FULL_STEPS,
+        meter_sample_every: int = SAMPLE_EVERY,
         **ddp_options: Any,
     ) -> None:
         super().__init__(**ddp_options)
-        self._configure(memory_budget, memory_overhead, meter_full_steps, meter_sample_every)
+        self._configure(MemoryBudget.parse(memory_budget, memory_overhead), meter_full_steps, meter_sample_every)
 
     def on_validation_start(self) -> None:
         super().on_validation_start()

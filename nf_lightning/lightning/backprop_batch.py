@@ -1,7 +1,8 @@
 """The largest batch at which backpropagation through a module fits a memory budget.
 
 BP, BP with checkpointing and the end-to-end polish of a deployed exit all size
-their batch here, with the profiler NeuroFlux sizes its blocks with.
+their batch here (:func:`size_backprop_batch`), with the profiler NeuroFlux sizes
+its blocks with; :func:`fit_backprop_to_budget` is the app's ``before_fit`` hook for BP.
 
 Example:
     >>> import torch
@@ -15,14 +16,93 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from nf_lightning.core.plan import profile_batch_sizes
-from nf_lightning.core.profiler import LinearMemoryModel, profile_backprop
+from nf_lightning.core.memory.budget import MemoryBudget
+from nf_lightning.core.memory.profiler import LinearMemoryModel, profile_backprop
+from nf_lightning.core.network.checkpointing import CheckpointedNetwork
+from nf_lightning.core.plan.partitioner import BATCH_LIMIT, BudgetTooSmall
+from nf_lightning.core.plan.training_plan import profile_batch_sizes
+
+
+@dataclass(frozen=True)
+class BackpropBatch:
+    """What :func:`size_backprop_batch` decided: the batch, the rate scaled to it, the memory model and peak."""
+
+    batch_size: int
+    lr: float
+    memory_model: LinearMemoryModel
+    predicted_peak: int
+
+
+def size_backprop_batch(
+    module: pl.LightningModule,
+    input_shape: tuple[int, ...],
+    budget: MemoryBudget,
+    batch_limit: int,
+    *,
+    lr: float,
+    reference_batch: int,
+    needed_by: str,
+) -> BackpropBatch:
+    """The largest batch at which a BP step of ``module`` fits ``budget``'s tensor bytes (at most
+    ``batch_limit``), and the rate ``lr`` (tuned at ``reference_batch``) scaled linearly to it.
+
+    Raises :class:`~nf_lightning.core.plan.partitioner.BudgetTooSmall`, naming ``needed_by``,
+    if batch 1 does not fit.
+    """
+    batch, model, peak = largest_backprop_batch(module, input_shape, budget.tensor_bytes, batch_limit)
+    if batch < 1:
+        needed = math.ceil(max(model.predict(1), peak))
+        raise BudgetTooSmall(budget.tensor_bytes, needed, -1, needed_by=needed_by)
+    return BackpropBatch(batch, lr * batch / reference_batch, model, peak)
+
+
+def fit_backprop_to_budget(
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    *,
+    budget: MemoryBudget,
+    reference_batch: int,
+    batch_limit: int = BATCH_LIMIT,
+    checkpoint: bool = False,
+) -> dict[str, Any]:
+    """BP's ``before_fit`` hook: train at the largest batch the profiler fits under ``budget``.
+
+    Sets ``datamodule.batch_size`` and scales ``module.hparams.lr`` (the rate at
+    ``reference_batch``) linearly to it (:func:`size_backprop_batch`). With ``checkpoint``
+    the module's network (``module.net``) is first wrapped in
+    :class:`~nf_lightning.core.network.checkpointing.CheckpointedNetwork` (activation
+    checkpointing over its units, the ``bp_ckpt`` method) and that is what is profiled
+    and trained. Returns the ``results.json`` entries it decided.
+
+    Example (``conf/method/bp.yaml``; the app passes ``module``, ``datamodule`` and ``budget``)::
+
+        before_fit:
+          _target_: nf_lightning.lightning.backprop_batch.fit_backprop_to_budget
+          _partial_: true
+          reference_batch: ${optim.reference_batch}
+    """
+    if checkpoint:
+        module.net = CheckpointedNetwork(module.net)
+    what = "backpropagation with activation checkpointing" if checkpoint else "backpropagation"
+    sized = size_backprop_batch(
+        module, tuple(datamodule.input_shape), budget, batch_limit, lr=module.hparams.lr,
+        reference_batch=reference_batch, needed_by=f"{what} through the whole model (batch 1)",
+    )  # fmt: skip
+    datamodule.batch_size = sized.batch_size
+    module.hparams.lr = sized.lr
+    return {
+        "batch_sizes": [sized.batch_size],
+        "predicted_peak_bytes": sized.predicted_peak,
+        "memory_model": sized.memory_model.to_dict(),
+    }
 
 
 def largest_backprop_batch(
@@ -36,7 +116,7 @@ def largest_backprop_batch(
 
     ``module`` is profiled as NeuroFlux profiles its units: a step on fake
     tensors measured by the tracked meter, at the batch sizes of
-    :func:`~nf_lightning.core.plan.profile_batch_sizes` (2 to ``batch_limit``),
+    :func:`~nf_lightning.core.plan.training_plan.profile_batch_sizes` (2 to ``batch_limit``),
     fitted by a line. A line fitted over that whole range can miss the peak of a
     small batch by a few percent, so the batch it proposes is then checked with
     a step of its own and lowered until its measured peak fits: BP is held to

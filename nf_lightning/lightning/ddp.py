@@ -1,7 +1,7 @@
 """Lightning's DDP without the ``DistributedDataParallel`` wrapper: the base of both budgeted DDP strategies.
 
 NeuroFlux's and budgeted BP's steps average their gradients themselves (see
-:mod:`nf_lightning.core.distributed`), at a point of the step the memory guard
+:mod:`nf_lightning.core.train.distributed`), at a point of the step the memory guard
 can see, so the model is never wrapped. What both DDP strategies share lives
 here: Lightning's launch, ranks and process group, and a collective timeout
 short enough that a dead rank fails the job in minutes.
@@ -22,11 +22,11 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 
-from nf_lightning.core.distributed import LOCAL, Collective, LocalCollective
+from nf_lightning.core.train.distributed import LOCAL, Collective, LocalCollective
 
 
 def collective_for(strategy: Strategy) -> Collective | LocalCollective:
-    """The ranks ``strategy`` trains with: :data:`~nf_lightning.core.distributed.LOCAL` for one process."""
+    """The ranks ``strategy`` trains with: :data:`~nf_lightning.core.train.distributed.LOCAL` for one process."""
     return Collective(strategy.root_device) if strategy.world_size > 1 else LOCAL
 
 

@@ -2,11 +2,11 @@
 
 Every unit with its exit head is a classifier. The run measures each exit of
 the active block on the validation data (from the activation cache, so no
-trained block runs again) and keeps the records; this callback sets the
-selection's tolerance, logs the exit table at every block's end, optionally
-stops going deeper, and when training ends selects the exit with
-:func:`~nf_lightning.core.exits.select_exit` and exports it. It reads the run
-as ``trainer.strategy.run`` and imports nothing of the strategy.
+trained block runs again) and keeps the records; this callback logs the exit
+table at every block's end, optionally stops going deeper, and when training
+ends selects the exit with :func:`~nf_lightning.core.exits.selection.select_exit`
+and exports it. It finds the run through
+:func:`~nf_lightning.lightning.run_access.neuroflux_run` and imports nothing of the strategy.
 
 Example:
     >>> import lightning.pytorch as pl
@@ -26,8 +26,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from nf_lightning.core.exits import ExitModel, ExitRecord, exit_parameters, save_exit, select_exit
-from nf_lightning.core.run import BlockwiseRun
+from nf_lightning.core.exits.selection import ExitModel, ExitRecord, exit_parameters, save_exit, select_exit
+from nf_lightning.core.train.run import BlockwiseRun
+from nf_lightning.lightning.run_access import neuroflux_run
 
 EXPORT_STEM = "exit_model"  # save_exit writes exit_model.pt (state dict) and exit_model.pt2 (program)
 PROGRAM_FILE = f"{EXPORT_STEM}.pt2"
@@ -43,7 +44,7 @@ class EarlyExitSelector(pl.Callback):
     block's last validation (after which the unit is frozen) is final.
 
     When training ends, :attr:`selected` is the chosen exit and
-    :attr:`exit_model` the standalone :class:`~nf_lightning.core.exits.ExitModel`.
+    :attr:`exit_model` the standalone :class:`~nf_lightning.core.exits.selection.ExitModel`.
     With ``export`` on, the export directory receives
 
     - ``exit_model.pt``: the exit model's state dict;
@@ -60,11 +61,11 @@ class EarlyExitSelector(pl.Callback):
     Args:
         tolerance: exits within this much of the best accuracy count as equally
             good, and the one with the fewest parameters wins. A fraction of
-            accuracy: ``0.01`` is one percentage point. Also what the run deploys
-            during ``fit``.
+            accuracy: ``0.01`` is one percentage point. None: the strategy's
+            ``exit_tolerance``, which is also what the run deploys during ``fit``.
         reference_accuracy: export the smallest exit whose validation accuracy reaches this
             absolute accuracy (a fraction) instead; the best exit if none does. Deployment
-            during ``fit`` still follows ``tolerance``.
+            during ``fit`` still follows the strategy's ``exit_tolerance``.
         depth_patience: stop training deeper once this many consecutive blocks
             have left the selected exit unchanged (``None`` trains every block).
         export_dir: where the files go; ``<default_root_dir>/export`` if None.
@@ -73,7 +74,7 @@ class EarlyExitSelector(pl.Callback):
 
     def __init__(
         self,
-        tolerance: float = 0.0,
+        tolerance: float | None = None,
         depth_patience: int | None = None,
         export_dir: str | Path | None = None,
         export: bool = True,
@@ -81,7 +82,7 @@ class EarlyExitSelector(pl.Callback):
     ) -> None:
         if reference_accuracy is not None and not 0.0 <= reference_accuracy <= 1.0:
             raise ValueError(f"reference_accuracy is a fraction in [0, 1], got {reference_accuracy}")
-        if not 0.0 <= tolerance <= 1.0:
+        if tolerance is not None and not 0.0 <= tolerance <= 1.0:
             raise ValueError(
                 f"tolerance is a fraction of accuracy in [0, 1] (0.01 = one percentage point), got {tolerance}"
             )
@@ -102,8 +103,8 @@ class EarlyExitSelector(pl.Callback):
 
     @staticmethod
     def _run(trainer: pl.Trainer) -> BlockwiseRun:
-        run = getattr(trainer.strategy, "run", None)
-        if not isinstance(run, BlockwiseRun):
+        run = neuroflux_run(trainer)
+        if run is None:
             raise TypeError(
                 "EarlyExitSelector needs NeuroFluxStrategy, which trains an exit per unit; "
                 f"the Trainer's strategy is {type(trainer.strategy).__name__}"
@@ -112,15 +113,18 @@ class EarlyExitSelector(pl.Callback):
 
     # ------------------------------------------------------------- lightning
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and not hasattr(trainer.strategy, "run"):
+        if stage == "fit" and not hasattr(trainer.strategy, "run"):  # the run itself exists only from setup on
             raise TypeError(
                 "EarlyExitSelector needs NeuroFluxStrategy, which trains an exit per unit; "
                 f"the Trainer's strategy is {type(trainer.strategy).__name__}"
             )
 
+    def tolerance_for(self, run: BlockwiseRun) -> float:
+        """The tolerance this selector selects with: its own, else the run's."""
+        return self.tolerance if self.tolerance is not None else run.validation.tolerance
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = self._run(trainer)
-        run.exit_tolerance = self.tolerance
         if self._block is None:
             self._block = run.active_block
 
@@ -132,7 +136,7 @@ class EarlyExitSelector(pl.Callback):
         self.records = records_of(run)
         if not self.records:
             return
-        best = select_exit(self.records, self.tolerance)
+        best = select_exit(self.records, self.tolerance_for(run))
         self.stale_blocks = 0 if best.unit in run.units_of(ended) else self.stale_blocks + 1
         for record in self.records:
             pl_module.log(f"exit/acc_{record.unit}", record.accuracy)
@@ -153,7 +157,7 @@ class EarlyExitSelector(pl.Callback):
         if not self.records:
             rank_zero_warn("EarlyExitSelector recorded no exit (did validation run?); nothing to select")
             return
-        self.selected = select_exit(self.records, self.tolerance, self.reference_accuracy)
+        self.selected = select_exit(self.records, self.tolerance_for(run), self.reference_accuracy)
         self.exit_model = run.exit_model(self.selected.unit)
         self.summary = self._summarize(run)
         if self.export and trainer.is_global_zero:
@@ -186,7 +190,7 @@ class EarlyExitSelector(pl.Callback):
             "full_parameters": full_parameters,
             "compression": full_parameters / self.selected.parameters,
             "full_accuracy": run.records[last].accuracy if last in run.records else None,
-            "tolerance": self.tolerance,
+            "tolerance": self.tolerance_for(run),
             "reference_accuracy": self.reference_accuracy,
             "num_units": len(run.units),
             "input_shape": list(run.plan.input_shape),

@@ -14,6 +14,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 
+from nf_lightning.lightning.run_access import neuroflux_run
+
 RECORDED_PREFIXES = ("val/", "neuroflux/", "neuron_budget/")
 EXIT_ACCURACY_PREFIX = "neuroflux/acc_exit_"
 
@@ -54,7 +56,8 @@ class ValidationHistory(pl.Callback):
         if trainer.sanity_checking:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(RECORDED_PREFIXES)}
-        block = getattr(getattr(trainer.strategy, "run", None), "active_block", None)
+        run = neuroflux_run(trainer)
+        block = run.active_block if run is not None else None
         self.records.append({"epoch": trainer.current_epoch, "seconds": self.elapsed, "block": block, **metrics})
 
     def final_exit_accuracies(self) -> dict[int, float]:

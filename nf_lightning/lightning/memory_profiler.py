@@ -1,7 +1,7 @@
 """``MemoryProfiler``: logs the measured peak memory of budgeted steps against the plan and budget.
 
 Optional and independent: it reads the guard the strategy exposes
-(``trainer.strategy.run.guard`` for NeuroFlux, ``trainer.strategy.guard`` for
+(``trainer.strategy.run.step.guard`` for NeuroFlux, ``trainer.strategy.guard`` for
 ``BudgetedBackpropStrategy``) and imports neither strategy.
 
 Example:
@@ -17,8 +17,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from nf_lightning.core.enforcement import BudgetGuard
-from nf_lightning.core.run import BlockwiseRun
+from nf_lightning.core.memory.enforcement import BudgetGuard
+from nf_lightning.lightning.run_access import neuroflux_run
 
 
 class MemoryProfiler(pl.Callback):
@@ -35,14 +35,14 @@ class MemoryProfiler(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        run = getattr(trainer.strategy, "run", None)
-        guard = run.guard if isinstance(run, BlockwiseRun) else getattr(trainer.strategy, "guard", None)
+        run = neuroflux_run(trainer)
+        guard = run.step.guard if run is not None else getattr(trainer.strategy, "guard", None)
         if not isinstance(guard, BudgetGuard):
             return
         pl_module.log("memory/failed_attempts", float(len(guard.failed)), reduce_fx="max")
         pl_module.log("memory/budget_bytes", float(guard.budget), reduce_fx="max")
-        if isinstance(run, BlockwiseRun):
-            peak, block = run.last_step_peak, run.active_block
+        if run is not None:
+            peak, block = run.step.last_step_peak, run.active_block
             pl_module.log("memory/predicted_bytes", float(run.plan.blocks[block].predicted_peak), reduce_fx="max")
         else:
             peak, block = guard.last_peak or None, 0

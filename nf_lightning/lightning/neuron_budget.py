@@ -3,7 +3,7 @@
 A callback, optional and independent: with ordinary training (BP, automatic
 optimization) it selects among every ``Conv2d`` of the LightningModule; under
 NeuroFlux it reads the block-wise run as ``trainer.strategy.run`` (duck-typed
-through :class:`~nf_lightning.core.run.BlockwiseRun`, never importing the
+through :class:`~nf_lightning.core.train.run.BlockwiseRun`, never importing the
 strategy) and selects among the convs of the active block. The pieces (costs,
 velocity, budget filling, Sparse Update, exact freezing) are pure PyTorch in
 :mod:`nf_lightning.core.neuron_budget`.
@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from nf_lightning.core.batches import split_batch
+from nf_lightning.core.train.batches import split_batch
 from nf_lightning.core.neuron_budget import (
     FIRST_EPOCH_POLICIES,
     NORM_POLICIES,
@@ -53,7 +53,7 @@ from nf_lightning.core.neuron_budget import (
     split_by_layer,
     velocity_order,
 )
-from nf_lightning.core.run import BlockwiseRun
+from nf_lightning.core.train.run import BlockwiseRun
 
 STATE_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}

@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from nf_lightning.core.memory import MemoryMeter, meter_for
+from nf_lightning.core.memory.meter import MemoryMeter, meter_for
 
 
 class PeakMemoryMonitor(pl.Callback):

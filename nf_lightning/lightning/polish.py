@@ -7,7 +7,7 @@ model, so backpropagation through it alone often fits the budget at a useful
 batch size. :func:`polish_exit` fine-tunes it end to end for a few epochs:
 
 - the batch is the largest at which a BP step of the exit fits the budget
-  (:func:`~nf_lightning.lightning.backprop_batch.largest_backprop_batch`), the
+  (:func:`~nf_lightning.lightning.backprop_batch.size_backprop_batch`), the
   learning rate follows it linearly from the recipe's reference batch and
   decays to zero on a cosine over the polish;
 - every step is held to the budget by
@@ -22,8 +22,8 @@ they were (their inputs would have changed under them), so the polished exit
 is a model of its own, not a part of the full network.
 
 Example:
-    >>> polished, report = polish_exit(run.exit_model(), datamodule, memory_budget="10MB", epochs=10,
-    ...                                lr=0.05)  # doctest: +SKIP
+    >>> polished, report = polish_exit(run.exit_model(), datamodule, MemoryBudget.parse("10MB"), epochs=10,
+    ...                                lr=0.05, reference_batch=128, momentum=0.9, weight_decay=5e-4)  # doctest: +SKIP
     >>> report.kept, report.val_before, report.val_after  # doctest: +SKIP
     (True, 0.643, 0.689)
 """
@@ -37,14 +37,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
 
-from nf_lightning.core.budget import tensor_budget
-from nf_lightning.core.exits import loader_accuracy
-from nf_lightning.core.partitioner import BudgetTooSmall
+from nf_lightning.core.exits.selection import loader_accuracy
+from nf_lightning.core.memory.budget import MemoryBudget
+from nf_lightning.core.plan.partitioner import BATCH_LIMIT
 from nf_lightning.lightning.backprop import BudgetedBackpropStrategy
-from nf_lightning.lightning.backprop_batch import largest_backprop_batch
+from nf_lightning.lightning.backprop_batch import size_backprop_batch
 from nf_lightning.lightning.classifier import ClassifierModule
 
 
@@ -69,16 +68,15 @@ class PolishReport:
 def polish_exit(
     exit_model: nn.Module,
     datamodule: Any,
+    budget: MemoryBudget,
     *,
-    memory_budget: str | int,
     epochs: int,
     lr: float,
-    reference_batch: int = 128,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    reference_batch: int,
+    momentum: float,
+    weight_decay: float,
     nesterov: bool = True,
-    batch_limit: int = 256,
-    memory_overhead: float = 1.0,
+    batch_limit: int = BATCH_LIMIT,
     callbacks: Sequence[pl.Callback] = (),
     trainer_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, PolishReport]:
@@ -90,9 +88,10 @@ def polish_exit(
         datamodule: a LightningDataModule with ``num_classes``, ``input_shape`` and a
             settable ``batch_size`` (every ``nf_lightning.data`` module); its batch size
             is restored afterwards.
-        memory_budget: bytes (or ``"20MB"``) every BP step must fit, as for the run.
+        budget: what every BP step must fit, as for the run.
         epochs: polish epochs (the cosine's horizon); at least 1.
         lr: SGD rate at ``reference_batch``, scaled linearly to the batch used.
+        momentum, weight_decay, nesterov: the rest of the SGD recipe (the app's ``optim``).
         callbacks: more callbacks for the polish's Trainer (a ``ValidationHistory``
             keeps its clock, so a history spans the run and its polish).
         trainer_options: more ``pl.Trainer`` arguments (``accelerator``, ``logger``...).
@@ -100,25 +99,46 @@ def polish_exit(
     Raises:
         BudgetTooSmall: if BP through the exit does not fit at batch 1.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if lr <= 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+    _check(epochs, lr)
     start = time.perf_counter()
     original = copy.deepcopy(exit_model).cpu()
     module = ClassifierModule(
         copy.deepcopy(exit_model).train(), datamodule.num_classes, lr=lr, momentum=momentum,
         weight_decay=weight_decay, nesterov=nesterov, lr_schedule="cosine",
     )  # fmt: skip
-    budget = tensor_budget(memory_budget, memory_overhead)
-    batch, _, peak = largest_backprop_batch(module, tuple(datamodule.input_shape), budget, batch_limit)
-    if batch < 1:
-        raise BudgetTooSmall(budget, peak, -1, needed_by="backpropagation through the deployed exit (batch 1)")
-    module.hparams.lr = lr * batch / reference_batch
+    sized = size_backprop_batch(
+        module, tuple(datamodule.input_shape), budget, batch_limit, lr=lr, reference_batch=reference_batch,
+        needed_by="backpropagation through the deployed exit (batch 1)",
+    )  # fmt: skip
+    module.hparams.lr = sized.lr
     options = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
                "num_sanity_val_steps": 0, **(trainer_options or {})}  # fmt: skip
-    strategy = BudgetedBackpropStrategy(memory_budget=memory_budget, memory_overhead=memory_overhead)
+    strategy = BudgetedBackpropStrategy(memory_budget=budget)
     trainer = pl.Trainer(strategy=strategy, max_epochs=epochs, callbacks=list(callbacks), **options)
+    val_before = _fit_at_batch(trainer, module, datamodule, sized.batch_size, original)
+    polished = module.net.cpu().eval()
+    val_after = _accuracy(datamodule, polished)
+    kept = val_after >= val_before
+    report = PolishReport(
+        epochs=epochs, batch_size=sized.batch_size, lr=module.hparams.lr, predicted_peak_bytes=sized.predicted_peak,
+        measured_peak_bytes=strategy.guard.peak, val_before=val_before, val_after=val_after, kept=kept,
+        seconds=time.perf_counter() - start,
+    )  # fmt: skip
+    return (polished if kept else original.eval()), report
+
+
+def _check(epochs: int, lr: float) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+
+
+def _fit_at_batch(
+    trainer: pl.Trainer, module: ClassifierModule, datamodule: Any, batch: int, original: nn.Module
+) -> float:
+    """Fit ``module`` at ``batch`` (the data module's own batch size comes back after); ``original``'s
+    validation accuracy before."""
     saved_batch = datamodule.batch_size
     datamodule.batch_size = batch
     try:
@@ -126,15 +146,7 @@ def polish_exit(
         trainer.fit(module, datamodule=datamodule)
     finally:
         datamodule.batch_size = saved_batch
-    polished = module.net.cpu().eval()
-    val_after = _accuracy(datamodule, polished)
-    kept = val_after >= val_before
-    report = PolishReport(
-        epochs=epochs, batch_size=batch, lr=module.hparams.lr, predicted_peak_bytes=peak,
-        measured_peak_bytes=strategy.guard.peak, val_before=val_before, val_after=val_after, kept=kept,
-        seconds=time.perf_counter() - start,
-    )  # fmt: skip
-    return (polished if kept else original.eval()), report
+    return val_before
 
 
 def _accuracy(datamodule: Any, model: nn.Module) -> float:

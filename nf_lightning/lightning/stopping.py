@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_warn
 
-from nf_lightning.core.run import BlockwiseRun
+from nf_lightning.core.train.run import BlockwiseRun
 
 
 def stall_epochs(callback: EarlyStopping, check_val_every_n_epoch: int | None) -> int:

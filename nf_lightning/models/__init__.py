@@ -1,7 +1,7 @@
 """CIFAR-style (32x32 input) model zoo with a width multiplier for CPU-sized runs.
 
 Every model defines ``neuroflux_decomposition()``, so
-:func:`nf_lightning.core.decompose.decompose` splits it into trainable units.
+:func:`nf_lightning.core.network.decompose.decompose` splits it into trainable units.
 
 Example:
     >>> from nf_lightning.models import create

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from nf_lightning.core.decompose import Decomposition
+from nf_lightning.core.network.decompose import Decomposition
 
 # (expansion t, output channels c, blocks n, stride of the first block s)
 INVERTED_RESIDUAL_SETTINGS: tuple[tuple[int, int, int, int], ...] = (

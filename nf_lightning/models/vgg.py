@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from nf_lightning.core.decompose import Decomposition
+from nf_lightning.core.network.decompose import Decomposition
 from nf_lightning.models.mobilenetv2 import scale_channels
 
 POOL = "M"

@@ -28,8 +28,10 @@ import torch
 from lightning.fabric.plugins.io import torch_io
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from nf_lightning.core import cache_writer, exits, local_learning
-from nf_lightning.core import run as core_run
+from nf_lightning.core.cache import writer as cache_writer
+from nf_lightning.core.exits import selection as exits
+from nf_lightning.core.train import local_learning
+from nf_lightning.core.train import run as core_run
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.testing.demo import PlainClassifier, loaders, tight_strategy, trainer
 
@@ -126,7 +128,7 @@ def drill(tmp: Path, fault: str) -> dict[str, Any]:
     assert run is not None
     return {
         "start_epoch": start_epoch, "epochs": t.current_epoch, "finished": run.finished,
-        "blocks": [[list(b.units), run.plan.batch_size(i)] for i, b in enumerate(run.plan.blocks)],
+        "blocks": [[list(b.units), run.batch_size_of(i)] for i, b in enumerate(run.plan.blocks)],
         "best": max(r.accuracy for r in run.records.values()),
         "export": (tmp / "export" / "exit.json").is_file(),
     }  # fmt: skip

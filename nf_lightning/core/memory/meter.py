@@ -174,14 +174,14 @@ class TrackedMemoryMeter:
 
     def track(self, *objects: Trackable) -> None:
         for tensor in _tensors_of(objects):
-            self._add_existing(tensor)
+            self.add_existing(tensor)
 
-    def _add_existing(self, tensor: Tensor) -> None:
+    def add_existing(self, tensor: Tensor) -> None:
         """A tensor live since the window opened: it raises every earlier total, so the peak too."""
         added = self._register(tensor)
         self._peak += added
 
-    def _add_new(self, tensors: list[Tensor]) -> None:
+    def add_new(self, tensors: list[Tensor]) -> None:
         """Tensors an op just returned, all live together."""
         for tensor in tensors:
             self._register(tensor)
@@ -223,12 +223,12 @@ class _OpWatcher(TorchDispatchMode):
         kwargs = kwargs or {}
         inputs = list(_flat_tensors((args, tuple(kwargs.values()))))
         if func in self._FRESH_INPUT_OPS:  # torch.tensor(...): built outside the dispatcher just now
-            self.meter._add_new(inputs)
+            self.meter.add_new(inputs)
         else:
             for tensor in inputs:
-                self.meter._add_existing(tensor)
+                self.meter.add_existing(tensor)
         out = func(*args, **kwargs)
-        self.meter._add_new(list(_flat_tensors(out)))
+        self.meter.add_new(list(_flat_tensors(out)))
         _check_limit(self.meter.peak_bytes, self.meter.limit, self.meter.device)
         return out
 
@@ -295,3 +295,18 @@ def device_memory_bytes(device: str | torch.device) -> int | None:
         except (ValueError, OSError):
             return None
     return None
+
+
+def cap_cuda_allocator(device: torch.device, budget: int) -> float | None:
+    """On CUDA, make the caching allocator itself refuse to hold more than ``budget`` bytes for this process.
+
+    The budget counts bytes of tensors the allocator hands out (``memory_allocated``); the CUDA
+    context and the allocator's cache above the cap are not in it. Returns the fraction set, or
+    None on other devices. (Unverified on a GPU in this project's CI: see the README.)
+    """
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, budget / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from nf_lightning.core.network.decompose import Decomposition
+
 POLICIES: tuple[str, ...] = ("adaptive", "classic")
 CIFAR_SHAPE: tuple[int, int, int] = (3, 32, 32)
 
@@ -153,3 +155,24 @@ def _check_policy(policy: str, classic_filters: int) -> None:
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def build_exits(decomposition: Decomposition, input_shape: Sequence[int], aux: str = "adaptive") -> nn.ModuleList:
+    """Every unit's classifier: an auxiliary head per unit but the last, then the model's own head.
+
+    >>> from torch import nn
+    >>> from nf_lightning.core.network.decompose import Decomposition
+    >>> parts = Decomposition([nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)], nn.Sequential(nn.Flatten(), nn.Linear(64, 5)))
+    >>> len(build_exits(parts, (3, 8, 8)))
+    2
+    """
+    heads = build_aux_heads(decomposition.units, num_classes(decomposition.head), tuple(input_shape), policy=aux)
+    return nn.ModuleList([*heads, decomposition.head])
+
+
+def num_classes(head: nn.Module) -> int:
+    """Output classes of a classifier head (its last Linear's outputs)."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the network's head has no nn.Linear, so the number of classes is unknown")
+    return linears[-1].out_features

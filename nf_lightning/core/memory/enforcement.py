@@ -43,7 +43,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from nf_lightning.core.memory import MemoryLimitExceeded, TrackedMemoryMeter, Trackable, meter_for
+from nf_lightning.core.memory.meter import MemoryLimitExceeded, TrackedMemoryMeter, Trackable, meter_for
+
+FULL_STEPS = 5  # batches metered in full while a batch size is new
+SAMPLE_EVERY = 20  # then one batch in this many
 
 
 @dataclass
@@ -73,8 +76,8 @@ class BudgetGuard:
 
     device: torch.device
     budget: int
-    full_steps: int = 5
-    sample_every: int = 20
+    full_steps: int = FULL_STEPS
+    sample_every: int = SAMPLE_EVERY
     failed: list[Attempt] = field(default_factory=list)
     violations: list[Attempt] = field(default_factory=list)
     metered_steps: int = 0
@@ -115,7 +118,7 @@ class BudgetGuard:
         ``optimizer`` is the unit's; what its update will allocate is measured
         before the window opens (the measurement's own copies must not count).
 
-        Raises :class:`~nf_lightning.core.memory.MemoryLimitExceeded` (an
+        Raises :class:`~nf_lightning.core.memory.meter.MemoryLimitExceeded` (an
         ``OutOfMemoryError``) when the forward/backward or the coming update
         does not fit; nothing has been updated then.
         """

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, Sampler
 
-from nf_lightning.core.memory import MemoryLimitExceeded
+from nf_lightning.core.memory.meter import MemoryLimitExceeded
 
 
 class PeerStepFailed(MemoryLimitExceeded):

@@ -22,7 +22,7 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from nf_lightning.core.cache_reader import CachedActivations
+from nf_lightning.core.cache.reader import CachedActivations
 
 T = TypeVar("T")
 

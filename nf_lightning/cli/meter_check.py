@@ -1,6 +1,6 @@
 """Cross-checking the tracked CPU meter against the operating system's count of resident memory.
 
-The tracked meter (:class:`~nf_lightning.core.memory.TrackedMemoryMeter`) counts
+The tracked meter (:class:`~nf_lightning.core.memory.meter.TrackedMemoryMeter`) counts
 live tensor storage. What a CPU process really holds also has kernel scratch
 space, allocator slack and torch's own bookkeeping. :func:`measure_step` runs one
 training step under the meter and, for the same step, reads the kernel's
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nf_lightning.core.memory import TrackedMemoryMeter
+from nf_lightning.core.memory.meter import TrackedMemoryMeter
 
 
 def measure_step(
@@ -90,7 +90,7 @@ def measure_step(
 
 def cross_check(model: str, width: float, batch: int, input_shape: tuple[int, ...] = (3, 32, 32)) -> dict[str, Any]:
     """:func:`measure_step` of zoo model ``model`` at ``width`` in a fresh subprocess (one torch thread)."""
-    command = [sys.executable, "-m", "nf_lightning.core.meter_check", model, str(width), str(batch)]
+    command = [sys.executable, "-m", "nf_lightning.cli.meter_check", model, str(width), str(batch)]
     command += [str(s) for s in input_shape]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)

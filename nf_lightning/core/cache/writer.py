@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nf_lightning.core.cache_format import (
+from nf_lightning.core.cache.format import (
     ACTIVATIONS_FILE,
     CHUNK_BYTES,
     DATA_FILES,

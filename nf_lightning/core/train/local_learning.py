@@ -140,8 +140,8 @@ def train_with_retry(
     ``guard(unit index, its input)``, splitting the batch when a unit does not fit.
 
     ``guard`` yields the ``before_update`` check of the step (see
-    :class:`~nf_lightning.core.enforcement.BudgetGuard`). "Does not fit" is an
-    out-of-memory error (CUDA's, or :class:`~nf_lightning.core.memory.MemoryLimitExceeded`)
+    :class:`~nf_lightning.core.memory.enforcement.BudgetGuard`). "Does not fit" is an
+    out-of-memory error (CUDA's, or :class:`~nf_lightning.core.memory.meter.MemoryLimitExceeded`)
     raised before the unit's update, so a retried unit is never updated twice:
     units before the failing one already took the whole batch; the failing unit
     and those after it take it in smaller, near-equal pieces. ``on_shrink(unit, old, new)``

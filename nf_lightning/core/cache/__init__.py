@@ -15,14 +15,14 @@ Example:
     ...     writer.commit()
     >>> loader = cache_loader(open_cache(root, "block0-train", fingerprint=fp), batch_size=256)
 
-Format and guarantees: ``cache_format``; writing: ``cache_writer``; reading: ``cache_reader``;
-batching and prefetching: ``cache_loader``.
+Format and guarantees: ``format``; writing: ``writer``; reading: ``reader``;
+batching and prefetching: ``loader``.
 """
 
-from nf_lightning.core.cache_format import CacheCorrupt, CacheError, CacheMissing, FileEntry, Manifest
-from nf_lightning.core.cache_loader import CacheDataLoader, EpochShuffleSampler, cache_loader
-from nf_lightning.core.cache_reader import CachedActivations, cache_size_report, open_cache, verify_cache
-from nf_lightning.core.cache_writer import (
+from nf_lightning.core.cache.format import CacheCorrupt, CacheError, CacheMissing, FileEntry, Manifest
+from nf_lightning.core.cache.loader import CacheDataLoader, EpochShuffleSampler, cache_loader
+from nf_lightning.core.cache.reader import CachedActivations, cache_size_report, open_cache, verify_cache
+from nf_lightning.core.cache.writer import (
     ActivationCacheWriter,
     CacheInUse,
     CacheSpaceError,

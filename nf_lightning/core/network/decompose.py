@@ -229,3 +229,19 @@ def _contains(module: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
 def _as_module(layers: list[nn.Module]) -> nn.Module:
     """The layer itself when alone (no new container), else an ``nn.Sequential`` of them."""
     return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+
+
+def check_input_shape(decomposition: Decomposition, input_shape: Sequence[int]) -> None:
+    """A clear error when the data's channels do not match the network's first convolution.
+
+    >>> check_input_shape(Decomposition([nn.Conv2d(3, 4, 3)], nn.Linear(4, 2)), (1, 32, 32))
+    Traceback (most recent call last):
+    ...
+    ValueError: the data has 1 input channel(s) (samples of shape (1, 32, 32)), but the network's first convolution expects 3
+    """
+    first = next((m for m in decomposition.units[0].modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and len(input_shape) == 3 and input_shape[0] != first.in_channels:
+        raise ValueError(
+            f"the data has {input_shape[0]} input channel(s) (samples of shape {tuple(input_shape)}), "
+            f"but the network's first convolution expects {first.in_channels}"
+        )

@@ -31,7 +31,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nf_lightning.core.budget import format_bytes
+from nf_lightning.core.memory.budget import format_bytes
+
+BATCH_LIMIT = 256  # B in Algorithm 1: the largest batch any block uses
+RHO = 0.4  # Algorithm 1's grouping threshold
 
 __all__ = [
     "Block",
@@ -48,7 +51,7 @@ __all__ = [
 class UnitMemoryModel(Protocol):
     """Training memory of one unit with its auxiliary head, as the profiler models it.
 
-    ``nf_lightning.core.profiler.LinearMemoryModel`` has this shape. ``predict``
+    ``nf_lightning.core.memory.profiler.LinearMemoryModel`` has this shape. ``predict``
     must be non-decreasing in ``batch``.
     """
 
@@ -182,7 +185,7 @@ def block_peak(models: Sequence[UnitMemoryModel], units: Sequence[int], batch: i
 
 
 def partition(
-    models: Sequence[UnitMemoryModel], budget_bytes: int, batch_limit: int = 256, rho: float = 0.4
+    models: Sequence[UnitMemoryModel], budget_bytes: int, batch_limit: int = BATCH_LIMIT, rho: float = RHO
 ) -> list[Block]:
     """Blocks of units with batch sizes whose :func:`block_peak` fits ``budget_bytes``.
 

@@ -1,4 +1,4 @@
-"""Memory budgets as byte counts: ``"300MB"`` in, ``300000000`` out, and back.
+"""Memory budgets: ``"300MB"`` in, ``300000000`` out, and back; :class:`MemoryBudget`, the one value passed down.
 
 SI prefixes are decimal and IEC prefixes are binary, as their standards say:
 ``MB`` is 10**6 bytes (the paper's "300MB" budgets), ``MiB`` is 2**20 bytes.
@@ -10,15 +10,20 @@ Example:
     (300000000, 536870912, 1500000000, 2048)
     >>> format_bytes(300_000_000), format_bytes(512)
     ('300.0 MB', '512 B')
+    >>> MemoryBudget.parse("300MB", overhead=1.5).tensor_bytes
+    200000000
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 
-__all__ = ["format_bytes", "parse_bytes", "tensor_budget"]
+__all__ = ["DEFAULT_BUDGET", "MemoryBudget", "format_bytes", "parse_bytes"]
+
+DEFAULT_BUDGET = "300MB"  # the paper's budget; what a bare NeuroFluxStrategy() or BudgetedBackpropStrategy() gets
 
 _UNITS = {
     "": 1,
@@ -85,18 +90,46 @@ def format_bytes(n: int | float) -> str:
     return f"{value:.1f} TB"
 
 
-def tensor_budget(budget: str | int | float, memory_overhead: float = 1.0) -> int:
-    """Bytes of live tensors allowed under ``budget`` when the device holds ``memory_overhead`` bytes per tensor byte.
+@dataclass(frozen=True)
+class MemoryBudget:
+    """A device memory budget, parsed once where it enters (a strategy, the app, the polish) and passed down.
 
-    The meters count tensor bytes (on CUDA the allocator's ``memory_allocated``; on CPU
-    live tensor storage). A CPU process's resident memory for a training step is
-    higher, by 1.1-2.2x in ``experiments/results/meter_crosscheck`` (kernel scratch
-    space, allocator slack); a ``memory_overhead`` of that size makes the plan and the
-    guard hold resident memory, not only tensor bytes, to the budget.
+    Args:
+        bytes: device memory for training.
+        overhead: device bytes held per tensor byte the meters count; the plan and the
+            guard hold tensor bytes to :attr:`tensor_bytes` = ``bytes / overhead``. 1.0 makes
+            the budget one of tensor bytes (CUDA's ``memory_allocated``); a CPU process's
+            resident memory for a step measured 1.1-2.2x its tensor bytes
+            (``experiments/results/meter_crosscheck``: kernel scratch space, allocator slack).
 
-    >>> tensor_budget("300MB"), tensor_budget("300MB", 1.5)
-    (300000000, 200000000)
+    >>> budget = MemoryBudget.parse("300MB")
+    >>> budget.bytes, budget.tensor_bytes, str(budget)
+    (300000000, 300000000, '300.0 MB')
+    >>> MemoryBudget.parse(budget, overhead=2.0) == MemoryBudget(300_000_000, 2.0)
+    True
     """
-    if not isinstance(memory_overhead, (int, float)) or isinstance(memory_overhead, bool) or memory_overhead < 1.0:
-        raise ValueError(f"memory_overhead is bytes held per tensor byte, at least 1.0; got {memory_overhead!r}")
-    return int(parse_bytes(budget) / memory_overhead)
+
+    bytes: int
+    overhead: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bytes, bool) or not isinstance(self.bytes, int) or self.bytes < 1:
+            raise ValueError(f"memory budget {self.bytes!r} is not {_ACCEPTED}")
+        overhead = self.overhead
+        if not isinstance(overhead, (int, float)) or isinstance(overhead, bool) or not overhead >= 1.0:
+            raise ValueError(f"memory_overhead is bytes held per tensor byte, at least 1.0; got {overhead!r}")
+
+    @classmethod
+    def parse(cls, value: str | int | float | MemoryBudget, overhead: float | None = None) -> MemoryBudget:
+        """The budget ``value`` denotes (``"300MB"``, a byte count, or a budget) at ``overhead`` (its own if None)."""
+        if isinstance(value, MemoryBudget):
+            return value if overhead is None else cls(value.bytes, overhead)
+        return cls(parse_bytes(value)) if overhead is None else cls(parse_bytes(value), overhead)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of live tensors allowed: what the plan and the step guard hold training to."""
+        return int(self.bytes / self.overhead)
+
+    def __str__(self) -> str:
+        return format_bytes(self.bytes)

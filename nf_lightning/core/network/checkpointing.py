@@ -6,7 +6,7 @@ the forward pass and recompute the unit's inside during the backward pass. Peak
 memory then holds the parameters, gradients and optimizer state, the unit
 boundaries and one unit's activations at a time, at the price of a second
 forward pass per step. :class:`CheckpointedNetwork` does exactly that over the
-units :func:`~nf_lightning.core.decompose.decompose` finds (every conv unit of a
+units :func:`~nf_lightning.core.network.decompose.decompose` finds (every conv unit of a
 VGG, every residual block of a ResNet, ...), then runs the head as usual. It is
 the same network (the same parameter objects), so it trains the user's model.
 
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from nf_lightning.core.decompose import Decomposition, decompose
+from nf_lightning.core.network.decompose import Decomposition, decompose
 
 __all__ = ["CheckpointedNetwork"]
 
@@ -56,7 +56,7 @@ class CheckpointedNetwork(nn.Module):
     """``model`` run unit by unit, each unit under ``checkpoint(unit, x, use_reentrant=False)``, then its head.
 
     Args:
-        model: the network, in any form :func:`~nf_lightning.core.decompose.decompose`
+        model: the network, in any form :func:`~nf_lightning.core.network.decompose.decompose`
             accepts. A module is held as is (a wrapper such as a LightningModule holding
             ``self.net`` runs its child's decomposition); an explicit ``Decomposition``
             is held through its ``network``, or through its units and head.

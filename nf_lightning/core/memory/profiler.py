@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.optim import Optimizer
 
-from nf_lightning.core.memory import MemoryMeter, TrackedMemoryMeter, meter_for
+from nf_lightning.core.memory.meter import MemoryMeter, TrackedMemoryMeter, meter_for
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",

@@ -2,11 +2,11 @@
 
 A plan is what the profiler and the partitioner decide before training
 starts, kept as plain data so it goes into checkpoints and JSON unchanged.
-Which block is active is the run's state (:class:`~nf_lightning.core.run.BlockwiseRun`),
+Which block is active is the run's state (:class:`~nf_lightning.core.train.run.BlockwiseRun`),
 not the plan's: ``epochs_per_block`` is each block's allotment.
 
 Example:
-    >>> from nf_lightning.core.partitioner import Block
+    >>> from nf_lightning.core.plan.partitioner import Block
     >>> plan = TrainingPlan(budget=10**8, batch_limit=256, rho=0.4, aux_policy="adaptive",
     ...     input_shape=(3, 32, 32), unit_models=[], blocks=[Block((0, 1), 64, 0), Block((2,), 256, 0)],
     ...     epochs_per_block=[2, 3])
@@ -19,22 +19,22 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from nf_lightning.core.budget import format_bytes
-from nf_lightning.core.partitioner import Block, BudgetTooSmall, block_peak, largest_batch, minimum_budget, partition
-from nf_lightning.core.profiler import LinearMemoryModel, profile_units
+from nf_lightning.core.memory.budget import format_bytes
+from nf_lightning.core.plan.partitioner import BATCH_LIMIT, RHO, Block, BudgetTooSmall, block_peak, largest_batch, minimum_budget, partition
+from nf_lightning.core.memory.profiler import LinearMemoryModel, profile_units
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingPlan:
-    """Blocks of units with their batch sizes and epochs under a memory budget."""
+    """Blocks of units with their batch sizes and epochs under a memory budget; fixed once made."""
 
     budget: int
     batch_limit: int
@@ -45,15 +45,15 @@ class TrainingPlan:
     blocks: list[Block]
     epochs_per_block: list[int]
     seconds: float = 0.0
-    batch_overrides: dict[int, int] = field(default_factory=dict)
 
     @property
     def total_epochs(self) -> int:
         return sum(self.epochs_per_block)
 
     def batch_size(self, block: int) -> int:
-        """The block's batch size, lowered if training had to shrink it."""
-        return self.batch_overrides.get(block, self.blocks[block].batch_size)
+        """The block's planned batch size (the run's :meth:`~nf_lightning.core.train.run.BlockwiseRun.batch_size_of`
+        is lower after a step had to shrink)."""
+        return self.blocks[block].batch_size
 
     def describe(self) -> str:
         """A few lines a person can read: blocks, batch sizes, epochs, predicted peak against the budget."""
@@ -77,7 +77,6 @@ class TrainingPlan:
             "blocks": [b.to_dict() for b in self.blocks],
             "epochs_per_block": list(self.epochs_per_block),
             "seconds": self.seconds,
-            "batch_overrides": {str(k): v for k, v in self.batch_overrides.items()},
         }
 
     @classmethod
@@ -92,7 +91,6 @@ class TrainingPlan:
             blocks=[Block.from_dict(b) for b in data["blocks"]],
             epochs_per_block=[int(e) for e in data["epochs_per_block"]],
             seconds=float(data.get("seconds", 0.0)),
-            batch_overrides={int(k): int(v) for k, v in data.get("batch_overrides", {}).items()},
         )
 
 
@@ -140,8 +138,8 @@ def make_plan(
     input_shape: tuple[int, ...],
     budget: int,
     epochs_per_block: int | Sequence[int] = 1,
-    batch_limit: int = 256,
-    rho: float = 0.4,
+    batch_limit: int = BATCH_LIMIT,
+    rho: float = RHO,
     aux_policy: str = "adaptive",
     optimizer_factory: OptimizerFactory | None = None,
     device: torch.device | str = "cpu",

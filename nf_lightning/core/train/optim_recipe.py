@@ -103,3 +103,12 @@ def replicate_recipe(
             raise ValueError("a scheduler of the recipe is bound to another optimizer than the one it returned")
     return optimizer, schedulers
 
+
+def optimizer_factory(recipe: Recipe) -> Callable[[list[nn.Parameter]], Optimizer]:
+    """The recipe's optimizer class and first group's settings over other parameters.
+
+    Profiling needs the size of the optimizer's state, which its class and settings decide.
+    """
+    template, _ = recipe()
+    hparams = {k: v for k, v in template.param_groups[0].items() if k not in ("params", "initial_lr")}
+    return lambda params: type(template)(params, **hparams)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from nf_lightning.core.cache_format import (
+from nf_lightning.core.cache.format import (
     ACTIVATIONS_FILE,
     DATA_FILES,
     LABELS_FILE,

@@ -1,0 +1,62 @@
+"""No module of nf_lightning reaches into another object's private attributes.
+
+An attribute whose name starts with one underscore belongs to the object's own
+class: it is read and written through ``self`` (or ``cls``) only. Lightning's
+private internals are the one exception, and they live in
+``nf_lightning/lightning/_internals.py`` alone (each checked by ``tests/test_internals.py``).
+Module-level private names (``module._helper``) are not attributes of an object
+and are not checked; dunder names (``__class__``) are public protocol.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nf_lightning"
+ALLOWED_FILES = {PACKAGE / "lightning" / "_internals.py"}
+OWN = {"self", "cls"}
+
+
+def private_accesses(source: str) -> list[tuple[int, str]]:
+    """``(line, "obj._name")`` for every private attribute reached through something other than self/cls."""
+    tree = ast.parse(source)
+    modules = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}  # fmt: skip
+    modules |= {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names}  # fmt: skip
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        name = node.attr
+        if not name.startswith("_") or name.startswith("__"):
+            continue
+        owner = node.value
+        if isinstance(owner, ast.Name) and owner.id in OWN:
+            continue
+        root = owner
+        while isinstance(root, ast.Attribute):
+            root = root.value
+        if isinstance(root, ast.Name) and root.id in modules:  # a module's private name (nn.modules.batchnorm._BatchNorm)
+            continue
+        if isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "super":
+            continue
+        found.append((node.lineno, f"{ast.unparse(owner)}.{name}"))
+    return found
+
+
+def test_the_check_finds_a_reach_into_another_object() -> None:
+    source = ("from torch import nn\nclass A:\n    def f(self, run):\n"
+              "        return self._x, run._val_input, super()._y, self.meter._add, nn.modules._Base\n")
+    assert private_accesses(source) == [(4, "run._val_input"), (4, "self.meter._add")]
+
+
+def test_no_module_reaches_into_another_objects_private_attributes() -> None:
+    found = {
+        f"{path.relative_to(PACKAGE.parent)}:{line}: {what}"
+        for path in PACKAGE.rglob("*.py")
+        if path not in ALLOWED_FILES
+        for line, what in private_accesses(path.read_text())
+    }
+    assert sorted(found) == []
