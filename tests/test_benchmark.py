@@ -1,0 +1,421 @@
+"""nf_lightning.benchmark: curves and the deployable crossing, planning, reuse, summaries and tables on hand-made
+runs; the README section; ``experiments/compare.py`` end to end on a tiny real benchmark."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nf_lightning.benchmark import curves, plan, provenance, readme, report, scheduler, stats, summary
+from nf_lightning.benchmark.baselines import depth_search_seed, exit_network
+from nf_lightning.benchmark.cli import main, neuroflux_metering, parse_args, settings_of
+from nf_lightning.benchmark.presets import METHODS, RECORD_FILE
+from nf_lightning.benchmark.unit_profile import unit_profile
+from nf_lightning.cli.common import compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = ("baselines", "cli", "curves", "figure", "measure", "plan", "presets", "probe", "provenance", "readme",
+           "report", "scheduler", "stats", "summary", "unit_profile", "worker")  # fmt: skip
+CODE = {"commit": "c0ffee", "dirty": False, "diff_sha": None, "source": "git"}
+
+
+def history(points: list[tuple[float, float]], block: int | None = None) -> list[dict]:
+    return [{"epoch": i, "seconds": s, "block": block, "val/acc": a} for i, (s, a) in enumerate(points)]
+
+
+def nf_history() -> list[dict]:
+    """Two blocks: exit 0 in block 0, then exits 1-2 in block 1 (exit 0's last value carried on)."""
+    return [
+        {"epoch": 0, "seconds": 10.0, "block": 0, "neuroflux/acc_exit_0": 0.30, "val/acc": 0.30},
+        {"epoch": 1, "seconds": 20.0, "block": 0, "neuroflux/acc_exit_0": 0.45, "val/acc": 0.45},
+        {"epoch": 2, "seconds": 26.0, "block": 1, "neuroflux/acc_exit_0": 0.45, "neuroflux/acc_exit_1": 0.40,
+         "neuroflux/acc_exit_2": 0.38, "val/acc": 0.45},
+        {"epoch": 3, "seconds": 31.0, "block": 1, "neuroflux/acc_exit_0": 0.45, "neuroflux/acc_exit_1": 0.62,
+         "neuroflux/acc_exit_2": 0.50, "val/acc": 0.45},
+    ]  # fmt: skip
+
+
+EXITS = [
+    {"unit": 0, "accuracy": 0.45, "parameters": 100},
+    {"unit": 1, "accuracy": 0.62, "parameters": 400},
+    {"unit": 2, "accuracy": 0.50, "parameters": 1_000},
+]
+
+
+def record(
+    method: str, lr: float, seed: int, hist: list[dict], *, test: float = 0.5, batch: list[int] | None = None,
+    exits: list[dict] | None = None, before_fit: float | None = None, unit: int | None = None,
+    code: dict | None = None, tolerance: float = 0.0,
+) -> dict:
+    """A run's record.json as the worker writes it."""
+    results = {
+        "method": method, "could_run": True, "budget_bytes": 10_000_000, "history": hist,
+        "batch_sizes": batch or [8], "final_accuracy": hist[-1].get("val/acc"),
+        "train_seconds": hist[-1]["seconds"] + 5.0, "validation_seconds": 2.0, "measured_peak_bytes": 9_900_000,
+    }  # fmt: skip
+    if before_fit is not None:
+        results["before_fit_seconds"] = before_fit
+    probe = {"train_loop_seconds": 40.0, "steps": [100] * len(results["batch_sizes"]), "accuracy": test,
+             "test_seconds": 5.0, "test_images": 10_000, "parameters": 1_000}  # fmt: skip
+    if exits is not None:
+        results["exit"] = {"exits": exits, "full_parameters": 1_000, "unit": 1, "tolerance": tolerance}
+        results["plan"] = {"blocks": [{"units": [0]}, {"units": [1, 2]}], "seconds": 1.0}
+        probe["exit_accuracies"] = {str(e["unit"]): e["accuracy"] - 0.02 for e in exits}
+    key = plan.RunSpec(method, lr, seed, unit).key
+    spec = {"key": key, "method": method, "lr": lr, "seed": seed, "unit": unit, "overrides": []}
+    provenance_ = {"code": code or CODE, "started_at": "2026-01-01T00:00:00Z", "load": {"mean": 1.0}}
+    return {"spec": spec, "status": "ok", "results": results, "probe": probe, "provenance": provenance_}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    assert doctest.testmod(importlib.import_module(f"nf_lightning.benchmark.{name}")).failed == 0
+
+
+# --------------------------------------------------------------------------- curves and the deployable crossing
+def test_curves_time_to_target_and_accuracy_at() -> None:
+    nf = curves.raw_curve(nf_history())
+    assert nf == [(10.0, 0.30), (20.0, 0.45), (26.0, 0.45), (31.0, 0.62)]
+    assert curves.time_to_target(nf, 0.45) == 20.0  # exit 0 in block 0, before any deeper exit exists
+    assert curves.time_to_target(nf, 0.61) == 31.0 and curves.time_to_target(nf, 0.63) is None
+    bp = curves.raw_curve(list(reversed(history([(40.0, 0.35), (80.0, 0.33)]))))
+    assert curves.accuracy_curve(bp) == [(40.0, 0.35), (80.0, 0.35)]  # time order, best so far
+    assert curves.accuracy_at(bp, 39.0) is None and curves.accuracy_at(bp, 100.0) == 0.35
+
+
+def test_the_crossing_is_the_deployable_exits_not_the_best_of_all_exits() -> None:
+    parameters = {0: 100, 1: 400, 2: 1_000}
+    hist = [
+        {"seconds": 10.0, "neuroflux/acc_exit_0": 0.50, "neuroflux/acc_exit_1": 0.60, "val/acc": 0.90},
+        {"seconds": 20.0, "neuroflux/acc_exit_0": 0.50, "neuroflux/acc_exit_1": 0.61, "neuroflux/acc_exit_2": 0.58},
+        {"seconds": 30.0, "neuroflux/acc_exit_0": 0.60, "neuroflux/acc_exit_1": 0.61, "neuroflux/acc_exit_2": 0.62},
+        {"seconds": 40.0, "val/acc": 0.66},  # the polish: the polished exit
+    ]  # fmt: skip
+    # the module's val/acc is not an exit: at 10 s the deployable exit is unit 1 at 60 %, not 90 %
+    assert curves.raw_curve(hist, parameters) == [(10.0, 0.60), (20.0, 0.61), (30.0, 0.62), (40.0, 0.66)]
+    assert curves.time_to_target(curves.raw_curve(hist, parameters), 0.62) == 30.0
+    # with a 2-point tolerance the rule deploys the smallest exit within 2 points of the best
+    loose = curves.raw_curve(hist, parameters, tolerance=0.02)
+    assert loose == [(10.0, 0.60), (20.0, 0.61), (30.0, 0.60), (40.0, 0.66)]
+    assert curves.time_to_target(loose, 0.61) == 20.0 and curves.time_to_target(loose, 0.62) == 40.0
+    assert curves.deployable_point(hist[2], parameters, 0.02) == (0, 0.60)
+    assert curves.deployable_point({"seconds": 1.0}) is None
+    nf = record("neuroflux", 0.05, 0, hist, exits=EXITS, tolerance=0.02)
+    row = summary.run_row(nf, target=0.62)
+    assert row["time_to_target"] == 40.0 and row["crossing_validation"] == 3 and row["best_val"] == 0.66
+
+
+def test_convergence_rule_is_half_a_point_over_the_last_fifth() -> None:
+    def curve(values: list[float]) -> list[tuple[float, float]]:
+        return [(float(i), a) for i, a in enumerate(values)]
+
+    assert curves.convergence(curve([0.30 + 0.01 * i for i in range(10)])) == {
+        "converged": False, "gain": pytest.approx(0.02), "window": 2}  # fmt: skip
+    assert curves.convergence(curve([min(0.30 + 0.05 * i, 0.60) for i in range(10)]))["converged"] is True
+    assert curves.convergence(curve([0.5, 0.6, 0.6, 0.6, 0.605]))["converged"] is True  # +0.5 point
+    assert curves.convergence(curve([0.5, 0.6, 0.606]))["converged"] is False
+    assert curves.convergence(curve([0.5]))["converged"] is None
+    blocks = curves.block_convergence(nf_history(), [{"units": [0]}, {"units": [1, 2]}])
+    assert [b["converged"] for b in blocks] == [False, False] and blocks[1]["gain"] == pytest.approx(0.22)
+
+
+def test_seed_aggregation_and_speedups_per_seed_and_of_means() -> None:
+    assert stats.mean_std([0.5, 0.6, 0.7]) == {"mean": pytest.approx(0.6), "std": 0.1, "n": 3}
+    reached = [{"time_to_target": 10.0, "last_seconds": 30.0}, {"time_to_target": 20.0, "last_seconds": 30.0}]
+    missed = [{"time_to_target": 60.0, "last_seconds": 90.0}, {"time_to_target": None, "last_seconds": 120.0}]
+    nf, bp = stats.mean_time_to_target(reached), stats.mean_time_to_target(missed)
+    assert bp == {"mean": 90.0, "lower_bound": True, "reached": 1, "n": 2}
+    assert stats.speedup(bp, nf) == {"value": 6.0, "bound": ">"}
+    assert stats.speedup(nf, bp) == {"value": pytest.approx(1 / 6), "bound": "<"}
+    assert stats.speedup(bp, bp) is None
+    per_seed = stats.per_seed_speedups(dict(enumerate(missed)), dict(enumerate(reached)))
+    assert per_seed == [{"seed": 0, "value": 6.0, "bound": "="}, {"seed": 1, "value": 6.0, "bound": ">"}]
+
+
+# --------------------------------------------------------------------------- planning and reuse
+def test_plan_interleaves_seeds_and_schedules_scratch_exits_after_neuroflux() -> None:
+    methods = ["bp", "neuroflux", "scratch_exit", "depth_search"]
+    nothing = plan.planned_runs(methods, [0.05, 0.1], 3, plan.Known(), units=8)
+    assert [s.key for s in nothing] == ["bp_lr0.05_seed0", "neuroflux_lr0.05_seed0", "bp_lr0.1_seed0",
+                                        "neuroflux_lr0.1_seed0"]  # fmt: skip
+    known = plan.Known(best={"bp": 0.05, "neuroflux": 0.1}, deployed={(0.1, 0): 3, (0.1, 1): 5, (0.05, 0): 7})
+    keys = [s.key for s in plan.planned_runs(methods, [0.05, 0.1], 3, known, units=8)][4:]
+    assert keys == ["scratch_exit_u3_lr0.05_seed0", "scratch_exit_u3_lr0.1_seed0",  # NeuroFlux's exit at its rate
+                    "bp_lr0.05_seed1", "neuroflux_lr0.1_seed1", "bp_lr0.05_seed2", "neuroflux_lr0.1_seed2"]
+    known.best = {**known.best, "scratch_exit": 0.1}
+    known.target = 0.6
+    known.crossed = {(0, 0): False, (0, 1): True, (1, 0): False}
+    keys = [s.key for s in plan.planned_runs(methods, [0.05, 0.1], 2, known, units=8)]
+    assert "scratch_exit_u5_lr0.1_seed1" in keys  # the exit NeuroFlux deployed in seed 1
+    assert [k for k in keys if k.startswith("depth")] == [
+        "depth_search_u0_lr0.1_seed0", "depth_search_u1_lr0.1_seed0",  # seed 0 stops at the depth that crossed
+        "depth_search_u0_lr0.1_seed1", "depth_search_u1_lr0.1_seed1"]  # fmt: skip
+
+
+def test_a_pinned_method_trains_at_its_one_rate() -> None:
+    keys = [s.key for s in plan.planned_runs(["bp", "neuroflux"], [0.05, 0.1], 1, plan.Known(), 8, {"bp": 0.1})]
+    assert keys == ["neuroflux_lr0.05_seed0", "bp_lr0.1_seed0", "neuroflux_lr0.1_seed0"]
+    settings = settings_of(parse_args(["--preset", "large", "--rate", "bp=0.1", "neuroflux=0.05"], REPO))
+    assert settings["pinned"] == {"bp": 0.1, "neuroflux": 0.05}
+    records = [record("bp", 0.1, 0, history([(1.0, 0.5)]))]
+    assert summary.known_from(records, {**settings, "methods": ["bp"], "seeds": 1}).target == pytest.approx(0.49)
+    with pytest.raises(SystemExit, match="methods not run"):
+        settings_of(parse_args(["--methods", "bp", "--rate", "neuroflux=0.1"], REPO))
+
+
+def test_scratch_runs_are_bp_on_the_exit_and_depth_search_stops_at_the_target() -> None:
+    settings = {"model": "vgg11", "width": 0.25, "data": "cifar10_folder", "train_subset": 10, "val_subset": 10,
+                "data_seed": 0, "batch_limit": 8, "bp_epochs": 3, "nf_epochs": 1, "test_subset": 0, "set": [],
+                "meter": {"full_steps": 20, "sample_every": 10}}  # fmt: skip
+    overrides = plan.run_overrides(plan.RunSpec("depth_search", 0.05, 0, 2), settings, "1MB", target=0.6)
+    cfg = compose_config("train", overrides)
+    assert cfg.method.name == "bp" and cfg.epochs == 3 and cfg.module.lr_schedule == "cosine"
+    assert cfg.model.unit == 2 and cfg.callbacks.stop.target == 0.6
+    assert cfg.trainer.strategy.meter_sample_every == 10  # the same guard schedule as every method
+    with pytest.raises(ValueError, match="needs the target"):
+        plan.run_overrides(plan.RunSpec("depth_search", 0.05, 0, 2), settings, "1MB")
+    net = exit_network("vgg11", num_classes=10, unit=2, width_mult=0.25)
+    full = exit_network("vgg11", num_classes=10, unit=7, width_mult=0.25)
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in full.parameters())
+    nf = compose_config("train", plan.run_overrides(plan.RunSpec("neuroflux", 0.05, 0), settings, "1MB"))
+    assert "snapshots" in nf.callbacks and "snapshots" in nf.polish_callbacks
+
+
+def test_depth_search_sums_each_depths_time_until_one_crosses() -> None:
+    rows = [{"unit": 0, "status": "ok", "time_to_target": None, "last_seconds": 50.0},
+            {"unit": 1, "status": "ok", "time_to_target": None, "last_seconds": 70.0},
+            {"unit": 2, "status": "ok", "time_to_target": 30.0, "last_seconds": 30.0}]  # fmt: skip
+    assert depth_search_seed(rows)["seconds"] == 150.0 and depth_search_seed(rows)["crossed_unit"] == 2
+    never = depth_search_seed(rows[:2])
+    assert never["seconds"] == 120.0 and never["crossed_unit"] is None
+
+
+def test_a_run_is_reused_only_from_the_same_code(tmp_path: Path) -> None:
+    saved = record("bp", 0.05, 0, history([(1.0, 0.5)]))
+    saved["spec"]["overrides"] = ["method=bp"]
+    (tmp_path / RECORD_FILE).write_text(json.dumps(saved))
+    assert scheduler.reusable(tmp_path, ["method=bp"], CODE) is not None
+    assert scheduler.reusable(tmp_path, ["method=bp"], {**CODE, "commit": "another"}) is None
+    assert scheduler.reusable(tmp_path, ["method=bp"], {**CODE, "dirty": True, "diff_sha": "1f"}) is None
+    assert scheduler.reusable(tmp_path, ["method=neuroflux"], CODE) is None
+    del saved["provenance"]  # a record from before provenance: never reused
+    (tmp_path / RECORD_FILE).write_text(json.dumps(saved))
+    assert scheduler.reusable(tmp_path, ["method=bp"], CODE) is None
+    assert not provenance.same_code({"commit": None}, {"commit": None})
+    identity = provenance.code_identity()
+    assert identity["source"] == "git" and len(identity["commit"]) == 40
+
+
+# --------------------------------------------------------------------------- summaries and tables
+def hand_made_records() -> list[dict]:
+    bp = {0.05: [(40.0, 0.50), (80.0, 0.60), (120.0, 0.62)], 0.1: [(40.0, 0.40), (80.0, 0.55), (120.0, 0.58)]}
+    records = [record("bp", lr, 0, history(points), test=0.60) for lr, points in bp.items()]
+    records.append(record("bp", 0.05, 1, history([(40.0, 0.52), (80.0, 0.64), (120.0, 0.64)]), test=0.62))
+    records.append(record("bp_ckpt", 0.05, 0, history([(60.0, 0.45), (160.0, 0.60)]), batch=[11], test=0.58))
+    records.append(record("bp_ckpt", 0.05, 1, history([(60.0, 0.44), (170.0, 0.58)]), batch=[11], test=0.57))
+    for seed, shift in ((0, 0.0), (1, 3.0)):
+        records.append(record("neuroflux", 0.05, seed, [{**r, "seconds": r["seconds"] + shift} for r in nf_history()],
+                              batch=[64, 128], exits=EXITS, test=0.61))  # fmt: skip
+        records.append(record("scratch_exit", 0.05, seed, history([(10.0, 0.5), (25.0, 0.63)]), unit=1, test=0.63))
+        records.append(record("depth_search", 0.05, seed, history([(5.0, 0.3), (9.0, 0.4)]), unit=0, test=0.4))
+        records.append(record("depth_search", 0.05, seed, history([(8.0, 0.5), (20.0, 0.62)]), unit=1, test=0.6))
+    return records
+
+
+def test_summary_of_hand_made_runs() -> None:
+    result = summary.summarize(hand_made_records(), METHODS, seeds=2, reused=["bp_lr0.1_seed0"])
+    assert result["target"] == pytest.approx(0.62) and result["bp_best_val"]["mean"] == pytest.approx(0.63)
+    bp, nf, scratch, depth = (result["methods"][m] for m in ("bp", "neuroflux", "scratch_exit", "depth_search"))
+    assert bp["time_to_target"] == {"mean": 100.0, "lower_bound": False, "reached": 2, "n": 2}
+    assert nf["time_to_target"] == {"mean": 32.5, "lower_bound": False, "reached": 2, "n": 2}
+    assert nf["crossings"] == [{"seed": 0, "validation": 3, "seconds": 31.0}, {"seed": 1, "validation": 3,
+                                                                                "seconds": 34.0}]  # fmt: skip
+    assert scratch["time_to_target"]["mean"] == 25.0 and scratch["units"] == [1, 1]
+    assert depth["time_to_target"] == {"mean": 29.0, "lower_bound": False, "reached": 2, "n": 2}  # 9 s + 20 s
+    assert depth["crossed_units"] == [1, 1] and [d["unit"] for d in depth["by_depth"]] == [0, 1]
+    speed = result["speedups"]
+    assert speed["bp"]["ratio_of_means"] == {"value": pytest.approx(100 / 32.5), "bound": "="}
+    assert [s["value"] for s in speed["bp"]["per_seed"]] == [pytest.approx(120 / 31), pytest.approx(80 / 34)]
+    assert speed["scratch_exit"]["ratio_of_means"]["value"] == pytest.approx(25 / 32.5)  # NeuroFlux slower
+    assert speed["depth_search"]["per_seed"][0]["value"] == pytest.approx(29 / 31)
+    assert speed["bp_ckpt"]["ratio_of_means"]["bound"] == ">"
+    assert result["reused"] == ["bp_lr0.1_seed0"] and result["commits"] == ["c0ffee"]
+    assert [r["key"] for r in result["runs"] if r["reused"]] == ["bp_lr0.1_seed0"]
+    assert result["test_images"] == [10_000] and result["exits"]["unit"] == 1
+
+
+def benchmark_summary(results: dict | None = None) -> dict:
+    settings = {"preset": "test", "model": "vgg11", "width": 0.25, "data": "tiny_imagenet", "train_subset": 0,
+                "val_subset": 0, "test_subset": 0, "seeds": 2, "lrs": [0.05, 0.1], "bp_epochs": 3, "nf_epochs": 2,
+                "jobs": 2}  # fmt: skip
+    return {
+        "preset": "test", "settings": settings, "machine": {"cpus": 2},
+        "budget": {"bytes": 10_000_000, "text": "10.0 MB", "rule": "given"},
+        "provenance": {"code": CODE},
+        "results": results or summary.summarize(hand_made_records(), METHODS, seeds=2),
+        "overhead": {"bp": {"bare_step_seconds": 0.01}},
+        "throughput": {"rows": [{"batch_size": 1, "speedup": 4.0}, {"batch_size": 64, "speedup": 2.5}]},
+        "crossing_tests": [{"seed": 0, "validation": 3, "seconds": 31.0, "unit": 1, "accuracy": 0.62, "test_acc": 0.6}],
+    }  # fmt: skip
+
+
+def test_table_says_what_was_scored_where_the_code_came_from_and_the_speedups() -> None:
+    table = report.markdown_table(benchmark_summary())
+    assert "test: 10,000 images of its official validation images" in table and "all 10,000" not in table
+    assert "| BP | 8 | 0.05 | 1/2 | 61.0 ± 1.4 |" in table and "| scratch exit (unit 1, 1) |" in table
+    assert "| depth search (crossed at unit 1, 1) |" in table and "Code: c0ffee; 13 run(s) timed" in table
+    assert "NeuroFlux vs BP: 3.08x (ratio of mean times to target; seed 0 3.87x, seed 1 2.35x" in table
+    assert "NeuroFlux vs scratch exit: 0.77x" in table
+    assert "seed 0: exit 1 at 31 s, validation 62.0 %, test 60.0 %" in table
+    dirty = benchmark_summary()
+    dirty["provenance"]["code"] = {**CODE, "dirty": True}
+    assert "NOT one clean commit" in report.markdown_table(dirty)
+
+
+def test_a_neuroflux_that_never_reached_the_target_gets_no_speed_up() -> None:
+    s = benchmark_summary()
+    s["results"]["methods"]["neuroflux"]["time_to_target"] = {"mean": 90.0, "lower_bound": True, "reached": 0, "n": 2}
+    assert "reached the target in none of its seeds" in report.markdown_table(s)
+
+
+def test_readme_section_opens_with_losses_and_refuses_old_summaries(tmp_path: Path) -> None:
+    paths = {}
+    for name in ("cifar", "tin"):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(benchmark_summary()))
+    target = tmp_path / "README.md"
+    target.write_text(f"# Project\n\n{report.README_BEGIN}\nold table\n{report.README_END}\n\n## Next\n")
+    readme.update_readme(paths, target, tmp_path)
+    text = target.read_text()
+    assert "old table" not in text and text.endswith("\n## Next\n") and text.count(report.README_BEGIN) == 1
+    first = text.split(report.README_BEGIN)[1].splitlines()[3]
+    assert first.startswith("Where NeuroFlux loses: on cifar NeuroFlux reached the target 0.77x as fast as scratch exit")
+    assert first.index("loses") < first.index("Where it wins")
+    readme.update_readme(paths, target, tmp_path)
+    assert target.read_text() == text  # regenerating is idempotent
+    old = benchmark_summary()
+    del old["provenance"]
+    paths["tin"].write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="previous benchmark"):
+        readme.update_readme(paths, target, tmp_path)
+    target.write_text("# no markers\n")
+    paths["tin"].write_text(json.dumps(benchmark_summary()))
+    with pytest.raises(SystemExit, match="compare:begin"):
+        readme.update_readme(paths, target, tmp_path)
+
+
+def test_the_script_refuses_to_regenerate_the_readme_from_the_previous_benchmark() -> None:
+    before = (REPO / "README.md").read_text()
+    done = subprocess.run([sys.executable, "experiments/compare.py", "--readme"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "previous benchmark" in done.stderr + done.stdout
+    assert (REPO / "README.md").read_text() == before
+
+
+def test_aux_head_flops_are_counted_not_guessed() -> None:
+    profile = {e["unit"]: e for e in unit_profile("vgg11", width_mult=0.25)}
+    first = profile[0]  # VGG-11's first unit: 16 channels, pooled to 16x16; adaptive head 8 filters, classic 256
+    c, h, w = first["channels"], first["height"], first["width"]
+    assert (c, h, w) == (16, 16, 16) and first["activation_elements"] == c * h * w
+
+    def conv_and_linear(filters: int) -> int:  # 3x3 conv at the unit's resolution, 2x2 pool, Linear to 10 classes
+        return 2 * (9 * c * filters * h * w + filters * 4 * 10)
+
+    assert first["aux_flops_adaptive"] == conv_and_linear(8) and first["aux_flops_classic"] == conv_and_linear(256)
+    assert profile[max(profile)]["aux_flops_adaptive"] is None  # the last unit's exit is the model's head
+
+
+def test_methods_can_be_chosen_but_bp_sets_the_target() -> None:
+    settings = settings_of(parse_args(["--preset", "quick", "--methods", "bp", "neuroflux", "--bp-epochs", "30"], REPO))
+    assert settings["methods"] == ["bp", "neuroflux"] and settings["bp_epochs"] == 30
+    assert settings_of(parse_args(["--classic-ll"], REPO))["methods"] == [*METHODS, "classic_ll"]
+    with pytest.raises(SystemExit, match="must include bp"):
+        settings_of(parse_args(["--methods", "neuroflux"], REPO))
+    with pytest.raises(SystemExit, match="must include neuroflux"):
+        settings_of(parse_args(["--methods", "bp", "scratch_exit"], REPO))
+    from nf_lightning.lightning.strategy import NeuroFluxStrategy
+
+    assert neuroflux_metering()["sample_every"] == NeuroFluxStrategy().meter_sample_every
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture
+def cifar(shared_datasets_dir: Path, data_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("NF_DATA_DIR", str(shared_datasets_dir))
+    monkeypatch.setenv("NF_CACHE_DIR", str(data_cache_dir))
+    return shared_datasets_dir
+
+
+def test_tiny_benchmark_end_to_end_with_every_baseline_then_resumed(
+    tmp_path: Path, cifar: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = [
+        "--preset", "quick", "--width", "0.125", "--train-subset", "200", "--val-subset", "100",
+        "--test-subset", "200", "--bp-epochs", "2", "--nf-epochs", "1", "--polish-epochs", "1", "--batch-limit", "64",
+        "--bare-steps", "2", "--throughput-repeats", "2", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+    ]  # fmt: skip
+    first = main(argv, REPO)
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    results, budget = written["results"], written["budget"]
+    assert budget["rule"].startswith("the smallest at which BP trains at batch 8")
+    assert results["lrs"] == {m: 0.05 for m in METHODS} and results["reused"] == []
+    runs = {r["key"]: r for r in results["runs"]}
+    assert all(r["status"] == "ok" for r in runs.values())
+    for run in runs.values():  # every run: its code, when it ran, the load meanwhile; held to the budget
+        code = run["provenance"]["code"]
+        assert len(code["commit"]) == 40 and code["source"] == "git" and run["provenance"]["started_at"]
+        assert run["provenance"]["load"]["samples"] >= 2 and run["provenance"]["process_seconds"] > 0
+        assert run["measured_peak_bytes"] <= budget["bytes"] and run["test_images"] == 200
+    nf = runs["neuroflux_lr0.05_seed0"]
+    scratch = next(r for r in runs.values() if r["method"] == "scratch_exit")
+    assert scratch["unit"] == nf["deployed_unit"] and scratch["batch_sizes"][0] >= 8  # a smaller net fits more
+    assert scratch["parameters"] == next(e["parameters"] for e in nf["exits"] if e["unit"] == scratch["unit"])
+    depths = sorted((r for r in runs.values() if r["method"] == "depth_search"), key=lambda r: r["unit"])
+    assert [r["unit"] for r in depths] == list(range(len(depths)))  # one depth after another
+    assert all(r["time_to_target"] is None for r in depths[:-1])  # each missed before the next ran
+    assert depths[-1]["time_to_target"] is not None or len(depths) == 8
+    for run in depths:  # stopped at the crossing, else trained its 2 epochs
+        assert len(run["curve"]) == (1 + run["curve"].index(next(p for p in run["curve"] if p[1] >= results[
+            "target"] - 1e-6)) if run["time_to_target"] is not None else 2)
+    index = json.loads((tmp_path / "w" / "runs" / nf["key"] / "snapshots" / "index.json").read_text())
+    assert index["validations"] == len(nf["curve"]) and index["saved"]  # one count per history record
+    assert [c["seed"] for c in written["crossing_tests"]] == [0]
+    table = (tmp_path / "out" / "summary.md").read_text()
+    assert "test: 200 images of its test split" in table and "| scratch exit (unit" in table
+    assert (tmp_path / "out" / "figure12.png").stat().st_size > 0
+    # rerun: every run is reused, but the one recorded by other code is trained again
+    tampered = tmp_path / "w" / "runs" / scratch["key"] / RECORD_FILE
+    saved = json.loads(tampered.read_text())
+    saved["provenance"]["code"]["commit"] = "0" * 40
+    tampered.write_text(json.dumps(saved))
+    capsys.readouterr()
+    again = main(argv, REPO)
+    assert sorted(again["results"]["reused"]) == sorted(k for k in runs if k != scratch["key"])
+    assert f"started {scratch['key']}" in capsys.readouterr().out
+    assert json.loads(tampered.read_text())["provenance"]["code"]["commit"] == first["provenance"]["code"]["commit"]
+    assert [r["key"] for r in again["results"]["runs"] if not r["reused"]] == [scratch["key"]]
+
+
+def test_nothing_below_the_benchmark_imports_it() -> None:
+    import ast
+
+    package = REPO / "nf_lightning"
+    for path in package.rglob("*.py"):
+        if path.is_relative_to(package / "benchmark"):
+            continue
+        names = {n.module or "" for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)}
+        names |= {a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import) for a in n.names}
+        assert not {n for n in names if n.startswith("nf_lightning.benchmark")}, path
+    scripts = {p.stem for p in (REPO / "experiments").glob("*.py")}
+    for path in (REPO / "tests").glob("*.py"):  # tests import no experiment script
+        nodes = list(ast.walk(ast.parse(path.read_text())))
+        names = {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
+        names |= {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        assert not {n for n in names if n.split(".")[0] in scripts}, path
