@@ -6,7 +6,6 @@ from __future__ import annotations
 import doctest
 import importlib
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +111,26 @@ def test_the_crossing_is_the_deployable_exits_not_the_best_of_all_exits() -> Non
     assert row["time_to_target"] == 40.0 and row["crossing_validation"] == 3 and row["best_val"] == 0.66
 
 
+def test_run_rows_failed_infeasible_and_bp_profiling_on_the_clock(tmp_path: Path) -> None:
+    ok = summary.run_row(record("bp", 0.05, 0, history([(10.0, 0.5), (20.0, 0.6)]), before_fit=3.0), target=0.55)
+    assert ok["status"] == "ok" and ok["curve"] == [(13.0, 0.5), (23.0, 0.6)] and ok["time_to_target"] == 23.0
+    assert ok["total_seconds"] == 23.0 and ok["wall_seconds"] == pytest.approx(20.0)  # train 25 s, test pass 5 s
+    assert ok["harness_step_seconds"] == pytest.approx(0.4) and ok["provenance"]["code"] == CODE
+    silent = record("bp", 0.05, 0, history([(10.0, 0.5)]))
+    silent["results"]["history"] = []  # no validation at all: its whole time counts
+    assert summary.run_row(silent, target=0.5)["last_seconds"] == 15.0
+    cannot = record("neuroflux", 0.05, 0, history([(1.0, 0.1)]))
+    cannot["results"].update(could_run=False, reason="budget too small")
+    assert summary.run_row(cannot) == {"key": "neuroflux_lr0.05_seed0", "method": "neuroflux", "lr": 0.05,
+                                       "seed": 0, "unit": None, "status": "cannot_run", "reason": "budget too small"}
+    (tmp_path / "log.txt").write_text("Traceback ...\nRuntimeError: boom")
+    (tmp_path / "spec.json").write_text(json.dumps({"key": "bp_lr0.05_seed1", "method": "bp", "lr": 0.05, "seed": 1}))
+    failed = scheduler._finished(1, tmp_path)
+    assert failed["status"] == "failed" and "boom" in failed["error"]
+    assert summary.run_row(failed)["status"] == "failed"
+    assert scheduler.reusable(tmp_path, [], CODE) is None  # a failed run is retried
+
+
 def test_convergence_rule_is_half_a_point_over_the_last_fifth() -> None:
     def curve(values: list[float]) -> list[tuple[float, float]]:
         return [(float(i), a) for i, a in enumerate(values)]
@@ -213,6 +232,27 @@ def test_a_run_is_reused_only_from_the_same_code(tmp_path: Path) -> None:
     assert identity["source"] == "git" and len(identity["commit"]) == 40
 
 
+def test_code_identity_covers_the_code_runs_import_and_nothing_else(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    (tmp_path / "nf_lightning").mkdir()
+    (tmp_path / "nf_lightning" / "a.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "one")
+    clean = provenance.code_identity(tmp_path)
+    assert clean["source"] == "git" and not clean["dirty"] and clean["diff_sha"] is None
+    (tmp_path / "README.md").write_text("results and prose are not code\n")
+    assert provenance.code_identity(tmp_path) == clean
+    (tmp_path / "nf_lightning" / "a.py").write_text("x = 2\n")
+    edited = provenance.code_identity(tmp_path)
+    assert edited["dirty"] and edited["commit"] == clean["commit"] and not provenance.same_code(edited, clean)
+    (tmp_path / "nf_lightning" / "b.py").write_text("y = 1\n")  # an untracked module is code too
+    assert provenance.code_identity(tmp_path)["diff_sha"] != edited["diff_sha"]
+
+
 # --------------------------------------------------------------------------- summaries and tables
 def hand_made_records() -> list[dict]:
     bp = {0.05: [(40.0, 0.50), (80.0, 0.60), (120.0, 0.62)], 0.1: [(40.0, 0.40), (80.0, 0.55), (120.0, 0.58)]}
@@ -246,7 +286,7 @@ def test_summary_of_hand_made_runs() -> None:
     assert speed["scratch_exit"]["ratio_of_means"]["value"] == pytest.approx(25 / 32.5)  # NeuroFlux slower
     assert speed["depth_search"]["per_seed"][0]["value"] == pytest.approx(29 / 31)
     assert speed["bp_ckpt"]["ratio_of_means"]["bound"] == ">"
-    assert result["reused"] == ["bp_lr0.1_seed0"] and result["commits"] == ["c0ffee"]
+    assert result["reused"] == ["bp_lr0.1_seed0"] and result["commits"] == ["c0ffee"] and result["dirty_runs"] == []
     assert [r["key"] for r in result["runs"] if r["reused"]] == ["bp_lr0.1_seed0"]
     assert result["test_images"] == [10_000] and result["exits"]["unit"] == 1
 
@@ -277,6 +317,10 @@ def test_table_says_what_was_scored_where_the_code_came_from_and_the_speedups() 
     dirty = benchmark_summary()
     dirty["provenance"]["code"] = {**CODE, "dirty": True}
     assert "NOT one clean commit" in report.markdown_table(dirty)
+    records = hand_made_records()
+    records[0]["provenance"]["code"] = {**CODE, "dirty": True, "diff_sha": "1f"}  # one run of other code
+    mixed = benchmark_summary(summary.summarize(records, METHODS, seeds=2))
+    assert mixed["results"]["dirty_runs"] == ["bp_lr0.05_seed0"] and "NOT one clean commit" in report.markdown_table(mixed)
 
 
 def test_a_neuroflux_that_never_reached_the_target_gets_no_speed_up() -> None:
@@ -381,9 +425,12 @@ def test_tiny_benchmark_end_to_end_with_every_baseline_then_resumed(
     assert [r["unit"] for r in depths] == list(range(len(depths)))  # one depth after another
     assert all(r["time_to_target"] is None for r in depths[:-1])  # each missed before the next ran
     assert depths[-1]["time_to_target"] is not None or len(depths) == 8
-    for run in depths:  # stopped at the crossing, else trained its 2 epochs
-        assert len(run["curve"]) == (1 + run["curve"].index(next(p for p in run["curve"] if p[1] >= results[
-            "target"] - 1e-6)) if run["time_to_target"] is not None else 2)
+    for run in depths:  # stopped at its first crossing, else trained its 2 epochs
+        accuracies = [a for _, a in run["curve"]]
+        if run["time_to_target"] is None:
+            assert len(accuracies) == 2
+        else:
+            assert accuracies[-1] >= results["target"] - 1e-6 > max(accuracies[:-1], default=0.0)
     index = json.loads((tmp_path / "w" / "runs" / nf["key"] / "snapshots" / "index.json").read_text())
     assert index["validations"] == len(nf["curve"]) and index["saved"]  # one count per history record
     assert [c["seed"] for c in written["crossing_tests"]] == [0]

@@ -15,7 +15,10 @@ models); nothing in ``nf_lightning.core`` imports it. One job per module:
 - :mod:`~nf_lightning.benchmark.summary`: the numbers of a summary from the runs' records;
 - :mod:`~nf_lightning.benchmark.report`: the Markdown tables and the README section;
 - :mod:`~nf_lightning.benchmark.measure`: budget, bare loops and inference throughput;
-- :mod:`~nf_lightning.benchmark.cli`: ``compare.py``'s command line.
+- :mod:`~nf_lightning.benchmark.cli`: ``compare.py``'s command line;
+- :mod:`~nf_lightning.benchmark.unit_profile`: per-unit activation sizes and auxiliary-head FLOPs (``figures.py``);
+- ``tv_models``, ``tv_rows``, ``tv_worker``, ``tv_report``: ``torchvision_check.py``'s module and stems, rows,
+  one row in its own process, checks and table.
 
 Example:
     >>> from nf_lightning.benchmark.presets import PRESETS

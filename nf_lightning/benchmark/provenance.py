@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 COMMIT_ENV = "NF_CODE_COMMIT"
+CODE_PATHS = ("nf_lightning", "conf", "pyproject.toml")
+"""What a run imports: the package, its configs (``conf/``, shipped as ``nf_lightning.conf``) and the project file."""
 
 
 def code_root() -> Path:
@@ -42,7 +44,8 @@ def code_identity(root: Path | None = None) -> dict[str, Any]:
     """``commit``, ``dirty``, ``diff_sha`` and ``source`` of the code under ``root``.
 
     ``diff_sha`` hashes ``git diff HEAD`` and the untracked files git does not
-    ignore (``None`` when there are neither).
+    ignore, in the code a run imports (:data:`CODE_PATHS`; ``None`` when there
+    are neither), so editing a README or writing results leaves it unchanged.
 
     ``source`` is ``"git"`` when ``root`` is the top of a git checkout,
     ``"env"`` when the commit comes from ``NF_CODE_COMMIT`` (a snapshot), and
@@ -52,8 +55,9 @@ def code_identity(root: Path | None = None) -> dict[str, Any]:
     top = _git(root, "rev-parse", "--show-toplevel")
     if top.returncode == 0 and Path(top.stdout.decode().strip()).resolve() == root:
         commit = _git(root, "rev-parse", "HEAD").stdout.decode().strip()
-        diff = _git(root, "diff", "HEAD", "--binary").stdout
-        for name in _git(root, "ls-files", "--others", "--exclude-standard", "-z").stdout.split(b"\0"):
+        diff = _git(root, "diff", "HEAD", "--binary", "--", *CODE_PATHS).stdout
+        untracked = _git(root, "ls-files", "--others", "--exclude-standard", "-z", "--", *CODE_PATHS).stdout
+        for name in untracked.split(b"\0"):
             if name and (root / name.decode()).is_file():
                 diff += name + b"\0" + (root / name.decode()).read_bytes()
         sha = hashlib.sha256(diff).hexdigest()[:16] if diff else None

@@ -84,7 +84,7 @@ def provenance_line(summary: Mapping[str, Any]) -> str:
     """Which code the runs ran, in how many invocations, how many were reused, and the load meanwhile."""
     results, code = summary["results"], summary["provenance"]["code"]
     commits = results["commits"]
-    same = commits == [code["commit"]] and not code["dirty"]
+    same = commits == [code["commit"]] and not code["dirty"] and not results.get("dirty_runs")
     loads = [r["provenance"]["load"]["mean"] for r in results["runs"] if r.get("provenance")]
     load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
     reused = results["reused"]

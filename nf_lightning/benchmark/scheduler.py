@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from nf_lightning.benchmark.plan import Known, RunSpec, planned_runs, run_overrides
+from nf_lightning.benchmark.plan import RunSpec, planned_runs, run_overrides
 from nf_lightning.benchmark.presets import LOG_FILE, RECORD_FILE, SPEC_FILE
 from nf_lightning.benchmark.provenance import code_identity, code_root, same_code
 from nf_lightning.benchmark.summary import known_from, run_row
@@ -49,7 +49,7 @@ def run_all(
     methods, jobs, code = settings["methods"], settings["jobs"], code_identity()
     records: dict[str, dict[str, Any]] = {}
     reused: list[str] = []
-    running: dict[str, tuple[subprocess.Popen, RunSpec, float]] = {}
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
     while True:
         known = known_from(list(records.values()), settings)
         planned = planned_runs(methods, settings["lrs"], settings["seeds"], known, units, settings.get("pinned"))
@@ -68,14 +68,14 @@ def run_all(
         while pending and len(running) < jobs:
             spec = pending.pop(0)
             overrides = run_overrides(spec, settings, budget, known.target)
-            running[spec.key] = (_start(spec, overrides, settings, work), spec, time.perf_counter())
+            running[spec.key] = (_start(spec, overrides, settings, work), time.perf_counter())
             log(f"[compare] started {spec.key}")
         time.sleep(0.5)
-        for key, (process, spec, started) in list(running.items()):
+        for key, (process, started) in list(running.items()):
             if process.poll() is None:
                 continue
             del running[key]
-            records[key] = _finished(spec, process.returncode, work / "runs" / key)
+            records[key] = _finished(process.returncode, work / "runs" / key)
             log(f"[compare] finished {key}: {run_row(records[key])['status']} in {time.perf_counter() - started:.0f} s")
 
 
@@ -100,7 +100,7 @@ def _start(spec: RunSpec, overrides: list[str], settings: Mapping[str, Any], wor
         )  # fmt: skip  (cwd first on the worker's path: it imports the nf_lightning this process did)
 
 
-def _finished(spec: RunSpec, returncode: int, directory: Path) -> dict[str, Any]:
+def _finished(returncode: int, directory: Path) -> dict[str, Any]:
     path = directory / RECORD_FILE
     if returncode == 0 and path.is_file():
         return json.loads(path.read_text())

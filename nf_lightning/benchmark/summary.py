@@ -54,7 +54,7 @@ def run_row(record: Mapping[str, Any], target: float | None = None) -> dict[str,
         exit_test_accuracies=probe.get("exit_accuracies"),
         total_seconds=curve[-1][0] if curve else None,  # on the curves' clock: until the final model was validated
         wall_seconds=results["train_seconds"] - probe.get("test_seconds", 0.0),  # the test pass runs in fit
-        last_seconds=curve[-1][0] if curve else None,
+        last_seconds=curve[-1][0] if curve else results["train_seconds"],  # no validation: its whole time
         measured_peak_bytes=_max_peak(results),
         predicted_peak_bytes=results.get("predicted_peak_bytes"),
         budget_bytes=results["budget_bytes"],
@@ -160,7 +160,8 @@ def summarize(
         "exits": exit_choices(ok.get("neuroflux", []), target),
         "test_images": sorted({r["test_images"] for r in rows if r.get("test_images")}),
         "reused": list(reused),
-        "commits": sorted({str(((r.get("provenance") or {}).get("code") or {}).get("commit")) for r in rows}),
+        "commits": sorted({str(r["provenance"]["code"].get("commit")) for r in rows if r.get("provenance")}),
+        "dirty_runs": [r["key"] for r in rows if r.get("provenance") and r["provenance"]["code"].get("dirty")],
         "runs": rows,
     }
 
