@@ -330,18 +330,22 @@ def test_a_neuroflux_that_never_reached_the_target_gets_no_speed_up() -> None:
 
 
 def test_readme_section_opens_with_losses_and_refuses_old_summaries(tmp_path: Path) -> None:
-    paths = {}
-    for name in ("cifar", "tin"):
-        paths[name] = tmp_path / f"{name}.json"
-        paths[name].write_text(json.dumps(benchmark_summary()))
+    paths = {name: tmp_path / f"{name}.json" for name in ("cifar", "tin")}
+    paths["cifar"].write_text(json.dumps(benchmark_summary()))
+    tin = benchmark_summary()
+    tin["results"]["speedups"]["bp"]["ratio_of_means"] = {"value": 0.5, "bound": "="}  # NeuroFlux slower than BP
+    paths["tin"].write_text(json.dumps(tin))
     target = tmp_path / "README.md"
     target.write_text(f"# Project\n\n{report.README_BEGIN}\nold table\n{report.README_END}\n\n## Next\n")
     readme.update_readme(paths, target, tmp_path)
     text = target.read_text()
     assert "old table" not in text and text.endswith("\n## Next\n") and text.count(report.README_BEGIN) == 1
     first = text.split(report.README_BEGIN)[1].splitlines()[3]
-    assert first.startswith("Where NeuroFlux loses: on cifar NeuroFlux reached the target 0.77x as fast as scratch exit")
-    assert first.index("loses") < first.index("Where it wins")
+    assert first.startswith("Against a smaller network trained by BP: NeuroFlux loses on cifar against scratch "
+                            "exit: 0.77x as fast to the target (slower), test -2.0 points; on cifar against depth "
+                            "search: 0.89x")  # losses first, the smaller networks in the first sentence
+    assert "Against the whole network: NeuroFlux loses on tin against BP: 0.50x as fast to the target (slower)" \
+        in first and first.index("on tin against BP:") < first.index("while it wins on cifar against BP: 3.08x")
     readme.update_readme(paths, target, tmp_path)
     assert target.read_text() == text  # regenerating is idempotent
     old = benchmark_summary()
