@@ -50,19 +50,25 @@ def run_all(
     records: dict[str, dict[str, Any]] = {}
     reused: list[str] = []
     running: dict[str, tuple[subprocess.Popen, float]] = {}
+    checked: set[str] = set()  # runs already looked at for reuse: each is read once
+    changed = True
     while True:
-        known = known_from(list(records.values()), settings)
-        planned = planned_runs(methods, settings["lrs"], settings["seeds"], known, units, settings.get("pinned"))
+        if changed:  # plan again only when a run finished or was reused: the loop stays light on the clock
+            known = known_from(list(records.values()), settings)
+            planned = planned_runs(methods, settings["lrs"], settings["seeds"], known, units, settings.get("pinned"))
+            changed = False
         pending = [s for s in planned if s.key not in records and s.key not in running]
         found = {s.key: reusable(work / "runs" / s.key, run_overrides(s, settings, budget, known.target), code)
-                 for s in pending}  # fmt: skip
+                 for s in pending if s.key not in checked}  # fmt: skip
+        checked |= set(found)
         found = {k: r for k, r in found.items() if r is not None}
         if found:
             for key, record in found.items():
                 log(f"[compare] reusing {key} (same overrides, same code)")
                 records[key] = record
             reused += list(found)
-            continue  # what they decided may plan more runs
+            changed = True  # what they decided may plan more runs
+            continue
         if not running and not pending:
             return [records[s.key] for s in planned], reused
         while pending and len(running) < jobs:
@@ -70,12 +76,13 @@ def run_all(
             overrides = run_overrides(spec, settings, budget, known.target)
             running[spec.key] = (_start(spec, overrides, settings, work), time.perf_counter())
             log(f"[compare] started {spec.key}")
-        time.sleep(0.5)
+        time.sleep(1.0)
         for key, (process, started) in list(running.items()):
             if process.poll() is None:
                 continue
             del running[key]
             records[key] = _finished(process.returncode, work / "runs" / key)
+            changed = True
             log(f"[compare] finished {key}: {run_row(records[key])['status']} in {time.perf_counter() - started:.0f} s")
 
 
