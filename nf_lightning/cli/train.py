@@ -176,7 +176,8 @@ def _outcome(trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: V
 def _polish(
     cfg: DictConfig, budget: MemoryBudget, trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: ValidationHistory, out: Path
 ) -> dict[str, Any]:
-    """Polish the exit the run deployed (:func:`~nf_lightning.lightning.polish.polish_exit`) and export it
+    """Polish the exit the run deployed (:func:`~nf_lightning.lightning.polish.polish_exit`), with the
+    ``polish_callbacks`` group's callbacks if the config has one, and export it
     beside the block-wise one as ``export/polished_exit.pt`` (state dict) and ``polished_exit.pt2``
     (:func:`~nf_lightning.core.exits.selection.save_exit`)."""
     selector = next((c for c in trainer.callbacks if isinstance(c, EarlyExitSelector)), None)
@@ -186,7 +187,7 @@ def _polish(
         selector.exit_model, datamodule, budget, epochs=int(cfg.method.polish_epochs),
         lr=cfg.optim.lr, reference_batch=cfg.optim.reference_batch, momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay, batch_limit=cfg.batch_limit,
-        callbacks=[history], trainer_options={"accelerator": cfg.trainer.accelerator, "devices": 1,
+        callbacks=[history, *_instantiate_all(cfg.get("polish_callbacks"))], trainer_options={"accelerator": cfg.trainer.accelerator, "devices": 1,
                                               "enable_progress_bar": cfg.trainer.enable_progress_bar},
     )  # fmt: skip
     save_exit(model, tuple(datamodule.input_shape), out / "export", POLISHED_STEM)
