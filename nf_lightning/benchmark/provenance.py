@@ -51,6 +51,9 @@ def code_identity(root: Path | None = None) -> dict[str, Any]:
     ``"env"`` when the commit comes from ``NF_CODE_COMMIT`` (a snapshot), and
     ``"unknown"`` otherwise (such runs are never reused).
     """
+    from nf_lightning.benchmark.snapshot import check_configs_match_code
+
+    check_configs_match_code()
     root = root or code_root()
     top = _git(root, "rev-parse", "--show-toplevel")
     if top.returncode == 0 and Path(top.stdout.decode().strip()).resolve() == root:
