@@ -3,7 +3,7 @@
 A zoo model (ResNet-18 and MobileNetV2 at narrow widths) is pretrained on
 CIFAR-10 classes 0-4 (airplane ... deer), then fine-tuned on classes 5-9
 (dog ... truck) with a new head, updating about 10 %, 20 % and 30 % of its conv
-parameters with :class:`nf_lightning.lightning.neuron_budget.NeuronUpdateBudget`
+parameters with :class:`nf_lightning.neuron_budget.callback.NeuronUpdateBudget`
 (velocity, random, Sparse Update) or everything (full), several seeds each.
 Every run is a real Lightning ``Trainer.fit`` on the CPU with one torch thread.
 
@@ -292,7 +292,7 @@ def finetune(task: dict[str, Any]) -> dict[str, Any]:
     _threads()
     import lightning.pytorch as pl
 
-    from nf_lightning.lightning.neuron_budget import NeuronUpdateBudget
+    from nf_lightning.neuron_budget.callback import NeuronUpdateBudget
     from nf_lightning.models import create
 
     preset = PRESETS[task["preset"]]

@@ -26,7 +26,7 @@ _EXPORTS = {
     "MemoryProfiler": "nf_lightning.lightning.memory_profiler",
     "NeuroFluxDDPStrategy": "nf_lightning.lightning.strategy",
     "NeuroFluxStrategy": "nf_lightning.lightning.strategy",
-    "NeuronUpdateBudget": "nf_lightning.lightning.neuron_budget",
+    "NeuronUpdateBudget": "nf_lightning.neuron_budget.callback",
     "decompose": "nf_lightning.core.decompose",
     "models": "nf_lightning.models",
 }
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from nf_lightning.lightning.classifier import ClassifierModule
     from nf_lightning.lightning.early_exit import EarlyExitSelector
     from nf_lightning.lightning.memory_profiler import MemoryProfiler
-    from nf_lightning.lightning.neuron_budget import NeuronUpdateBudget
+    from nf_lightning.neuron_budget.callback import NeuronUpdateBudget
     from nf_lightning.lightning.strategy import NeuroFluxDDPStrategy, NeuroFluxStrategy
 
 

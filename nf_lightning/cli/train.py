@@ -41,7 +41,7 @@ from nf_lightning.core.run import BlockwiseRun
 from nf_lightning.lightning.backprop_batch import largest_backprop_batch
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
-from nf_lightning.lightning.neuron_budget import load_pretrained
+from nf_lightning.neuron_budget.pretrained import load_pretrained
 from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
 from nf_lightning.lightning.polish import polish_exit
 
