@@ -23,7 +23,7 @@ from nf_lightning.neuron_budget import partial as partial_module
 from nf_lightning.neuron_budget import trainable as trainable_module
 from nf_lightning.neuron_budget.budget import NeuronBytes, fill_bytes, parse_bytes, trace_layers
 from nf_lightning.neuron_budget.partial import PartialConv2d
-from nf_lightning.neuron_budget.trainable import SelectiveTraining
+from nf_lightning.neuron_budget.trainable import SelectiveTraining, activations_of, norms_to_freeze
 
 OPTIMIZERS = {
     "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True),
@@ -207,17 +207,9 @@ def saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
 
 
 def install(net: nn.Module, masks: list[torch.Tensor], norm: str, optimizer=None) -> None:
-    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    modules = list(net.modules())
-    lowest = next((c for c, m in zip(convs_of(net), masks) if m.any()), None)
-    if norm == "always":
-        frozen = []
-    elif norm == "frozen" or lowest is None:
-        frozen = norms
-    else:
-        frozen = [n for n in norms if modules.index(n) < modules.index(lowest)]
-    activations = [m for m in modules if isinstance(m, (nn.ReLU, nn.ReLU6))]
-    SelectiveTraining().apply(dict(zip(convs_of(net), masks)), [optimizer] if optimizer else [], frozen, activations)
+    modules, by_conv = list(net.modules()), dict(zip(convs_of(net), masks))
+    SelectiveTraining().apply(by_conv, [optimizer] if optimizer else [], norms_to_freeze(modules, by_conv, norm),
+                              activations_of(modules))
 
 
 @pytest.mark.parametrize("norm", ["always", "range", "frozen"])
@@ -235,7 +227,7 @@ def test_the_bytes_a_selection_keeps_are_what_autograd_keeps(model: str, norm: s
         candidate = copy.deepcopy(net)
         install(candidate, masks, norm)
         costs = NeuronBytes(trace_layers(candidate, x[:1]), convs_of(candidate), 4, norm, state_tensors=1)
-        activations = sum(costs._kept([int(m.sum()) for m in masks]))
+        activations = sum(a + b for a, b in costs._kept([int(m.sum()) for m in masks]))
         assert saved_bytes(candidate, x) == pytest.approx(activations, rel=0.01, abs=2048), (fraction, first)
     assert len(trace) > len(convs_of(net))
 

@@ -99,6 +99,34 @@ def trace_layers(model: nn.Module, sample: Tensor) -> list[Traced]:
     return calls
 
 
+def inference_profile(model: nn.Module, x: Tensor, trace: Sequence[Traced]) -> list[int]:
+    """Bytes live beyond weights, buffers and ``x`` right after each traced call of an inference pass on ``x``
+    (tracked meter, eval mode, no grad): what a layer's working set really is, skip connections included."""
+    from nf_lightning.core.memory import TrackedMemoryMeter
+
+    meter = TrackedMemoryMeter(x.device)
+    meter.track(model, x)
+    base = meter.current_bytes()
+    live = [0] * len(trace)
+    hooks = [t.module.register_forward_hook(lambda *_, i=t.order: _note(live, i, meter.current_bytes() - base))
+             for t in trace]
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with meter, torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in flags:
+            module.training = training
+    return live
+
+
+def _note(live: list[int], index: int, nbytes: int) -> None:
+    live[index] = max(live[index], nbytes)
+
+
 def state_tensors(optimizer: Optimizer) -> int:
     """Tensors of state per parameter the optimizer keeps (momentum: 1; Adam's moments: 2, +1 with amsgrad)."""
     inner = getattr(optimizer, "optimizer", optimizer)
@@ -119,12 +147,13 @@ class NeuronBytes:
 
     :meth:`kept_bytes` is what a selection adds to inference (what a byte budget
     limits); :meth:`peak_bytes` simulates the step call by call (at each layer,
-    what the layers so far keep plus the layer's input and output, or their
-    gradients in the backward pass) for the floor of its peak.
+    what the layers so far keep plus the layer's working set: its input and
+    output, or their gradients in the backward pass; or, with ``working``, the
+    bytes :func:`inference_profile` measured live there) for the floor of its peak.
     """
 
     def __init__(self, trace: Sequence[Traced], convs: Sequence[nn.Conv2d], batch: int, norm: str,
-                 state_tensors: int, element_size: int = 4) -> None:
+                 state_tensors: int, element_size: int = 4, working: Sequence[int] | None = None) -> None:
         self.trace, self.convs, self.batch, self.norm = list(trace), list(convs), int(batch), norm
         self.elem = element_size
         self.per_param = element_size * (2 + state_tensors)  # the selected copy, its gradient, its state
@@ -133,28 +162,38 @@ class NeuronBytes:
         if missing:
             raise ValueError(f"{len(missing)} convs were not called in the traced forward pass")
         self.calls = [calls[id(c)] for c in self.convs]
-        self._io = [(t.in_numel + t.out_numel) * self.batch * self.elem for t in self.trace]
+        self._io = list(working) if working is not None else [
+            (t.in_numel + t.out_numel) * self.batch * self.elem for t in self.trace]
         trained = [t.order for t in self.trace if isinstance(t.module, nn.Linear)
                    or (isinstance(t.module, _NORMS) and norm == "always")]
         self._base = min(trained, default=None)
+        self._last_read: dict[int, int] = {}
+        for t in self.trace:
+            self._last_read[t.source] = t.order
         self._fixed = sum(p.numel() for t in self.trace if isinstance(t.module, nn.Linear)
                           for p in t.module.parameters()) * self.per_param  # the head always trains
 
     def peak_bytes(self, counts: Sequence[int]) -> int:
-        """A training step's peak beyond weights and batch, with ``counts[i]`` selected channels in conv ``i``."""
+        """A training step's peak beyond weights and batch, with ``counts[i]`` selected channels in conv ``i``.
+
+        At each call: its working set, plus what the calls so far keep that
+        inference would have freed by then (a kept input still read later is
+        part of the working set already).
+        """
         kept = self._kept(counts)
-        peak, total = 0, 0
-        for io, k in zip(self._io, kept):
-            total += k
-            peak = max(peak, total + io)
-        return self._params(counts) + peak
+        peak = 0
+        for t, working in zip(self.trace, self._io):
+            held = sum(new + (shared if self._last_read[self.trace[u].source] < t.order else 0)
+                       for u, (shared, new) in enumerate(kept[: t.order]))
+            peak = max(peak, held + working)
+        return self._params(counts) + max(peak, sum(shared + new for shared, new in kept))
 
     def kept_bytes(self, counts: Sequence[int]) -> int:
         """The step's bytes over inference: the activations kept for the backward pass and the trained
         parameters' copies, gradients and state. An upper bound (the kept activations are not all alive at
         inference's peak); exact when the step peaks at the end of the forward pass, as it does once they
         outweigh one layer's working set."""
-        return sum(self._kept(counts)) + self._params(counts)
+        return sum(shared + new for shared, new in self._kept(counts)) + self._params(counts)
 
     def selection_bytes(self, masks: Sequence[Tensor]) -> int:
         """:meth:`kept_bytes` of per-conv boolean channel masks."""
@@ -169,9 +208,9 @@ class NeuronBytes:
             orders.append(self._base)
         return min(orders, default=None)
 
-    def _kept(self, counts: Sequence[int]) -> list[int]:
-        """Bytes each call keeps for the backward pass."""
-        kept = [0] * len(self.trace)
+    def _kept(self, counts: Sequence[int]) -> list[tuple[int, int]]:
+        """Per call, the bytes it keeps for the backward pass: of its input (a tensor inference has too), and new."""
+        kept = [(0, 0)] * len(self.trace)
         reach = self._reach(counts)
         if reach is None:
             return kept
@@ -180,29 +219,29 @@ class NeuronBytes:
             kept[t.order] = self._region_kept(t, counts, paid)
         return kept
 
-    def _region_kept(self, t: Traced, counts: Sequence[int], paid: set[int]) -> int:
+    def _region_kept(self, t: Traced, counts: Sequence[int], paid: set[int]) -> tuple[int, int]:
         n, elem = self.batch, self.elem
-        module = t.module
+        module, whole_input = t.module, t.in_numel * self.batch * self.elem
         if isinstance(module, nn.Conv2d):
             k = counts[self.convs.index(module)] if module in self.convs else module.out_channels
             if k == 0 or t.source in paid:
-                return 0
+                return 0, 0
             if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
-                return t.in_numel * n * elem * k // module.in_channels
+                return 0, whole_input * k // module.in_channels  # the selected channels, copied
             paid.add(t.source)
-            return t.in_numel * n * elem
+            return whole_input, 0
         if isinstance(module, (nn.ReLU, nn.ReLU6)):
-            return (t.out_numel * n + 7) // 8  # one bit per element
+            return 0, (t.out_numel * n + 7) // 8  # one bit per element
         if isinstance(module, nn.Dropout):
-            return t.out_numel * n  # a boolean mask
+            return 0, t.out_numel * n  # a boolean mask
         if isinstance(module, _NORMS) and self.norm != "frozen":
-            return t.in_numel * n * elem
+            return whole_input, 0
         if isinstance(module, nn.MaxPool2d):
-            return t.in_numel * n * elem + t.out_numel * n * 8
+            return whole_input, t.out_numel * n * 8  # and the indices
         if isinstance(module, nn.Linear) and t.source not in paid:
             paid.add(t.source)
-            return t.in_numel * n * elem
-        return 0
+            return whole_input, 0
+        return 0, 0
 
 
 def _row_params(conv: nn.Conv2d) -> int:

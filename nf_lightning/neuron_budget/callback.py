@@ -34,10 +34,9 @@ from nf_lightning.neuron_budget.selection import (
     masks_params,
 )
 from nf_lightning.neuron_budget.selector import Selector
-from nf_lightning.neuron_budget.trainable import SelectiveTraining
+from nf_lightning.neuron_budget.trainable import SelectiveTraining, activations_of, norms_to_freeze
 
 STATE_VERSION = 2
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 class NeuronUpdateBudget(pl.Callback):
@@ -317,17 +316,10 @@ class NeuronUpdateBudget(pl.Callback):
 
     def _apply(self, trainer: pl.Trainer) -> None:
         """Train what the selection holds, in the optimizers Lightning steps now."""
-        scope = self._scope
-        modules = [m for _, m in scope.named]
-        masks = {layer.module: mask for layer, mask in zip(scope.layers, self._masks)}
-        frozen: list[nn.Module] = []
-        if self.norm != "always":
-            updated = [m for m, mask in masks.items() if mask.any()]
-            below = len(modules) if self.norm == "frozen" or not updated else min(
-                i for i, m in enumerate(modules) if any(m is u for u in updated))
-            frozen = [m for m in modules[:below] if isinstance(m, _NORMS)]
-        activations = [m for m in modules if isinstance(m, (nn.ReLU, nn.ReLU6))]
-        self.training.apply(masks, trainer.optimizers, frozen, activations)
+        modules = [m for _, m in self._scope.named]
+        masks = {layer.module: mask for layer, mask in zip(self._scope.layers, self._masks)}
+        frozen = norms_to_freeze(modules, masks, self.norm)
+        self.training.apply(masks, trainer.optimizers, frozen, activations_of(modules))
         self._applied_to = tuple(id(opt) for opt in trainer.optimizers)
 
     def _ensure_applied(self, trainer: pl.Trainer) -> None:

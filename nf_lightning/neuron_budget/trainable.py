@@ -43,6 +43,8 @@ from nf_lightning.neuron_budget.partial import (
     swap_class,
 )
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
 
 class SelectiveTraining:
     """Owns the swapped modules and the optimizer hooks of one selection at a time."""
@@ -183,3 +185,25 @@ def _carry(
     kept = (source >= 0).nonzero().flatten()
     carried[kept.to(value.device)] = value[source[kept].to(value.device)]
     return carried
+
+
+def norms_to_freeze(modules: Sequence[nn.Module], masks: Mapping[nn.Module, Tensor], norm: str) -> list[nn.Module]:
+    """The norm layers a policy freezes: none (``"always"``), those before the lowest updated conv in
+    ``modules``' order (``"range"``) or all (``"frozen"``).
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+    >>> masks = {net[0]: torch.zeros(2, dtype=torch.bool), net[2]: torch.ones(2, dtype=torch.bool)}
+    >>> [list(net).index(m) for m in norms_to_freeze(list(net), masks, "range")]
+    [1]
+    """
+    if norm == "always":
+        return []
+    updated = [m for m, mask in masks.items() if bool(mask.any())]
+    below = len(modules) if norm == "frozen" or not updated else min(
+        i for i, m in enumerate(modules) if any(m is u for u in updated))
+    return [m for m in modules[:below] if isinstance(m, _NORMS)]
+
+
+def activations_of(modules: Sequence[nn.Module]) -> list[nn.Module]:
+    """The activations whose backward can keep a bit mask instead of their output."""
+    return [m for m in modules if type(m) in SWAPS]
