@@ -143,10 +143,54 @@ def floor_bytes(net: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: dict[st
     named = dict(net.named_modules())
     convs = [named[name.removeprefix("net.")] for name in masks]
     trace = trace_layers(net, x[:1])
-    costs = NeuronBytes(trace, convs, len(x), norm, state_tensors=1, working=inference_profile(net, x, trace))
+    full = all(bool(m.all()) for m in masks.values()) and norm == "always"
+    costs = NeuronBytes(trace, convs, len(x), norm, state_tensors=1, working=inference_profile(net, x, trace),
+                        copies=not full)
     weights = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
     batch = x.numel() * x.element_size() + y.numel() * y.element_size()
-    return max(inference, weights + batch + probe_kept + costs.peak_bytes([int(m.sum()) for m in masks.values()]))
+    counts = [int(m.sum()) for m in masks.values()]
+    update = step_temporaries(net, x, y, None if full else dict(zip(convs, masks.values())), norm)
+    return max(inference, weights + batch + probe_kept + costs.peak_bytes(counts, update))
+
+
+def step_temporaries(net: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: dict[nn.Module, torch.Tensor] | None,
+                     norm: str) -> int:
+    """What the experiment's optimizer step allocates for temporaries, its state existing (a copy of ``net``
+    with the selection ``masks`` installed; None: full fine-tuning)."""
+    import copy
+
+    from nf_lightning.core.enforcement import update_overhead
+    from nf_lightning.neuron_budget.trainable import SelectiveTraining, activations_of, norms_to_freeze
+
+    twin = copy.deepcopy(net)
+    twin_of = dict(zip(net.modules(), twin.modules()))
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    if masks is not None:
+        twin_masks = {twin_of[conv]: mask for conv, mask in masks.items()}
+        modules = list(twin.modules())
+        SelectiveTraining().apply(twin_masks, [optimizer], norms_to_freeze(modules, twin_masks, norm),
+                                  activations_of(modules))
+    nn.functional.cross_entropy(twin(x[:2]), y[:2]).backward()
+    optimizer.step()  # the momentum exists from here on
+    return update_overhead(optimizer)
+
+
+def refloor(folder: Path) -> None:
+    """Recompute every row's floor from its selection (the floor is a computation from shapes: no training)."""
+    from nf_lightning.models import create
+
+    for path in sorted(folder.glob("*.json")):
+        row = json.loads(path.read_text())
+        net = create(row["model"], num_classes=5, width_mult=row["width"])
+        named = dict(net.named_modules())
+        masks = {}
+        for name, rows in row["masks"].items():
+            masks[name] = torch.zeros(named[name.removeprefix("net.")].out_channels, dtype=torch.bool)
+            masks[name][rows] = True
+        x, y = torch.randn(row["batch"], 3, 32, 32), torch.zeros(row["batch"], dtype=torch.int64)
+        norm = row["norm"] if row["policy"] != "full" else "always"
+        row["floor_bytes"] = floor_bytes(net, x, y, masks, norm, row["probe_kept_bytes"], row["inference_bytes"])
+        path.write_text(json.dumps(row, indent=2))
 
 
 # ---------------------------------------------------------------- resident memory
@@ -220,6 +264,36 @@ def memory_markdown(table: list[dict[str, Any]]) -> str:
             f"{_fmt(e['peak_vs_full'])} | {_fmt(e['floor_vs_full'])} | {probe} | "
             f"{_fmt(res['total_ratio']) if res else '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def readme_paragraph(summary: dict[str, Any]) -> str:
+    """The README's memory sentences, every number from ``summary.json``."""
+    table = summary["memory"]
+    ratios = [e["peak_vs_floor"] for e in table]
+    outside = [e for e in table if not 0.9 <= e["peak_vs_floor"] <= 1.1]
+    parts = [f"Every one of the {len(table)} memory configurations (batch 1, 8 and 64) peaks at "
+             f"{min(ratios):.2f}-{max(ratios):.2f}x its computed floor"
+             + (f" ({len(outside)} outside 0.9-1.1x)" if outside else "") + "."]
+    for model in sorted({e["model"] for e in table}):
+        rows = [e for e in table if e["model"] == model and e["batch"] == 64 and e["policy"] != "full"]
+        full = next((e for e in table if e["model"] == model and e["batch"] == 64 and e["policy"] == "full"), None)
+        if not rows or full is None:
+            continue
+        frozen = [e for e in rows if e["norm"] == "frozen" and not isinstance(e["budget"], str)]
+        always = [e for e in rows if e["norm"] == "always"]
+        probe = [e["probe_vs_peak"] for e in rows if e["probe_vs_peak"]]
+        parts.append(
+            f"{model} w{rows[0]['width']} at batch 64 (full fine-tuning {full['peak_bytes'] / 1e6:.1f} MB): "
+            f"with `norm=\"frozen\"` the 10-30 % budgets peak at {_span(frozen, 'peak_vs_full')} of full fine-tuning "
+            f"(floors {_span(frozen, 'floor_vs_full')}), with `norm=\"always\"` at {_span(always, 'peak_vs_full')} "
+            f"(every trained BatchNorm keeps its input)"
+            + (f"; the velocity probe is {min(probe):.0%}-{max(probe):.0%} of the step's peak" if probe else "") + ".")
+    return " ".join(parts)
+
+
+def _span(rows: list[dict[str, Any]], key: str) -> str:
+    values = [e[key] for e in rows if e[key] is not None]
+    return f"{min(values):.2f}-{max(values):.2f}x" if values else "-"
 
 
 def _fmt(value: float | None) -> str:

@@ -143,7 +143,8 @@ class NeuronBytes:
 
     ``norm``: ``"always"`` (every BatchNorm trains), ``"range"`` (those from the
     lowest updated conv up) or ``"frozen"`` (none: affine maps). ``state_tensors``:
-    optimizer state per parameter (:func:`state_tensors`).
+    optimizer state per parameter (:func:`state_tensors`). ``copies=False`` prices stock
+    full fine-tuning (no copy of the selected rows).
 
     :meth:`kept_bytes` is what a selection adds to inference (what a byte budget
     limits); :meth:`peak_bytes` simulates the step call by call (at each layer,
@@ -153,10 +154,12 @@ class NeuronBytes:
     """
 
     def __init__(self, trace: Sequence[Traced], convs: Sequence[nn.Conv2d], batch: int, norm: str,
-                 state_tensors: int, element_size: int = 4, working: Sequence[int] | None = None) -> None:
+                 state_tensors: int, element_size: int = 4, working: Sequence[int] | None = None,
+                 copies: bool = True) -> None:
         self.trace, self.convs, self.batch, self.norm = list(trace), list(convs), int(batch), norm
         self.elem = element_size
-        self.per_param = element_size * (2 + state_tensors)  # the selected copy, its gradient, its state
+        # the selected rows' copy (none when whole convs train as plain parameters), gradient and state
+        self.per_param = element_size * (1 + int(copies) + state_tensors)
         calls = {id(t.module): t for t in self.trace}
         missing = [c for c in self.convs if id(c) not in calls]
         if missing:
@@ -173,12 +176,15 @@ class NeuronBytes:
         self._fixed = sum(p.numel() for t in self.trace if isinstance(t.module, nn.Linear)
                           for p in t.module.parameters()) * self.per_param  # the head always trains
 
-    def peak_bytes(self, counts: Sequence[int]) -> int:
+    def peak_bytes(self, counts: Sequence[int], update_bytes: int = 0) -> int:
         """A training step's peak beyond weights and batch, with ``counts[i]`` selected channels in conv ``i``.
 
         At each call: its working set, plus what the calls so far keep that
         inference would have freed by then (a kept input still read later is
-        part of the working set already).
+        part of the working set already); the trained parameters' copies and
+        state throughout, their gradients once the activations are given back,
+        and ``update_bytes`` of the optimizer step's temporaries with them
+        (:func:`nf_lightning.core.enforcement.update_overhead` measures those).
         """
         kept = self._kept(counts)
         peak = 0
@@ -186,7 +192,9 @@ class NeuronBytes:
             held = sum(new + (shared if self._last_read[self.trace[u].source] < t.order else 0)
                        for u, (shared, new) in enumerate(kept[: t.order]))
             peak = max(peak, held + working)
-        return self._params(counts) + max(peak, sum(shared + new for shared, new in kept))
+        peak = max(peak, sum(shared + new for shared, new in kept))
+        grads = self._params(counts) * self.elem // self.per_param  # from the backward pass to the next step
+        return self._params(counts) - grads + max(peak, grads + update_bytes)
 
     def kept_bytes(self, counts: Sequence[int]) -> int:
         """The step's bytes over inference: the activations kept for the backward pass and the trained
