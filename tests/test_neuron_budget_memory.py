@@ -180,6 +180,19 @@ def test_reselection_keeps_the_state_of_the_channels_that_stay() -> None:
     assert torch.equal(conv.weight.index_select(0, conv.selected_rows), conv.weight_selected.detach())
 
 
+def test_a_new_selection_keeps_the_layers_that_save_memory() -> None:
+    """Re-applying (every epoch) leaves the activations and frozen norms swapped: the same bytes are kept."""
+    torch.manual_seed(0)
+    net = create("mobilenetv2", num_classes=4, width_mult=0.25)
+    x = torch.randn(4, 3, 32, 32)
+    masks = random_masks(net, 0.2)
+    install(net, masks, "range")
+    first = saved_bytes(net, x)
+    install(net, masks, "range")
+    assert saved_bytes(net, x) == first
+    assert all(type(m).__name__.startswith("Mask") for m in net.modules() if isinstance(m, (nn.ReLU, nn.ReLU6)))
+
+
 def test_state_dict_keys_stay_and_loading_reaches_the_selected_rows() -> None:
     torch.manual_seed(0)
     net, plain = small_net(), small_net()
@@ -206,10 +219,15 @@ def saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
     return sum(n for ptr, n in saved.items() if ptr not in known)
 
 
+_TRAINING: dict[int, SelectiveTraining] = {}
+
+
 def install(net: nn.Module, masks: list[torch.Tensor], norm: str, optimizer=None) -> None:
+    """The selection in ``net`` as the callback puts it there (one SelectiveTraining per net, as per callback)."""
     modules, by_conv = list(net.modules()), dict(zip(convs_of(net), masks))
-    SelectiveTraining().apply(by_conv, [optimizer] if optimizer else [], norms_to_freeze(modules, by_conv, norm),
-                              activations_of(modules))
+    training = _TRAINING.setdefault(id(net), SelectiveTraining())
+    training.apply(by_conv, [optimizer] if optimizer else [], norms_to_freeze(modules, by_conv, norm),
+                   activations_of(modules))
 
 
 @pytest.mark.parametrize("norm", ["always", "range", "frozen"])

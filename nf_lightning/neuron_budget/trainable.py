@@ -205,5 +205,5 @@ def norms_to_freeze(modules: Sequence[nn.Module], masks: Mapping[nn.Module, Tens
 
 
 def activations_of(modules: Sequence[nn.Module]) -> list[nn.Module]:
-    """The activations whose backward can keep a bit mask instead of their output."""
-    return [m for m in modules if type(m) in SWAPS]
+    """The activations whose backward can keep a bit mask instead of their output (those that do already too)."""
+    return [m for m in modules if type(m) in SWAPS or type(m) in SWAPS.values()]
