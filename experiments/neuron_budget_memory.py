@@ -244,25 +244,31 @@ def summarize_memory(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["peak_vs_full"] = r["peak_bytes"] / full["peak_bytes"] if full else None
         entry["floor_vs_full"] = r["floor_bytes"] / full["peak_bytes"] if full else None
         entry["probe_vs_peak"] = r["probe_bytes"] / r["peak_bytes"] if r["probe_bytes"] else None
+        entry["probe_kept_vs_peak"] = r["probe_kept_bytes"] / r["peak_bytes"] if r["probe_kept_bytes"] else None
         table.append(entry)
     return sorted(table, key=lambda e: (e["model"], e["batch"], e["policy"] != "full", e["norm"], e["policy"],
                                         str(e["budget"])))
 
 
 def memory_markdown(table: list[dict[str, Any]]) -> str:
-    lines = ["| model | batch | policy | budget | norm | frozen convs | updated | peak MB | floor MB | peak / floor "
-             "| peak / full | floor / full | probe MB (of peak) | resident / tracked |",
-             "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["Probe: its copy of the weights, on the device during every step (counted in the peak), and its peak "
+             "between epochs (the copy and one probe batch's conv outputs), each against the step's peak. "
+             "Resident: the same selection's step in a fresh process, growth of the resident high-water mark over "
+             "the tracked meter's growth (batch 64).", "",
+             "| model | batch | policy | budget | norm | frozen convs | updated | peak MB | floor MB | peak / floor "
+             "| peak / full | floor / full | probe copy MB (of peak) | probe peak MB (of peak) | resident / tracked |",
+             "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for e in table:
         budget = "all" if e["policy"] == "full" else (e["budget"] if isinstance(e["budget"], str) else f"{e['budget']:.0%}")
         probe = f"{e['probe_bytes'] / 1e6:.2f} ({e['probe_vs_peak']:.0%})" if e["probe_bytes"] else "-"
+        copy = f"{e['probe_kept_bytes'] / 1e6:.2f} ({e['probe_kept_vs_peak']:.0%})" if e["probe_kept_bytes"] else "-"
         res = e.get("resident")
         lines.append(
             f"| {e['model']} w{e['width']} | {e['batch']} | {e['policy']} | {budget} | "
             f"{'-' if e['policy'] == 'full' else e['norm']} | {e['frozen_layers']} | {e['updated_fraction']:.1%} | "
             f"{e['peak_bytes'] / 1e6:.2f} | {e['floor_bytes'] / 1e6:.2f} | {e['peak_vs_floor']:.2f} | "
-            f"{_fmt(e['peak_vs_full'])} | {_fmt(e['floor_vs_full'])} | {probe} | "
-            f"{_fmt(res['total_ratio']) if res else '-'} |")
+            f"{_fmt(e['peak_vs_full'])} | {_fmt(e['floor_vs_full'])} | {copy} | {probe} | "
+            f"{_fmt(res['step_ratio']) if res else '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -282,12 +288,14 @@ def readme_paragraph(summary: dict[str, Any]) -> str:
         frozen = [e for e in rows if e["norm"] == "frozen" and not isinstance(e["budget"], str)]
         always = [e for e in rows if e["norm"] == "always"]
         probe = [e["probe_vs_peak"] for e in rows if e["probe_vs_peak"]]
+        copy = [e["probe_kept_vs_peak"] for e in rows if e["probe_kept_vs_peak"]]
         parts.append(
             f"{model} w{rows[0]['width']} at batch 64 (full fine-tuning {full['peak_bytes'] / 1e6:.1f} MB): "
             f"with `norm=\"frozen\"` the 10-30 % budgets peak at {_span(frozen, 'peak_vs_full')} of full fine-tuning "
             f"(floors {_span(frozen, 'floor_vs_full')}), with `norm=\"always\"` at {_span(always, 'peak_vs_full')} "
             f"(every trained BatchNorm keeps its input)"
-            + (f"; the velocity probe is {min(probe):.0%}-{max(probe):.0%} of the step's peak" if probe else "") + ".")
+            + (f"; velocity's probe keeps a copy of the weights, {min(copy):.0%}-{max(copy):.0%} of the step's peak, "
+               f"and peaks between epochs at {min(probe):.0%}-{max(probe):.0%} of it" if probe else "") + ".")
     return " ".join(parts)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 
 from nf_lightning.core.enforcement import BudgetGuard
 from nf_lightning.core.memory import meter_for
