@@ -79,8 +79,8 @@ def measure(task: dict[str, Any], preset: Any, helpers: Any) -> dict[str, Any]:
     meter = MeterStep(update)
     fit = helpers.trainer(2, [meter] + ([update] if update else []), limit_train_batches=3, limit_val_batches=1)
     fit.fit(helpers.make_module(net, preset.finetune_lr, 2), train, helpers.loader(data["val"], 64, False))
-    masks = update.masks if update else {n: torch.ones(m.out_channels, dtype=torch.bool)
-                                         for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    masks = meter.masks if update else {n: torch.ones(m.out_channels, dtype=torch.bool)
+                                        for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
     probe_kept = update._probe.kept_bytes if update and update._probe else 0
     floor = floor_bytes(net, x, y, masks, task["norm"] if update else "always", probe_kept, inference)
     record = update.history[-1] if update else {}
@@ -96,7 +96,8 @@ def measure(task: dict[str, Any], preset: Any, helpers: Any) -> dict[str, Any]:
 
 
 class MeterStep:
-    """The tracked meter around the first training step of epoch 1, counting the probe's copy of the weights."""
+    """The tracked meter around the first training step of epoch 1, counting the probe's copy of the weights;
+    keeps the selection of that step (the callback chooses the next one when the epoch ends)."""
 
     def __new__(cls, update: Any) -> Any:
         import lightning.pytorch as pl
@@ -105,10 +106,11 @@ class MeterStep:
 
         class _MeterStep(pl.Callback):
             def __init__(self) -> None:
-                self.peak_bytes, self._meter = 0, None
+                self.peak_bytes, self._meter, self.masks = 0, None, {}
 
             def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
                 if trainer.current_epoch == 1 and batch_idx == 0:
+                    self.masks = update.masks if update is not None else {}
                     self._meter = meter_for(trainer.strategy.root_device)
                     probe = update._probe.tensors() if update is not None and update._probe else []
                     self._meter.track(pl_module, *trainer.optimizers, *probe)
