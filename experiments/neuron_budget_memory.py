@@ -12,9 +12,9 @@ the weights included. Beside it:
   + NeuronBytes.peak_bytes)``: the selected parameters' copies, gradients and
   momentum, and the activations the selection must keep (computed from the
   shapes), added layer by layer to inference's working set at that layer (the
-  tracked meter's profile of an inference pass); for full fine-tuning, every
-  channel with every norm layer training (stock PyTorch keeps a float ReLU output
-  where we keep bits);
+  tracked meter's profile of an inference pass); for full fine-tuning, stock
+  PyTorch's layers (``NeuronBytes(stock=True)``: a ReLU6 keeps a float copy of its
+  output where ours keep bits);
 - **resident** (batch 64): the same selection's step in a fresh process, the
   tracked meter against the kernel's high-water mark of resident memory
   (:func:`nf_lightning.core.meter_check.measure_step`).
@@ -147,7 +147,7 @@ def floor_bytes(net: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: dict[st
     trace = trace_layers(net, x[:1])
     full = all(bool(m.all()) for m in masks.values()) and norm == "always"
     costs = NeuronBytes(trace, convs, len(x), norm, state_tensors=1, working=inference_profile(net, x, trace),
-                        copies=not full)
+                        stock=full)
     weights = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
     batch = x.numel() * x.element_size() + y.numel() * y.element_size()
     counts = [int(m.sum()) for m in masks.values()]

@@ -342,3 +342,15 @@ def test_a_byte_budget_holds_every_step_through_the_guard(tmp_path: Path) -> Non
         assert update.history[-1]["updated_neurons"] > 0
         grown.append(update.history[-1]["selection_bytes"])
     assert grown[1] > grown[0]
+
+
+@pytest.mark.parametrize("model", ["resnet18", "mobilenetv2"])
+def test_stock_full_fine_tuning_keeps_what_the_stock_model_says(model: str) -> None:
+    torch.manual_seed(0)
+    net = create(model, num_classes=4, width_mult=0.25 if model == "mobilenetv2" else 0.125)
+    net.eval()
+    x = torch.randn(4, 3, 32, 32)
+    convs = convs_of(net)
+    costs = NeuronBytes(trace_layers(net, x[:1]), convs, 4, "always", state_tensors=1, stock=True)
+    kept = sum(a + b for a, b in costs._kept([c.out_channels for c in convs]))
+    assert saved_bytes(net, x) == pytest.approx(kept, rel=0.01)

@@ -143,8 +143,9 @@ class NeuronBytes:
 
     ``norm``: ``"always"`` (every BatchNorm trains), ``"range"`` (those from the
     lowest updated conv up) or ``"frozen"`` (none: affine maps). ``state_tensors``:
-    optimizer state per parameter (:func:`state_tensors`). ``copies=False`` prices stock
-    full fine-tuning (no copy of the selected rows).
+    optimizer state per parameter (:func:`state_tensors`). ``stock=True`` prices stock
+    PyTorch layers training in full: no copy of selected rows; an in-place ReLU keeps
+    its output, the next conv's input; a ReLU6 keeps a float copy of it.
 
     :meth:`kept_bytes` is what a selection adds to inference (what a byte budget
     limits); :meth:`peak_bytes` simulates the step call by call (at each layer,
@@ -155,11 +156,12 @@ class NeuronBytes:
 
     def __init__(self, trace: Sequence[Traced], convs: Sequence[nn.Conv2d], batch: int, norm: str,
                  state_tensors: int, element_size: int = 4, working: Sequence[int] | None = None,
-                 copies: bool = True) -> None:
+                 stock: bool = False) -> None:
         self.trace, self.convs, self.batch, self.norm = list(trace), list(convs), int(batch), norm
         self.elem = element_size
-        # the selected rows' copy (none when whole convs train as plain parameters), gradient and state
-        self.per_param = element_size * (1 + int(copies) + state_tensors)
+        # the selected rows' copy (none for stock layers, whole convs as plain parameters), gradient and state
+        self.stock = stock
+        self.per_param = element_size * (1 + int(not stock) + state_tensors)
         calls = {id(t.module): t for t in self.trace}
         missing = [c for c in self.convs if id(c) not in calls]
         if missing:
@@ -238,6 +240,8 @@ class NeuronBytes:
                 return 0, whole_input * k // module.in_channels  # the selected channels, copied
             paid.add(t.source)
             return whole_input, 0
+        if isinstance(module, (nn.ReLU, nn.ReLU6)) and self.stock:
+            return 0, t.out_numel * n * elem if isinstance(module, nn.ReLU6) else 0
         if isinstance(module, (nn.ReLU, nn.ReLU6)):
             return 0, (t.out_numel * n + 7) // 8  # one bit per element
         if isinstance(module, nn.Dropout):
