@@ -279,9 +279,9 @@ def readme_paragraph(summary: dict[str, Any]) -> str:
     table = summary["memory"]
     ratios = [e["peak_vs_floor"] for e in table]
     outside = [e for e in table if not 0.9 <= e["peak_vs_floor"] <= 1.1]
-    parts = [f"Every one of the {len(table)} memory configurations (batch 1, 8 and 64) peaks at "
-             f"{min(ratios):.2f}-{max(ratios):.2f}x its computed floor"
-             + (f" ({len(outside)} outside 0.9-1.1x)" if outside else "") + "."]
+    parts = [f"The {len(table)} memory configurations (4 policies, 10/20/30 % and byte budgets, 3 `norm` "
+             f"settings, batch 1, 8 and 64) peak at {min(ratios):.2f}-{max(ratios):.2f}x their computed floors"
+             + (f", {len(table) - len(outside)} of them within 0.9-1.1x" if outside else "") + "."]
     for model in sorted({e["model"] for e in table}):
         rows = [e for e in table if e["model"] == model and e["batch"] == 64 and e["policy"] != "full"]
         full = next((e for e in table if e["model"] == model and e["batch"] == 64 and e["policy"] == "full"), None)
@@ -295,7 +295,7 @@ def readme_paragraph(summary: dict[str, Any]) -> str:
             f"{model} w{rows[0]['width']} at batch 64 (full fine-tuning {full['peak_bytes'] / 1e6:.1f} MB): "
             f"with `norm=\"frozen\"` the 10-30 % budgets peak at {_span(frozen, 'peak_vs_full')} of full fine-tuning "
             f"(floors {_span(frozen, 'floor_vs_full')}), with `norm=\"always\"` at {_span(always, 'peak_vs_full')} "
-            f"(every trained BatchNorm keeps its input)"
+            f"(every BatchNorm trains and keeps its input)"
             + (f"; velocity's probe keeps a copy of the weights, {min(copy):.0%}-{max(copy):.0%} of the step's peak, "
                f"and peaks between epochs at {min(probe):.0%}-{max(probe):.0%} of it" if probe else "") + ".")
     return " ".join(parts)
