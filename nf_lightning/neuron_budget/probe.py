@@ -11,6 +11,7 @@ would have held. Only one probe batch's conv outputs live at a time.
 Example:
     >>> import torch
     >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.ReLU())
     >>> probe = VelocityProbe({"0": net[0]}, mu=0.5)
     >>> x = torch.randn(4, 1, 3, 3)
@@ -18,8 +19,8 @@ Example:
     >>> with torch.no_grad():
     ...     _ = net[0].weight.mul_(2)                       # the same direction: phi stays 1
     >>> probe.measure([net], net, [x])
-    >>> probe.velocity["0"].tolist()
-    [0.0, 0.0]
+    >>> bool(probe.velocity["0"].abs().max() < 1e-6)       # velocity 0, up to rounding
+    True
 """
 
 from __future__ import annotations
