@@ -3,19 +3,20 @@
 A zoo model (ResNet-18 and MobileNetV2 at narrow widths) is pretrained on
 CIFAR-10 classes 0-4 (airplane ... deer), then fine-tuned on classes 5-9
 (dog ... truck) with a new head, updating about 10 %, 20 % and 30 % of its conv
-parameters with :class:`nf_lightning.lightning.neuron_budget.NeuronUpdateBudget`
+parameters with :class:`nf_lightning.neuron_budget.callback.NeuronUpdateBudget`
 (velocity, random, Sparse Update) or everything (full), several seeds each.
 Every run is a real Lightning ``Trainer.fit`` on the CPU with one torch thread.
 
 It writes, under ``experiments/results/neuron_budget/<preset>/``:
 
-- ``rows/*.json``: one file per fine-tuning run (test accuracy on the held-out
-  CIFAR-10 test images of classes 5-9, validation accuracy per epoch, the
-  selection per epoch, seconds per step) and per cost run (peak memory of one
-  training step measured by the project's tracked meter, and seconds per step,
-  for both ``norm="always"`` and ``norm="range"``);
+- ``rows/acc_*.json``: one file per fine-tuning run (test accuracy on the
+  held-out CIFAR-10 test images of classes 5-9, validation accuracy per epoch,
+  the selection per epoch, seconds per step);
+- ``memory/*.json``: one file per memory run (``neuron_budget_memory.py``: the
+  measured peak of one training step at batch 1, 8 and 64 against its computed
+  floor, the probe's bytes, and at batch 64 resident memory in a fresh process);
 - ``summary.json`` and ``summary.md`` (mean and spread over seeds, the memory
-  and time table), and ``accuracy_vs_budget.png`` when matplotlib is installed.
+  table), and ``accuracy_vs_budget.png`` when matplotlib is installed.
 
 Rows that exist are skipped, so a killed run continues where it stopped. The
 pretrained weights are kept in ``outputs/neuron_budget/<preset>/`` (not committed).
@@ -24,6 +25,8 @@ Usage::
 
     NF_DATA_DIR=../shared/datasets python experiments/neuron_budget.py --preset quick     # about 2 minutes
     NF_DATA_DIR=../shared/datasets python experiments/neuron_budget.py --jobs 2           # the full grid
+    NF_DATA_DIR=../shared/datasets python experiments/neuron_budget.py --part memory      # the memory table only
+    python experiments/neuron_budget.py --readme    # README's paragraph and NEURON_BUDGET.md's tables from summary.json
 
 See ``experiments/NEURON_BUDGET.md`` for the setup and what compares with the paper.
 """
@@ -37,7 +40,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -72,11 +75,8 @@ class Preset:
     batch: int = 64
     pretrain_lr: float = 0.05
     finetune_lr: float = 0.01
-    cost_batches: int = 4
     first_epoch: str = "sparse_update"
-    norms: tuple[str, ...] = ("always", "range")
-    cost_budgets: tuple[float, ...] | None = None  # budgets of the cost runs (all of ``budgets`` if None)
-    extra: dict[str, Any] = field(default_factory=dict)
+    accuracy_norms: tuple[str, ...] = ("always",)
 
 
 PRESETS = {
@@ -93,8 +93,6 @@ PRESETS = {
         val_per_class=20,
         test_per_class=40,
         probe_size=32,
-        cost_batches=2,
-        cost_budgets=(0.1,),
     ),
     # about an hour with --jobs 2 on two cores (see NEURON_BUDGET.md for the estimate)
     "full": Preset(
@@ -228,40 +226,6 @@ def new_head(net: torch.nn.Module, seed: int) -> None:
         head.reset_parameters()
 
 
-class StepCost:
-    """Seconds per training step (forward, backward, update) and the measured peak of metered steps."""
-
-    def __new__(cls, meter_epoch: int | None = None, meter_batches: int = 1) -> Any:
-        import lightning.pytorch as pl
-
-        from nf_lightning.core.memory.meter import meter_for
-
-        class _StepCost(pl.Callback):
-            def __init__(self) -> None:
-                self.seconds: list[float] = []
-                self.peak_bytes = 0
-                self._meter: Any = None
-                self._start = 0.0
-
-            def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-                if trainer.current_epoch == meter_epoch and batch_idx < meter_batches:
-                    self._meter = meter_for(trainer.strategy.root_device)
-                    self._meter.track(pl_module, *trainer.optimizers)
-                    self._meter.__enter__()
-                self._start = time.perf_counter()
-
-            def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-                elapsed = time.perf_counter() - self._start
-                if self._meter is not None:
-                    self._meter.__exit__(None, None, None)
-                    self.peak_bytes = max(self.peak_bytes, self._meter.peak_bytes)
-                    self._meter = None
-                elif meter_epoch is None or trainer.current_epoch == meter_epoch:
-                    self.seconds.append(elapsed)
-
-        return _StepCost()
-
-
 def pretrain(task: dict[str, Any]) -> dict[str, Any]:
     """Train the model on classes 0-4 from scratch; save its weights."""
     _threads()
@@ -288,23 +252,24 @@ def pretrain(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def finetune(task: dict[str, Any]) -> dict[str, Any]:
-    """One fine-tuning run on classes 5-9 (``task["kind"] == "accuracy"``) or one cost run (``"cost"``)."""
+    """One fine-tuning run on classes 5-9 (``task["kind"] == "accuracy"``) or one memory run (``"memory"``)."""
     _threads()
     import lightning.pytorch as pl
 
-    from nf_lightning.lightning.neuron_budget import NeuronUpdateBudget
     from nf_lightning.models import create
+    from nf_lightning.neuron_budget.callback import NeuronUpdateBudget
 
     preset = PRESETS[task["preset"]]
     out = Path(task["out"])
     if out.exists():
         return json.loads(out.read_text())
+    if task["kind"] == "memory":
+        return _memory_row(task, preset, out)
     pl.seed_everything(task["seed"], workers=True)
     data = datasets(preset, task["data_dir"], "finetune")
     net = create(task["model"], num_classes=len(FINETUNE_CLASSES), width_mult=task["width"])
     net.load_state_dict(torch.load(task["pretrained"], map_location="cpu", weights_only=True))
     new_head(net, task["seed"])
-    cost = task["kind"] == "cost"
     budget = None
     callbacks: list[Any] = []
     if task["policy"] != "full":
@@ -313,39 +278,63 @@ def finetune(task: dict[str, Any]) -> dict[str, Any]:
             norm=task["norm"], seed=task["seed"], log_layers=False,
         )
         callbacks.append(budget)
-    # cost runs: epoch 0 with the first selection, epoch 1 with the policy's own; meter its first step
-    steps = StepCost(meter_epoch=1 if cost else None)
     val_accs: list[float] = []
-    callbacks += [steps, ValAcc(val_accs)]
-    epochs = 2 if cost else preset.finetune_epochs
-    extra = {"limit_train_batches": preset.cost_batches + 1, "limit_val_batches": 1} if cost else {}
-    fit = trainer(epochs, callbacks, **extra)
-    module = make_module(net, preset.finetune_lr, epochs)
+    steps = StepTime()
+    fit = trainer(preset.finetune_epochs, callbacks + [steps, ValAcc(val_accs)])
     start = time.perf_counter()
-    fit.fit(module, loader(data["train"], preset.batch, True), loader(data["val"], preset.batch, False))
+    fit.fit(make_module(net, preset.finetune_lr, preset.finetune_epochs), loader(data["train"], preset.batch, True),
+            loader(data["val"], preset.batch, False))
     seconds = time.perf_counter() - start
     history = budget.history if budget is not None else []
-    total = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-                for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    epochs = preset.finetune_epochs
     row = {
         **{k: task[k] for k in ("kind", "model", "width", "policy", "budget", "seed", "norm")},
         "step_seconds": statistics.mean(steps.seconds) if steps.seconds else None,
         "steps_timed": len(steps.seconds),
         "train_seconds": seconds,
-        "conv_params": total,
         "updated_fraction": [h["updated_fraction"] for h in history] or [1.0] * epochs,
         "selected_by": [h["policy"] for h in history] or ["full"] * epochs,
         "frozen_layers": [h["frozen_layers"] for h in history] or [0] * epochs,
-        "velocity_bytes": max((h["velocity_bytes"] for h in history), default=0),
+        "probe_bytes": max((h["probe_bytes"] for h in history), default=0),
+        "val_acc": val_accs,
+        "test_acc": accuracy(net, data["test"]),
     }
-    if cost:
-        row["peak_bytes"] = steps.peak_bytes
-    else:
-        row["val_acc"] = val_accs
-        row["test_acc"] = accuracy(net, data["test"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2))
     return row
+
+
+def _memory_row(task: dict[str, Any], preset: Preset, out: Path) -> dict[str, Any]:
+    """A memory row, and at batch 64 its resident-memory cross-check in a fresh process."""
+    import neuron_budget_memory as memory
+
+    row = memory.measure(task, preset, sys.modules[__name__])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row, indent=2))
+    if task["batch"] == 64:
+        row["resident"] = memory.resident(out, task["pretrained"])
+        out.write_text(json.dumps(row, indent=2))
+    return row
+
+
+class StepTime:
+    """Seconds per training step (forward, backward, update)."""
+
+    def __new__(cls) -> Any:
+        import lightning.pytorch as pl
+
+        class _StepTime(pl.Callback):
+            def __init__(self) -> None:
+                self.seconds: list[float] = []
+                self._start = 0.0
+
+            def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+                self._start = time.perf_counter()
+
+            def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+                self.seconds.append(time.perf_counter() - self._start)
+
+        return _StepTime()
 
 
 class ValAcc:
@@ -370,35 +359,35 @@ def _threads() -> None:
 
 
 # ---------------------------------------------------------------- the grid
-def tasks(preset_name: str, data_dir: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def tasks(preset_name: str, data_dir: str | None, part: str = "all") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Pretraining tasks, then the accuracy runs and/or the memory runs (``part``)."""
+    import neuron_budget_memory as memory
+
     preset = PRESETS[preset_name]
     rows = RESULTS / preset_name / "rows"
-    pre, fine = [], []
+    pre, fine, bases = [], [], []
     for model, width in preset.models:
         weights = WORK / preset_name / f"{model}_w{width}.pt"
         pre.append({"preset": preset_name, "model": model, "width": width, "path": str(weights), "data_dir": data_dir})
         base = {"preset": preset_name, "model": model, "width": width, "pretrained": str(weights), "data_dir": data_dir}
-        grid = [("full", 1.0)] + [(p, b) for p in preset.policies if p != "full" for b in preset.budgets]
+        bases.append(base)
+        grid = [("full", 1.0, "always")] + [
+            (p, b, n) for p in preset.policies if p != "full" for b in preset.budgets for n in preset.accuracy_norms]
         for seed in preset.seeds:
-            for policy, budget in grid:
-                name = f"acc_{model}_w{width}_{policy}_{budget}_s{seed}.json"
+            for policy, budget, norm in grid:
+                suffix = "" if norm == "always" else f"_{norm}"
+                name = f"acc_{model}_w{width}_{policy}_{budget}_s{seed}{suffix}.json"
                 fine.append({**base, "kind": "accuracy", "policy": policy, "budget": budget, "seed": seed,
-                             "norm": "always", "out": str(rows / name)})
-        cost_grid = [("full", 1.0)] + [
-            (p, b) for p in preset.policies if p != "full" for b in (preset.cost_budgets or preset.budgets)
-        ]
-        for norm in preset.norms:
-            for policy, budget in cost_grid:
-                if policy == "full" and norm != preset.norms[0]:
-                    continue
-                name = f"cost_{model}_w{width}_{policy}_{budget}_{norm}.json"
-                fine.append({**base, "kind": "cost", "policy": policy, "budget": budget, "seed": 0, "norm": norm,
-                             "out": str(rows / name)})
+                             "norm": norm, "out": str(rows / name)})
+    if part == "memory":
+        fine = []
+    if part in ("memory", "all"):
+        fine += memory.memory_tasks(preset, preset_name, bases, RESULTS / preset_name / "memory")
     return pre, fine
 
 
-def run_all(preset_name: str, data_dir: str | None, jobs: int) -> None:
-    pre, fine = tasks(preset_name, data_dir)
+def run_all(preset_name: str, data_dir: str | None, jobs: int, part: str) -> None:
+    pre, fine = tasks(preset_name, data_dir, part)
     start = time.perf_counter()
     if jobs <= 1:
         for task in pre:
@@ -412,89 +401,117 @@ def run_all(preset_name: str, data_dir: str | None, jobs: int) -> None:
                 print("pretrain", task["model"], result, flush=True)
             for i, (task, row) in enumerate(zip(fine, pool.map(finetune, fine))):
                 print(f"[{i + 1}/{len(fine)}] {_label(task)}: {_brief(row)}", flush=True)
-    summarize(preset_name, time.perf_counter() - start)
+    summarize(preset_name, {part: time.perf_counter() - start})
 
 
 def _label(task: dict[str, Any]) -> str:
-    return f"{task['kind']} {task['model']} {task['policy']} {task['budget']} s{task['seed']} {task['norm']}"
+    batch = f" b{task['batch']}" if task["kind"] == "memory" else ""
+    return f"{task['kind']} {task['model']}{batch} {task['policy']} {task['budget']} s{task['seed']} {task['norm']}"
 
 
 def _brief(row: dict[str, Any]) -> str:
-    if row["kind"] == "cost":
-        return f"peak {row['peak_bytes'] / 1e6:.2f} MB, {row['step_seconds'] * 1e3:.0f} ms/step"
+    if "peak_bytes" in row:
+        return f"peak {row['peak_bytes'] / 1e6:.2f} MB, floor {row['floor_bytes'] / 1e6:.2f} MB"
     return f"test {row['test_acc']:.3f}, {row['train_seconds']:.0f} s"
 
 
 # ---------------------------------------------------------------- summary
-def summarize(preset_name: str, wall_seconds: float | None = None) -> dict[str, Any]:
+def summarize(preset_name: str, wall_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """``summary.json`` and ``summary.md`` from the rows (wall times of earlier invocations are kept)."""
+    import neuron_budget_memory as memory
+
     folder = RESULTS / preset_name
-    rows = [json.loads(p.read_text()) for p in sorted((folder / "rows").glob("*.json"))]
-    acc = [r for r in rows if r["kind"] == "accuracy"]
-    cost = [r for r in rows if r["kind"] == "cost"]
+    acc = [json.loads(p.read_text()) for p in sorted((folder / "rows").glob("acc_*.json"))]
+    mem = [json.loads(p.read_text()) for p in sorted((folder / "memory").glob("*.json"))]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in acc:
-        groups.setdefault((r["model"], r["width"], r["policy"], r["budget"]), []).append(r)
+        groups.setdefault((r["model"], r["width"], r["policy"], r["budget"], r.get("norm", "always")), []).append(r)
     table = []
-    for (model, width, policy, budget), runs in sorted(groups.items()):
+    for (model, width, policy, budget, norm), runs in sorted(groups.items()):
         tests = [r["test_acc"] for r in runs]
         table.append({
-            "model": model, "width": width, "policy": policy, "budget": budget, "seeds": len(runs),
+            "model": model, "width": width, "policy": policy, "budget": budget, "norm": norm, "seeds": len(runs),
             "test_acc_mean": statistics.mean(tests), "test_acc_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
             "test_acc_min": min(tests), "test_acc_max": max(tests),
             "updated_fraction_mean": statistics.mean(f for r in runs for f in r["updated_fraction"]),
             "step_seconds_mean": statistics.mean(r["step_seconds"] for r in runs),
             "train_seconds_mean": statistics.mean(r["train_seconds"] for r in runs),
         })
-    costs = [{k: r[k] for k in ("model", "width", "policy", "budget", "norm", "peak_bytes", "step_seconds")}
-             | {"frozen_layers": r["frozen_layers"][-1], "updated_fraction": r["updated_fraction"][-1],
-                "velocity_bytes": r["velocity_bytes"]} for r in cost]
-    for c in costs:
-        full = next((f for f in costs if f["model"] == c["model"] and f["policy"] == "full"), None)
-        c["peak_vs_full"] = c["peak_bytes"] / full["peak_bytes"] if full else None
-        c["time_vs_full"] = c["step_seconds"] / full["step_seconds"] if full and full["step_seconds"] else None
-    pretrained = [json.loads(p.read_text()) for p in sorted((WORK / preset_name).glob("*.json"))]
-    summary = {"preset": preset_name, "config": asdict(PRESETS[preset_name]), "accuracy": table, "cost": costs,
-               "pretrained": pretrained, "wall_seconds": wall_seconds, "torch_threads": 1}
+    old = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
+    walls = {**old.get("wall_seconds_by_part", {}), **(wall_seconds or {})}
+    if old.get("wall_seconds"):  # a summary from before the parts: its one invocation ran everything
+        walls.setdefault("all", old["wall_seconds"])
+    pretrained = [json.loads(p.read_text()) for p in sorted((WORK / preset_name).glob("*.json"))] or old.get("pretrained", [])
+    summary = {"preset": preset_name, "config": asdict(PRESETS[preset_name]), "accuracy": table,
+               "memory": memory.summarize_memory(mem), "pretrained": pretrained, "wall_seconds_by_part": walls,
+               "torch_threads": 1}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     (folder / "summary.md").write_text(markdown(summary))
     plot(summary, folder / "accuracy_vs_budget.png")
-    print(markdown(summary))
     return summary
 
 
 def markdown(summary: dict[str, Any]) -> str:
+    import neuron_budget_memory as memory
+
     lines = [f"# Budgeted neuron updates: preset `{summary['preset']}`", ""]
-    if summary.get("wall_seconds"):
-        lines += [f"Wall time of this invocation: {summary['wall_seconds']:.0f} s.", ""]
+    for part, seconds in summary["wall_seconds_by_part"].items():
+        lines.append(f"- wall time of the `--part {part}` invocation: {seconds:.0f} s")
     for p in summary["pretrained"]:
         lines.append(f"- pretrained {p['model']} w{p['width']} on classes 0-4: test accuracy {p['test_acc_classes_0_4']:.3f}")
     lines += ["", "## Test accuracy on classes 5-9 (mean ± std over seeds, [min, max])", "",
-              "| model | policy | budget | seeds | test accuracy | updated fraction | ms / step |",
-              "| --- | --- | ---: | ---: | --- | ---: | ---: |"]
+              "| model | policy | budget | norm | seeds | test accuracy | updated fraction | ms / step |",
+              "| --- | --- | ---: | --- | ---: | --- | ---: | ---: |"]
     for r in summary["accuracy"]:
         budget = "all" if r["policy"] == "full" else f"{r['budget']:.0%}"
         lines.append(
-            f"| {r['model']} w{r['width']} | {r['policy']} | {budget} | {r['seeds']} | {r['test_acc_mean']:.3f} ± "
-            f"{r['test_acc_std']:.3f} [{r['test_acc_min']:.3f}, {r['test_acc_max']:.3f}] | "
+            f"| {r['model']} w{r['width']} | {r['policy']} | {budget} | {r['norm']} | {r['seeds']} | "
+            f"{r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} [{r['test_acc_min']:.3f}, {r['test_acc_max']:.3f}] | "
             f"{r['updated_fraction_mean']:.3f} | {r['step_seconds_mean'] * 1e3:.0f} |"
         )
-    lines += ["", "## Peak memory and time of one training step (tracked meter, CPU, batch "
-              f"{summary['config']['batch']})", "",
-              "| model | policy | budget | norm | frozen convs | peak MB | vs full | ms / step | vs full | velocity MB (host) |",
-              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for c in sorted(summary["cost"], key=lambda c: (c["model"], c["policy"] != "full", c["policy"], c["budget"], c["norm"])):
-        budget = "all" if c["policy"] == "full" else f"{c['budget']:.0%}"
-        norm = "-" if c["policy"] == "full" else c["norm"]
-        lines.append(
-            f"| {c['model']} w{c['width']} | {c['policy']} | {budget} | {norm} | {c['frozen_layers']} | "
-            f"{c['peak_bytes'] / 1e6:.2f} | {_ratio(c['peak_vs_full'])} | {c['step_seconds'] * 1e3:.0f} | "
-            f"{_ratio(c['time_vs_full'])} | {c['velocity_bytes'] / 1e6:.2f} |"
-        )
+    lines += ["", "## Peak memory of one training step against its floor (tracked meter, CPU)", "",
+              memory.memory_markdown(summary["memory"])]
     return "\n".join(lines) + "\n"
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def write_docs(summary: dict[str, Any]) -> None:
+    """README's "Budgeted neuron updates" numbers and NEURON_BUDGET.md's tables, between their markers."""
+    import neuron_budget_memory as memory
+
+    source = f"experiments/results/neuron_budget/{summary['preset']}/summary.json"
+    note = f"<!-- generated by `python experiments/neuron_budget.py --readme` from {source}; do not edit -->"
+    paragraph = f"{memory.readme_paragraph(summary)} {accuracy_sentence(summary)}"
+    _between(PROJECT / "README.md", "neuron_budget", f"{note}\n{paragraph}\n")
+    text = markdown(summary).split("\n", 2)[2]  # without the title
+    _between(HERE / "NEURON_BUDGET.md", "neuron_budget_tables", f"{note}\n{text}")
+
+
+def accuracy_sentence(summary: dict[str, Any]) -> str:
+    """Velocity against random, and the budgeted policies against full fine-tuning (``norm="always"`` rows)."""
+    rows = [r for r in summary["accuracy"] if r["norm"] == "always"]
+    mean = {(r["model"], r["policy"], r["budget"]): r["test_acc_mean"] for r in rows}
+    cells = sorted({(m, b) for m, p, b in mean if p == "velocity"})
+    if not cells:
+        return ""
+    margins = [mean[(m, "velocity", b)] - mean[(m, "random", b)] for m, b in cells if (m, "random", b) in mean]
+    best = sum(1 for m, b in cells if mean[(m, "velocity", b)] == max(
+        v for (mm, p, bb), v in mean.items() if mm == m and bb == b and p != "full"))
+    gaps = [mean[(m, "full", 1.0)] - max(v for (mm, p, bb), v in mean.items() if mm == m and bb == max(
+        b2 for m2, b2 in cells if m2 == m) and p != "full") for m in {m for m, _ in cells} if (m, "full", 1.0) in mean]
+    seeds = max(r["seeds"] for r in rows)
+    return (f"Accuracy ({seeds} seeds, `norm=\"always\"`): velocity has the best mean of the three policies in "
+            f"{best} of {len(cells)} model x budget cells, {100 * min(margins):.1f}-{100 * max(margins):.1f} points "
+            f"over random, and at the largest budget the best policy stays {100 * min(gaps):.1f}-{100 * max(gaps):.1f} "
+            "points under full fine-tuning.")
+
+
+def _between(path: Path, marker: str, body: str) -> None:
+    text = path.read_text()
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"{path} has no {begin} ... {end} markers")
+    head, rest = text.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}")
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -510,10 +527,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, (model, width) in zip(axes[0], models):
         rows = [r for r in summary["accuracy"] if (r["model"], r["width"]) == (model, width)]
-        for policy in sorted({r["policy"] for r in rows} - {"full"}):
-            points = sorted((r["budget"], r["test_acc_mean"], r["test_acc_std"]) for r in rows if r["policy"] == policy)
+        for policy, norm in sorted({(r["policy"], r["norm"]) for r in rows if r["policy"] != "full"}):
+            points = sorted((r["budget"], r["test_acc_mean"], r["test_acc_std"]) for r in rows
+                            if (r["policy"], r["norm"]) == (policy, norm))
             xs, ys, es = zip(*points)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=policy)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=policy if norm == "always" else f"{policy}, {norm}")
         for r in rows:
             if r["policy"] == "full":
                 ax.axhline(r["test_acc_mean"], color="black", linestyle="--", label="full")
@@ -532,13 +550,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (1 torch thread each); "
                         "default: 1 for quick, 2 for full")
     parser.add_argument("--data-dir", default=os.environ.get("NF_DATA_DIR"))
+    parser.add_argument("--part", choices=("all", "accuracy", "memory"), default="all",
+                        help="the accuracy runs, the memory runs (batch 1/8/64, floors, resident check) or both")
     parser.add_argument("--summary-only", action="store_true", help="rebuild the summary from the rows")
+    parser.add_argument("--refloor", action="store_true", help="recompute the memory rows' floors, then summarize")
+    parser.add_argument("--readme", action="store_true",
+                        help="write README's paragraph and NEURON_BUDGET.md's tables from the committed summary.json")
     args = parser.parse_args(argv)
-    if args.summary_only:
+    if args.readme:
+        write_docs(json.loads((RESULTS / args.preset / "summary.json").read_text()))
+        return
+    if args.refloor:
+        import neuron_budget_memory
+
+        neuron_budget_memory.refloor(RESULTS / args.preset / "memory")
+    if args.summary_only or args.refloor:
         summarize(args.preset)
         return
     jobs = args.jobs if args.jobs is not None else (1 if args.preset == "quick" else 2)
-    run_all(args.preset, args.data_dir, jobs)
+    run_all(args.preset, args.data_dir, jobs, args.part)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from nf_lightning.lightning.backprop import BudgetedBackpropDDPStrategy, Budgete
 from nf_lightning.lightning.classifier import ClassifierModule
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.memory_profiler import MemoryProfiler
-from nf_lightning.lightning.neuron_budget import NeuronUpdateBudget
+from nf_lightning.neuron_budget.callback import NeuronUpdateBudget
 from nf_lightning.lightning.strategy import NeuroFluxDDPStrategy, NeuroFluxStrategy
 
 __all__ = [

@@ -1,5 +1,6 @@
-"""Budgeted neuron updates: hand-computed pieces, exact freezing, real Trainer runs (BP and NeuroFlux),
-resume, nf-train, and measured memory against full fine-tuning."""
+"""Budgeted neuron updates: hand-computed selection pieces, the velocity probe, real Trainer runs (BP and
+NeuroFlux), resume, nf-train, and measured memory against full fine-tuning. The memory mechanism itself
+(partial convs, optimizer state, byte costs) is tested in ``test_neuron_budget_memory.py``."""
 
 from __future__ import annotations
 
@@ -18,10 +19,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nf_lightning import NeuroFluxStrategy
 from nf_lightning.cli.common import compose_config
-from nf_lightning.core import neuron_budget as core
-from nf_lightning.core.neuron_budget import (
-    ExactFreezer,
-    VelocityTracker,
+from nf_lightning.lightning.classifier import ClassifierModule
+from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
+from nf_lightning.neuron_budget import callback as callback_module
+from nf_lightning.neuron_budget import probe as probe_module
+from nf_lightning.neuron_budget import scope as scope_module
+from nf_lightning.neuron_budget import selection as selection_module
+from nf_lightning.neuron_budget import selector as selector_module
+from nf_lightning.neuron_budget.callback import NeuronUpdateBudget
+from nf_lightning.neuron_budget.pretrained import load_pretrained
+from nf_lightning.neuron_budget.probe import VelocityProbe
+from nf_lightning.neuron_budget.selection import (
     auto_sparse_update,
     budget_params,
     channel_cosine,
@@ -34,16 +42,12 @@ from nf_lightning.core.neuron_budget import (
     velocity_order,
     velocity_step,
 )
-from nf_lightning.lightning import neuron_budget as callback_module
-from nf_lightning.lightning.classifier import ClassifierModule
-from nf_lightning.lightning.neuron_budget import NeuronUpdateBudget, load_pretrained
-from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
 from nf_lightning.models import create
 
 
-def test_docstring_examples() -> None:
-    assert doctest.testmod(core).failed == 0
-    assert doctest.testmod(callback_module).failed == 0
+@pytest.mark.parametrize("module", [callback_module, probe_module, scope_module, selection_module, selector_module])
+def test_docstring_examples(module) -> None:
+    assert doctest.testmod(module).failed == 0
 
 
 # ---------------------------------------------------------------- costs and budgets
@@ -141,29 +145,80 @@ def test_velocity_recursion_on_hand_computed_values() -> None:
         velocity_step(torch.ones(1), torch.ones(1), torch.zeros(1), torch.zeros(1), 0.5, "nesterov")
 
 
-def test_velocity_tracker_on_hand_computed_outputs() -> None:
-    """One channel of two samples over two positions, rotated a little more each pass."""
+def test_velocity_probe_on_hand_computed_outputs() -> None:
+    """One channel (a 1x1 conv of a 2-channel input) rotated a little more each epoch, over two probe batches."""
     import math
 
-    angles = [0.0, math.acos(0.9), math.acos(0.9) + math.acos(0.8)]  # cosines 0.9, then 0.8 between passes
-    tracker = VelocityTracker(["c"], mu=0.5)
+    conv = nn.Conv2d(2, 1, 1, bias=False)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(2, 2, 1, 1).repeat(1, 1, 1, 2)  # output = the filter
+    x[:, :, :, 1] = x[:, :, :, 0].flip(1)  # two positions: (w0, w1) and (w1, w0)
+    probe = VelocityProbe({"c": conv}, mu=0.5)
+    angles = [0.0, math.acos(0.9), math.acos(0.9) + math.acos(0.8)]  # cosines 0.9, then 0.8 between epochs
     for angle in angles:
-        tracker.begin_pass()
-        out = torch.tensor([[math.cos(angle), math.sin(angle)]]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
-        tracker.observe("c", out[:1])  # two probe batches of one sample
-        tracker.observe("c", out[1:])
-        tracker.end_pass()
+        with torch.no_grad():
+            conv.weight.copy_(torch.tensor([math.cos(angle), math.sin(angle)]).view(1, 2, 1, 1))
+        probe.measure([conv], conv, x.split(1))
+    # the output of sample 0 is (cos a, sin a), of sample 1 (sin a, cos a): both rotate by the same angle
     # phi: 0.9 then 0.8; delta: -0.1 (phi_0 = 1) then -0.1; velocity: -0.1 then -0.1 + 0.05 = -0.05
-    assert tracker.phi["c"].tolist() == pytest.approx([0.8], abs=1e-6)
-    assert tracker.delta["c"].tolist() == pytest.approx([-0.1], abs=1e-6)
-    assert tracker.velocity["c"].tolist() == pytest.approx([-0.05], abs=1e-6)
-    assert tracker.outputs["c"].device.type == "cpu" and tracker.nbytes == 2 * 1 * 2 * 4
-    copy = VelocityTracker.from_state(tracker.state_dict())
-    assert copy.passes == 3 and torch.equal(copy.velocity["c"], tracker.velocity["c"])
-    tracker.begin_pass()
-    tracker.observe("c", torch.zeros(1, 1, 1, 2))
-    with pytest.raises(ValueError, match="probe samples"):
-        tracker.end_pass()
+    assert probe.phi["c"].tolist() == pytest.approx([0.8], abs=1e-6)
+    assert probe.delta["c"].tolist() == pytest.approx([-0.1], abs=1e-6)
+    assert probe.velocity["c"].tolist() == pytest.approx([-0.05], abs=1e-6)
+    assert probe.kept_bytes == 2 * 4 and probe.batch_bytes == 1 * 1 * 2 * 4  # the weight copy; one sample's output
+    copy = VelocityProbe({"c": conv}, mu=0.5)
+    copy.load_state_dict(probe.state_dict(), [conv])
+    assert copy.passes == 3 and torch.equal(copy.velocity["c"], probe.velocity["c"])
+    assert torch.equal(copy.snapshot[0][2], conv.weight)
+
+
+def test_velocity_probe_matches_recorded_outputs_exactly() -> None:
+    """The probe's velocity and selection equal those of recording every output each epoch (the old scheme)."""
+    torch.manual_seed(0)
+    net = create("resnet18", num_classes=4, width_mult=0.125)
+    convs = {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    probe_x = torch.randn(12, 3, 32, 32)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    probe = VelocityProbe(convs, mu=0.5)
+    recorded: dict[str, torch.Tensor] = {}
+    phi_prev = {n: torch.ones(c.out_channels) for n, c in convs.items()}
+    velocity = {n: torch.zeros(c.out_channels) for n, c in convs.items()}
+    delta = {n: torch.zeros(c.out_channels) for n, c in convs.items()}
+    for epoch in range(4):
+        probe.measure([net], net, probe_x.split(5))
+        outputs = _record(net, convs, probe_x)
+        if recorded:
+            for name in convs:
+                phi = channel_cosine(recorded[name], outputs[name]).double().mean(0).float()
+                delta[name], velocity[name] = velocity_step(phi, phi_prev[name], velocity[name], delta[name], 0.5)
+                phi_prev[name] = phi
+                assert torch.allclose(probe.velocity[name], velocity[name], atol=1e-6), (epoch, name)
+        recorded = outputs
+        for _ in range(2):  # an epoch of training
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 4, (8,))).backward()
+            optimizer.step()
+    layers = conv_neurons(convs.items())
+    costs = neuron_costs(layers)
+    ours = fill_budget(velocity_order(probe.flat_velocity(list(convs)), costs), costs, 5000)
+    theirs = fill_budget(velocity_order(torch.cat([velocity[n] for n in convs]), costs), costs, 5000)
+    assert torch.equal(ours, theirs) and ours.any()
+    recorded_bytes = sum(t.numel() * t.element_size() for t in recorded.values())
+    assert probe.batch_bytes * 12 == recorded_bytes * 5  # one probe batch of 5 outputs at a time, not all 12
+    state = [*net.parameters(), *net.buffers()]
+    assert probe.kept_bytes == sum(t.numel() * t.element_size() for t in state)  # and a copy of the weights
+
+
+def _record(net: nn.Module, convs: dict[str, nn.Module], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out.flatten(2).clone()))
+               for n, m in convs.items()]
+    training = net.training
+    net.eval()
+    with torch.no_grad():
+        net(x)
+    net.train(training)
+    for handle in handles:
+        handle.remove()
+    return outputs
 
 
 # ---------------------------------------------------------------- sparse update
@@ -196,91 +251,6 @@ def test_sparse_update_takes_the_largest_filters_and_auto_fills_the_budget() -> 
     assert auto_sparse_update(layers, 8) == {2: 1.0}
     assert auto_sparse_update(layers, 17) == {2: 1.0, 1: 0.5}
     assert auto_sparse_update(layers, 28) == {2: 1.0, 1: 1.0, 0: 1.0}
-
-
-# ---------------------------------------------------------------- exact freezing
-def _conv_and_data(seed: int = 0) -> tuple[nn.Conv2d, torch.Tensor]:
-    torch.manual_seed(seed)
-    return nn.Conv2d(3, 6, 3), torch.randn(8, 3, 5, 5)
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True),
-        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=False),
-        lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2),
-        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, amsgrad=True),
-    ],
-    ids=["sgd_nesterov", "sgd_loop", "adam", "adamw_amsgrad"],
-)
-def test_frozen_rows_stay_bit_identical_after_many_steps(make) -> None:
-    conv, x = _conv_and_data()
-    optimizer = make(conv.parameters())
-    mask = torch.tensor([True, False, True, False, False, True])
-    for _ in range(3):  # some history first: momentum of every row is non-zero
-        optimizer.zero_grad()
-        conv(x).square().mean().backward()
-        optimizer.step()
-    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
-    state = {k: v.clone() for k, v in optimizer.state[conv.weight].items() if v.ndim}
-    freezer = ExactFreezer()
-    freezer.apply({conv.weight: mask, conv.bias: mask}, [optimizer])
-    for step in range(60):
-        optimizer.zero_grad(set_to_none=step % 2 == 0)
-        conv(x * (1 + step / 10)).square().mean().backward()
-        assert conv.weight.grad[~mask].abs().sum() == 0  # frozen neurons have no gradient
-        optimizer.step()
-        assert freezer.pending_bytes() == 0
-    frozen = ~mask
-    assert torch.equal(conv.weight[frozen], weight[frozen]) and torch.equal(conv.bias[frozen], bias[frozen])
-    assert not torch.equal(conv.weight[mask], weight[mask]) and not torch.equal(conv.bias[mask], bias[mask])
-    for key, value in state.items():  # momentum / moments of frozen rows kept, bit for bit
-        assert torch.equal(optimizer.state[conv.weight][key][frozen], value[frozen]), key
-    freezer.release()
-    optimizer.zero_grad()
-    conv(x).square().mean().backward()
-    optimizer.step()
-    assert not torch.equal(conv.weight[frozen], weight[frozen])  # released: they train again
-
-
-def test_state_a_frozen_row_never_had_is_zero() -> None:
-    conv, x = _conv_and_data()
-    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-    mask = torch.tensor([True] * 3 + [False] * 3)
-    ExactFreezer().apply({conv.weight: mask}, [optimizer])
-    before = conv.weight.detach().clone()
-    for _ in range(5):
-        optimizer.zero_grad()
-        conv(x).sum().backward()
-        optimizer.step()
-    assert torch.equal(conv.weight[3:], before[3:])
-    assert optimizer.state[conv.weight]["momentum_buffer"][3:].abs().sum() == 0
-
-
-def test_a_layer_frozen_entirely_has_no_gradient_no_state_and_stops_the_backward() -> None:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2))
-    x = torch.randn(2, 3, 7, 7)
-    net(x)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    net(x).sum().backward()
-    optimizer.step()
-    assert net[0].weight in optimizer.state
-    freezer = ExactFreezer()
-    freezer.apply({net[0].weight: torch.zeros(4, dtype=torch.bool), net[0].bias: torch.zeros(4, dtype=torch.bool)},
-                  [optimizer], frozen=list(net[1].parameters()))
-    assert net[0].weight.grad is None and net[0].weight not in optimizer.state  # state dropped
-    before = net[0].weight.detach().clone()
-    out = net[:3](x)
-    assert out.grad_fn is None  # nothing below the second conv needs a gradient: autograd records nothing
-    optimizer.zero_grad()
-    net(x).sum().backward()
-    optimizer.step()
-    assert net[0].weight.grad is None and net[1].weight.grad is None and net[3].weight.grad is not None
-    assert net[0].weight not in optimizer.state and torch.equal(net[0].weight, before)
-    freezer.release()
-    assert net[0].weight.requires_grad and net[1].weight.requires_grad
 
 
 # ---------------------------------------------------------------- real Trainer runs
@@ -359,7 +329,7 @@ def test_callback_under_backprop(tmp_path: Path, policy: str) -> None:
     assert metrics["neuron_budget/updated_params"] == history[-1]["updated_params"]
     assert "neuron_budget/layer/net.3.0" in metrics
     if policy == "velocity":
-        assert history[-1]["velocity_bytes"] > 0 and budget.velocity_bytes == history[-1]["velocity_bytes"]
+        assert history[-1]["probe_bytes"] > 0 and budget.probe_bytes == history[-1]["probe_bytes"]
     if policy == "random":
         assert history[1]["layers"] != history[2]["layers"]
     if policy == "sparse_update":
@@ -414,8 +384,8 @@ def test_resume_mid_run_restores_the_selection(tmp_path: Path, policy: str, at_t
     assert resumed.history == whole.history  # the same selection, epoch by epoch, after the resume too
     assert all(torch.equal(resumed.masks[k], whole.masks[k]) for k in whole.masks)
     if policy == "velocity":
-        for name in whole._tracker.names:
-            assert torch.allclose(resumed._tracker.velocity[name], whole._tracker.velocity[name], atol=1e-6)
+        for name, velocity in whole.velocity.items():
+            assert torch.allclose(resumed.velocity[name], velocity, atol=1e-6)
 
 
 def test_measured_peak_memory_is_below_full_fine_tuning_at_a_10_percent_budget(tmp_path: Path) -> None:

@@ -36,6 +36,19 @@ def code_root() -> Path:
     return Path(nf_lightning.__file__).resolve().parent.parent
 
 
+def check_configs_match_code() -> None:
+    """Raise when ``nf_lightning.conf`` is imported from another tree than ``nf_lightning`` itself."""
+    import nf_lightning.conf
+
+    configs, root = Path(nf_lightning.conf.__file__).resolve().parent, code_root()
+    if not configs.is_relative_to(root):
+        raise RuntimeError(
+            f"nf_lightning's code comes from {root} but its configs from {configs}: runs would mix two trees. "
+            f"Make the snapshot with `python -m nf_lightning.benchmark.snapshot <commit> <dir>`, which puts the "
+            f"configs inside the snapshot's package"
+        )
+
+
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", "-C", str(root), *args], capture_output=True)
 
@@ -51,8 +64,6 @@ def code_identity(root: Path | None = None) -> dict[str, Any]:
     ``"env"`` when the commit comes from ``NF_CODE_COMMIT`` (a snapshot), and
     ``"unknown"`` otherwise (such runs are never reused).
     """
-    from nf_lightning.benchmark.snapshot import check_configs_match_code
-
     check_configs_match_code()
     root = root or code_root()
     top = _git(root, "rev-parse", "--show-toplevel")

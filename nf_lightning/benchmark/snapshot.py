@@ -4,13 +4,14 @@
 configs, ``nf_lightning.conf``, are the top-level ``conf/`` mapped in by the
 install. A snapshot imported through ``PYTHONPATH`` would therefore read the
 checkout's configs with the snapshot's code. :func:`pin` copies ``conf/`` into
-the snapshot's package, and :func:`check_configs_match_code` (called by every
-benchmark run) refuses a process whose configs and code come from different trees.
+the snapshot's package, and :func:`~nf_lightning.benchmark.provenance.check_configs_match_code`
+(called by every benchmark run) refuses a process whose configs and code come from different trees.
 
     python -m nf_lightning.benchmark.snapshot HEAD /tmp/nf_snap     # prints the environment to run with
 
 Example:
-    >>> check_configs_match_code()  # the configs this process imports lie beside its code
+    >>> pin("HEAD", Path("/tmp/nf_snap"))  # doctest: +SKIP
+    '4f1e342...'
 """
 
 from __future__ import annotations
@@ -33,19 +34,6 @@ def pin(commit: str, dest: Path, repo: Path | None = None) -> str:
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     shutil.copytree(dest / "conf", dest / "nf_lightning" / "conf")
     return commit
-
-
-def check_configs_match_code() -> None:
-    """Raise when ``nf_lightning.conf`` is imported from another tree than ``nf_lightning`` itself."""
-    import nf_lightning.conf
-
-    configs, root = Path(nf_lightning.conf.__file__).resolve().parent, code_root()
-    if not configs.is_relative_to(root):
-        raise RuntimeError(
-            f"nf_lightning's code comes from {root} but its configs from {configs}: runs would mix two trees. "
-            f"Make the snapshot with `python -m nf_lightning.benchmark.snapshot <commit> <dir>`, which puts the "
-            f"configs inside the snapshot's package"
-        )
 
 
 if __name__ == "__main__":

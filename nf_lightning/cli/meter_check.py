@@ -37,7 +37,11 @@ from nf_lightning.core.memory.meter import TrackedMemoryMeter
 
 
 def measure_step(
-    build: Callable[[], nn.Module], input_shape: tuple[int, ...], batch: int, num_classes: int = 10
+    build: Callable[[], nn.Module],
+    input_shape: tuple[int, ...],
+    batch: int,
+    num_classes: int = 10,
+    setup: Callable[[nn.Module, torch.optim.Optimizer], None] | None = None,
 ) -> dict[str, Any]:
     """Bytes of one SGD step (forward, backward, update) of ``build()`` at ``batch``, by the meter and by the kernel.
 
@@ -48,7 +52,8 @@ def measure_step(
     meter's peak over the bytes live before it; ``VmHWM`` over ``VmRSS`` before
     it). ``total``: everything training holds at the step's peak (the meter's
     peak with parameters, gradients, optimizer state and batch; ``VmHWM`` over
-    the baseline).
+    the baseline). ``setup(model, optimizer)``, if given, runs before the first
+    step (to install a selection of what trains, say).
     """
     torch.manual_seed(0)
     gc.collect()
@@ -56,6 +61,8 @@ def measure_step(
     baseline = _status_bytes("VmRSS")
     model = build()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    if setup is not None:
+        setup(model, optimizer)
     x = torch.randn(batch, *input_shape)
     y = torch.randint(0, num_classes, (batch,))
 

@@ -40,7 +40,7 @@ from nf_lightning.core.memory.enforcement import BudgetGuard
 from nf_lightning.core.plan.partitioner import BudgetTooSmall
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
-from nf_lightning.lightning.neuron_budget import load_pretrained
+from nf_lightning.neuron_budget.pretrained import load_pretrained
 from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
 from nf_lightning.lightning.polish import polish_exit
 from nf_lightning.lightning.run_access import neuroflux_run
