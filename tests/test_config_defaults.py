@@ -12,15 +12,18 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+from pathlib import Path
 from typing import Any
 
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from nf_lightning.cli.common import code_default, compose_config
+from nf_lightning.data.registry import KNOWN_DATASETS
 from nf_lightning.core.options import NeuroFluxOptions
 
 METHODS = ("neuroflux", "classic_ll", "bp", "bp_ckpt")
+CONF = Path(__file__).resolve().parents[1] / "conf"
 NODES = ("trainer.strategy", "method.before_fit", "module")  # plus every callback
 APP_KEYS = {  # a top-level key -> the code parameter it feeds
     "budget": "nf_lightning.lightning.strategy.NeuroFluxStrategy.memory_budget",
@@ -36,12 +39,19 @@ APP_KEYS = {  # a top-level key -> the code parameter it feeds
 }
 
 
-def defaults_of(target: str) -> dict[str, Any]:
-    """The parameter defaults of the callable at ``target`` (a NeuroFlux strategy's options included)."""
-    module, _, name = target.rpartition(".")
-    owner = getattr(importlib.import_module(module), name)
-    found = {p.name: p.default for p in inspect.signature(owner).parameters.values() if p.default is not p.empty}
-    if "option_overrides" in inspect.signature(owner).parameters or name == "NeuroFluxDDPStrategy":
+GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("data", "model", "update")}
+
+
+def defaults_of(target: str, name: str | None = None) -> dict[str, Any]:
+    """The parameter defaults of the callable at ``target`` (a NeuroFlux strategy's options included; for
+    ``nf_lightning.data.create``, those of the data module registered as ``name``)."""
+    module, _, attribute = target.rpartition(".")
+    owner = getattr(importlib.import_module(module), attribute)
+    owners = [owner]
+    if target == "nf_lightning.data.create":  # a data module passes **kwargs up its classes' constructors
+        owners = [k.__init__ for k in reversed(KNOWN_DATASETS[name].__mro__) if "__init__" in vars(k)]
+    found = {p.name: p.default for o in owners for p in inspect.signature(o).parameters.values() if p.default is not p.empty}
+    if "option_overrides" in inspect.signature(owner).parameters or attribute == "NeuroFluxDDPStrategy":
         found |= {f.name: f.default for f in dataclasses.fields(NeuroFluxOptions)}
     return found
 
@@ -54,11 +64,11 @@ def restated_defaults(cfg: DictConfig) -> list[str]:
     """Where ``cfg`` writes a literal equal to the code's default for the parameter it feeds."""
     found = []
     callbacks = [f"callbacks.{name}" for name, entry in (cfg.get("callbacks") or {}).items() if entry is not None]
-    for path in (*NODES, *callbacks):
+    for path in (*NODES, *GROUPS, *callbacks):
         node = OmegaConf.select(cfg, path)
         if node is None or "_target_" not in node:
             continue
-        defaults = defaults_of(str(node._target_))
+        defaults = defaults_of(str(node._target_), node.get("name"))
         raw = OmegaConf.to_container(node, resolve=False)
         for key, value in raw.items():
             if key in defaults and not is_interpolation(value) and value == defaults[key]:
@@ -77,6 +87,19 @@ def restated_defaults(cfg: DictConfig) -> list[str]:
 def test_no_config_restates_a_code_default(method: str) -> None:
     cfg = compose_config("train", [f"method={method}", "paths.output_dir=out"])
     assert restated_defaults(cfg) == []
+
+
+@pytest.mark.parametrize("choice", [f"{g}={o}" for g, options in GROUPS.items() for o in options if o != "none"])
+def test_no_data_model_or_update_config_restates_a_code_default(choice: str) -> None:
+    cfg = compose_config("train", [choice, "paths.output_dir=out"])
+    assert restated_defaults(cfg) == []
+
+
+def test_a_restated_default_of_a_group_is_found() -> None:
+    cfg = compose_config("train", ["paths.output_dir=out", "data.num_workers=0", "model.width_mult=1.0",
+                                   "update=velocity", "update.mu=0.5"])  # fmt: skip
+    assert sorted(restated_defaults(cfg)) == [
+        "callbacks.neuron_budget.mu: 0.5", "data.num_workers: 0", "model.width_mult: 1.0", "update.mu: 0.5"]
 
 
 def test_a_restated_default_is_found() -> None:
