@@ -8,6 +8,7 @@ error there instead and exits non-zero.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -233,8 +234,32 @@ def equivalence_run(out: Path, ranks: int) -> dict:
             "best": max(r.accuracy for r in run.records.values())}  # fmt: skip
 
 
+def exit_after_fit(out: Path) -> None:
+    """Lightning opens the gloo process group itself (torchrun's environment); this job never closes it.
+
+    After one step it runs the exit handlers registered so far and records whether the group is
+    still open: a budgeted DDP strategy must have registered one that closes it (see
+    ``tests/gloo_exit_job.py`` for what an open group does at exit).
+    """
+    from nf_lightning.lightning.backprop import BudgetedBackpropDDPStrategy
+
+    train, val = loaders(n_train=64, n_val=32)
+    trainer = pl.Trainer(strategy=BudgetedBackpropDDPStrategy(memory_budget="50MB"), accelerator="cpu",
+                         devices=int(os.environ["WORLD_SIZE"]), max_steps=1, limit_val_batches=1,
+                         default_root_dir=out, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(PlainClassifier(), train, val)
+    rank, open_after_fit = trainer.global_rank, dist.is_initialized()
+    atexit._run_exitfuncs()  # what the interpreter runs at exit
+    (out / f"rank{rank}.json").write_text(json.dumps({"steps": trainer.global_step, "open_after_fit": open_after_fit,
+                                                      "open_at_exit": dist.is_initialized()}))  # fmt: skip
+
+
 def main() -> None:
     job, out = sys.argv[1], Path(sys.argv[2])
+    if job == "exit_after_fit":
+        exit_after_fit(out)
+        return
     if job == "single_equivalence":
         (out / "single.json").write_text(json.dumps(equivalence_run(out, ranks=1)))
         return

@@ -36,6 +36,14 @@ def torchrun(job: str, out: Path, timeout: int = 300) -> tuple[subprocess.Comple
     return done, ranks
 
 
+def test_a_budgeted_ddp_strategy_closes_the_process_group_lightning_opened_at_exit(tmp_path: Path) -> None:
+    """Lightning closes a gloo group at exit only for NCCL; the strategy registers its own close."""
+    done, ranks = torchrun("exit_after_fit", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["steps"] for r in ranks] == [1, 1]
+    assert [(r["open_after_fit"], r["open_at_exit"]) for r in ranks] == [(True, False), (True, False)]
+
+
 @pytest.mark.slow
 def test_two_ranks_stay_identical_through_every_block_and_cache_their_own_shards(tmp_path: Path) -> None:
     done, (r0, r1) = torchrun("core", tmp_path)
