@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import doctest
 import json
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -144,18 +145,46 @@ def test_bp_batch_is_checked_against_the_budget_with_a_step_of_its_own() -> None
     assert ckpt_batch > batch and ckpt_peak <= peak_at_8
 
 
-def test_cosine_schedule_decays_to_zero_over_the_run(tmp_path: Path) -> None:
+class _RatesSeen(pl.Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("warmup", [0.0, 0.25])
+def test_cosine_schedule_warms_up_then_decays_to_zero_over_the_run(tmp_path: Path, warmup: float) -> None:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))
-    module = ClassifierModule(create("vgg11", num_classes=10, width_mult=0.125), num_classes=10, lr_schedule="cosine")
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(module, DataLoader(data, batch_size=8))
+    module = ClassifierModule(create("vgg11", num_classes=10, width_mult=0.125), num_classes=10, lr_schedule="cosine",
+                              lr_warmup=warmup)  # fmt: skip
+    seen = _RatesSeen()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[seen],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=8))  # 8 steps
     (scheduler,) = trainer.lr_scheduler_configs
-    assert scheduler.interval == "step" and scheduler.scheduler.T_max == 8
+    assert scheduler.interval == "step"
+    warm = round(warmup * 8)
+    rising = [0.05 * (s + 1) / warm for s in range(warm)]
+    cosine = [0.05 * 0.5 * (1 + math.cos(math.pi * s / (8 - warm))) for s in range(8 - warm)]
+    assert seen.rates == pytest.approx(rising + cosine)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_warm_up_alone_keeps_the_rate_after_it_and_bad_schedules_are_refused(tmp_path: Path) -> None:
+    data = TensorDataset(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))
+    module = ClassifierModule(create("vgg11", num_classes=10, width_mult=0.125), num_classes=10, lr_warmup=0.5)
+    seen = _RatesSeen()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[seen],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=8))  # 4 steps, 2 of warm-up
+    assert seen.rates == pytest.approx([0.025, 0.05, 0.05, 0.05])
     with pytest.raises(ValueError, match="lr_schedule"):
         ClassifierModule(nn.Linear(2, 2), num_classes=2, lr_schedule="step")
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="lr_warmup"):
+            ClassifierModule(nn.Linear(2, 2), num_classes=2, lr_warmup=bad)
 
 
 @pytest.fixture

@@ -40,8 +40,8 @@ def quickstart_commands() -> list[str]:
 
 
 def python_block_after(heading: str) -> str:
-    """The first ```python block after ``heading`` in the README."""
-    match = re.search(rf"^{re.escape(heading)}\n.*?^```python\n(.*?)^```", README, re.S | re.M)
+    """The first ```python block after the line that starts with ``heading`` in the README."""
+    match = re.search(rf"^{re.escape(heading)}.*?^```python\n(.*?)^```", README, re.S | re.M)
     assert match is not None, f"no python block after {heading!r} in the README"
     return match.group(1)
 
@@ -161,6 +161,9 @@ EPILOGUE = textwrap.dedent(
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as rows:  # an exit is scored once its unit trained
         scored = {k for r in csv.DictReader(rows) for k, v in r.items() if k.startswith("neuroflux/acc_exit_") and v}
     run = trainer.strategy.run
+    if "report" in globals():  # the README's polish block ran after it
+        print("POLISH", json.dumps({"peak": report.measured_peak_bytes, "batch": report.batch_size,
+                                    "outputs": list(polished(torch.zeros(2, 3, 32, 32)).shape)}))
     print("RESULT", json.dumps({
         "strategy": type(trainer.strategy).__name__, "blocks": run.num_blocks, "units": len(run.units),
         "scored": sorted(int(k.rsplit("_", 1)[1]) for k in scored),
@@ -178,6 +181,8 @@ def test_the_readme_drop_in_snippet_trains_every_planned_block(
     if strategy != "as written":
         snippet, replaced = re.subn(r"strategy=nf\.NeuroFluxStrategy\([^)]*\)", strategy, snippet)
         assert replaced == 1
+    if strategy == "as written":  # then the README's polish of the exit it deployed
+        snippet += python_block_after("**Polish the deployed exit.**")
     (tmp_path / "user.py").write_text(PREAMBLE + snippet + EPILOGUE)
     done = fresh([sys.executable, "user.py"], tmp_path, NF_DATA_DIR=str(shared_datasets_dir),
                  NF_CACHE_DIR=str(data_cache_dir))  # fmt: skip
@@ -188,6 +193,19 @@ def test_the_readme_drop_in_snippet_trains_every_planned_block(
         assert result["blocks"] >= 2, result  # the snippet's budget splits this network into blocks
     assert result["test_acc"] > 0.15, result  # the selected exit, tested from the best checkpoint
     assert "never trained" not in done.stderr
+    if strategy == "as written":
+        polish = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("POLISH"))[7:])
+        assert polish["outputs"] == [2, 10] and polish["batch"] >= 1 and 0 < polish["peak"] <= 20_000_000, polish
+
+
+def test_the_readme_configuration_snippets_build_their_trainers(tmp_path: Path) -> None:
+    """The README's neuron-budget and DDP blocks, as written, after the imports its first block makes."""
+    blocks = [python_block_after("**Budgeted neuron updates**"), python_block_after("### Several devices and machines")]
+    script = "import lightning.pytorch as pl\nimport nf_lightning as nf\n" + "".join(blocks)
+    script += "print('BUILT', type(trainer.strategy).__name__, trainer.world_size)\n"
+    (tmp_path / "user.py").write_text(script)
+    done = fresh([sys.executable, "user.py"], tmp_path)
+    assert "BUILT NeuroFluxDDPStrategy 8" in done.stdout, done.stdout[-2000:]
 
 
 def test_fit_without_validation_data_fails_at_once_saying_what_to_pass(tmp_path: Path) -> None:

@@ -9,13 +9,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from nf_lightning import NeuroFluxStrategy, data, models
 from nf_lightning.cli.common import compose_config
 from nf_lightning.cli.train import POLISHED_PROGRAM_FILE, POLISHED_STATE_FILE, resume, run
 from nf_lightning.core.plan.partitioner import BudgetTooSmall
 from nf_lightning.lightning.classifier import ClassifierModule
-from nf_lightning.lightning.polish import polish_exit
+from nf_lightning.lightning.polish import FrozenBatchNormStatistics, polish_exit
 from nf_lightning.core.memory.budget import MemoryBudget
 
 RECIPE = {"reference_batch": 128, "momentum": 0.9, "weight_decay": 5e-4}  # the polish takes the whole recipe
@@ -78,21 +79,55 @@ def test_a_polish_that_loses_accuracy_returns_the_exit_unchanged(trained: tuple)
     assert all(torch.equal(v, exit_model.state_dict()[k]) for k, v in kept.state_dict().items())
 
 
+def _norms(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_batchnorm_statistics_stay_through_training_and_validation(tmp_path: Path, frozen: bool) -> None:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,)))
+    net = models.create("vgg11", num_classes=10, width_mult=0.125)
+    before = _norms(net)
+    conv = next(k for k, v in net.state_dict().items() if v.dim() == 4)
+    conv_before = net.state_dict()[conv].clone()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[FrozenBatchNormStatistics()] if frozen else [])  # fmt: skip
+    trainer.fit(ClassifierModule(net, 10), DataLoader(data, batch_size=16), DataLoader(data, batch_size=16))
+    after = _norms(net)
+    assert before and all(torch.equal(before[k], after[k]) for k in before) == frozen  # validation ran in between
+    assert not torch.equal(net.state_dict()[conv], conv_before)  # the weights trained either way
+
+
+def test_a_polish_reports_its_warm_up_and_batchnorm_settings(trained: tuple) -> None:
+    exit_model, dm = trained
+    _, report = polish_exit(exit_model, dm, MemoryBudget.parse(BUDGET), **RECIPE, epochs=1, lr=0.05, warmup=0.3,
+                            batchnorm="frozen", trainer_options={"accelerator": "cpu", "enable_progress_bar": False})
+    assert (report.batchnorm, report.warmup, report.epochs) == ("frozen", 0.3, 1)
+
+
 def test_polish_refuses_a_budget_below_one_sample_and_bad_epochs(trained: tuple) -> None:
     exit_model, dm = trained
     with pytest.raises(BudgetTooSmall, match="deployed exit"):
         polish_exit(exit_model, dm, MemoryBudget.parse(10_000), **RECIPE, epochs=1, lr=0.05)
     with pytest.raises(ValueError, match="epochs must be a positive integer"):
         polish_exit(exit_model, dm, MemoryBudget.parse(BUDGET), **RECIPE, epochs=0, lr=0.05)
+    with pytest.raises(ValueError, match="batchnorm must be one of"):
+        polish_exit(exit_model, dm, MemoryBudget.parse(BUDGET), **RECIPE, epochs=1, lr=0.05, batchnorm="fixed")
 
 
 def test_nf_train_polishes_and_exports_the_exit(tmp_path: Path, shared_datasets_dir: Path, data_cache_dir: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("NF_DATA_DIR", str(shared_datasets_dir))
     monkeypatch.setenv("NF_CACHE_DIR", str(data_cache_dir))
-    results = run(compose_config("train", [*TINY, "method=neuroflux", "budget=5MB", "polish_epochs=2"]), tmp_path)
+    settings = ["polish.lr=0.02", "polish.warmup=0.25", "polish.batchnorm=frozen"]
+    results = run(compose_config("train", [*TINY, "method=neuroflux", "budget=5MB", "polish_epochs=2", *settings]),
+                  tmp_path)  # fmt: skip
     polish = json.loads((tmp_path / "results.json").read_text())["polish"]
     assert polish["unit"] == results["exit"]["unit"] and polish["epochs"] == 2
+    assert (polish["warmup"], polish["batchnorm"]) == (0.25, "frozen")
+    assert polish["lr"] == pytest.approx(0.02 * polish["batch_size"] / 128)
     assert polish["measured_peak_bytes"] <= results["budget_bytes"]
     polish_records = results["history"][-2:]  # the polish's validations, on the run's clock, after the blocks'
     assert all(r["block"] is None and "val/acc" in r for r in polish_records)
@@ -114,6 +149,10 @@ def test_nf_train_refuses_polish_it_cannot_do_before_training(tmp_path: Path) ->
         run(compose_config("train", [*TINY, "method=neuroflux", "polish_epochs=1", "distributed=ddp"]), tmp_path)
     with pytest.raises(ValueError, match="polish_epochs needs the early_exit callback"):
         run(compose_config("train", [*TINY, "method=neuroflux", "polish_epochs=1", "~callbacks.early_exit"]), tmp_path)
+    for bad, message in (("polish.batchnorm=fixed", "batchnorm must be one of"), ("polish.warmup=1.5", "lr_warmup"),
+                         ("polish.lr=0", "lr must be positive")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            run(compose_config("train", [*TINY, "method=neuroflux", "polish_epochs=1", bad]), tmp_path)
     assert not (tmp_path / "config.yaml").exists()  # refused before anything ran or was written
 
 

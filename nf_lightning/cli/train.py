@@ -42,7 +42,7 @@ from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.lightning.history import ValidationHistory
 from nf_lightning.neuron_budget.pretrained import load_pretrained
 from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
-from nf_lightning.lightning.polish import polish_exit
+from nf_lightning.lightning.polish import check_settings, polish_exit
 from nf_lightning.lightning.run_access import neuroflux_run
 
 CONFIG_FILE = "config.yaml"  # the run's own config, what resume() reads
@@ -108,10 +108,20 @@ def run(cfg: DictConfig, out: Path, ckpt_path: Path | None = None) -> dict[str, 
 
 
 def _check_polish(cfg: DictConfig) -> None:
-    if cfg.method.get("polish_epochs") and cfg.distributed != "single":
+    if not cfg.method.get("polish_epochs"):
+        return
+    if cfg.distributed != "single":
         raise ValueError("polish_epochs needs distributed=single: the exit is polished on one device")
-    if cfg.method.get("polish_epochs") and not (cfg.get("callbacks") or {}).get("early_exit"):
+    if not (cfg.get("callbacks") or {}).get("early_exit"):
         raise ValueError("polish_epochs needs the early_exit callback: it polishes the exit that callback selects")
+    settings = _polish_settings(cfg)
+    check_settings(int(cfg.method.polish_epochs), settings.pop("lr"), **settings)
+
+
+def _polish_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The ``polish`` group's settings (``lr``, ``warmup``, ``batchnorm``); a run configured before that
+    group existed has only the recipe's rate."""
+    return {"lr": cfg.optim.lr, **(cfg.get("polish") or {})}
 
 
 def _header(cfg: DictConfig, budget: MemoryBudget, pretrained: Any, ckpt_path: Path | None) -> dict[str, Any]:
@@ -174,7 +184,8 @@ def _outcome(trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: V
 
 
 def _polish(
-    cfg: DictConfig, budget: MemoryBudget, trainer: pl.Trainer, datamodule: pl.LightningDataModule, history: ValidationHistory, out: Path
+    cfg: DictConfig, budget: MemoryBudget, trainer: pl.Trainer, datamodule: pl.LightningDataModule,
+    history: ValidationHistory, out: Path,
 ) -> dict[str, Any]:
     """Polish the exit the run deployed (:func:`~nf_lightning.lightning.polish.polish_exit`), with the
     ``polish_callbacks`` group's callbacks if the config has one, and export it
@@ -183,12 +194,14 @@ def _polish(
     selector = next((c for c in trainer.callbacks if isinstance(c, EarlyExitSelector)), None)
     if selector is None or selector.exit_model is None:
         raise ValueError(f"polish_epochs needs a deployed exit: method {cfg.method.name} selected none")
+    settings = _polish_settings(cfg)
     model, report = polish_exit(
-        selector.exit_model, datamodule, budget, epochs=int(cfg.method.polish_epochs),
-        lr=cfg.optim.lr, reference_batch=cfg.optim.reference_batch, momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay, batch_limit=cfg.batch_limit,
-        callbacks=[history, *_instantiate_all(cfg.get("polish_callbacks"))], trainer_options={"accelerator": cfg.trainer.accelerator, "devices": 1,
-                                              "enable_progress_bar": cfg.trainer.enable_progress_bar},
+        selector.exit_model, datamodule, budget, epochs=int(cfg.method.polish_epochs), lr=settings.pop("lr"),
+        reference_batch=cfg.optim.reference_batch, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+        batch_limit=cfg.batch_limit, callbacks=[history, *_instantiate_all(cfg.get("polish_callbacks"))],
+        trainer_options={"accelerator": cfg.trainer.accelerator, "devices": 1,
+                         "enable_progress_bar": cfg.trainer.enable_progress_bar},
+        **settings,
     )  # fmt: skip
     save_exit(model, tuple(datamodule.input_shape), out / "export", POLISHED_STEM)
     print(

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,6 +39,16 @@ class ClassifierModule(pl.LightningModule):
             sets (``trainer.estimated_stepping_batches``). For ordinary training
             (BP); leave it constant under NeuroFlux, which decays each block itself
             and would otherwise step this scheduler instead.
+        lr_warmup: fraction of the run's steps (in ``[0, 1)``) over which the rate rises
+            linearly from near zero before the schedule above takes the rest of the run;
+            0 (the default) starts at the full rate. Fine-tuning a trained network (the
+            polish) uses it so that its first steps do not throw its features away.
+
+    Example:
+        >>> from nf_lightning.models import create
+        >>> module = ClassifierModule(create("vgg11", width_mult=0.125), 10, lr_schedule="cosine", lr_warmup=0.1)
+        >>> module.hparams.lr_warmup
+        0.1
     """
 
     def __init__(
@@ -49,10 +60,12 @@ class ClassifierModule(pl.LightningModule):
         weight_decay: float = 5e-4,
         nesterov: bool = True,
         lr_schedule: str = "constant",
+        lr_warmup: float = 0.0,
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        check_lr_warmup(lr_warmup)
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -101,12 +114,40 @@ class ClassifierModule(pl.LightningModule):
             weight_decay=hp.weight_decay,
             nesterov=hp.nesterov and hp.momentum > 0,
         )
-        if hp.get("lr_schedule", "constant") == "constant":
+        schedule, warmup = hp.get("lr_schedule", "constant"), hp.get("lr_warmup", 0.0)
+        if schedule == "constant" and not warmup:
             return optimizer
         steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(steps) or steps < 1:
             raise ValueError(
-                f"lr_schedule='cosine' needs a finite run (the Trainer's max_epochs or max_steps), got {steps} steps"
+                f"lr_schedule={schedule!r} with lr_warmup={warmup} needs a finite run (the Trainer's max_epochs "
+                f"or max_steps), got {steps} steps"
             )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(steps))
+        factor = lr_factor(int(steps), warmup_steps=round(warmup * steps), cosine=schedule == "cosine")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_lr_warmup(fraction: float) -> None:
+    """Refuse a warm-up that is not a fraction of the run's steps in ``[0, 1)``."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"lr_warmup is a fraction of the run's steps in [0, 1), got {fraction!r}")
+
+
+def lr_factor(steps: int, warmup_steps: int = 0, cosine: bool = True) -> Callable[[int], float]:
+    """The rate's factor at each step of a ``steps``-step run: a linear warm-up, then a cosine to zero or constant.
+
+    Example:
+        >>> factor = lr_factor(10, warmup_steps=2)
+        >>> [round(factor(s), 3) for s in (0, 1, 2, 6, 9)]
+        [0.5, 1.0, 1.0, 0.5, 0.038]
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if not cosine:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
+
+    return factor

@@ -8,8 +8,11 @@ batch size. :func:`polish_exit` fine-tunes it end to end for a few epochs:
 
 - the batch is the largest at which a BP step of the exit fits the budget
   (:func:`~nf_lightning.lightning.backprop_batch.size_backprop_batch`), the
-  learning rate follows it linearly from the recipe's reference batch and
-  decays to zero on a cosine over the polish;
+  learning rate follows it linearly from the recipe's reference batch, rises
+  over an optional warm-up and decays to zero on a cosine over the polish;
+- BatchNorm either keeps adapting its statistics to the polish's batches
+  (``batchnorm="train"``) or keeps those the block-wise run left and normalizes
+  with them (``"frozen"``; its scale and shift still train);
 - every step is held to the budget by
   :class:`~nf_lightning.lightning.backprop.BudgetedBackpropStrategy` (the
   guard NeuroFlux's unit steps run under);
@@ -22,8 +25,7 @@ they were (their inputs would have changed under them), so the polished exit
 is a model of its own, not a part of the full network.
 
 Example:
-    >>> polished, report = polish_exit(run.exit_model(), datamodule, MemoryBudget.parse("10MB"), epochs=10,
-    ...                                lr=0.05, reference_batch=128, momentum=0.9, weight_decay=5e-4)  # doctest: +SKIP
+    >>> polished, report = polish_exit(run.exit_model(), datamodule, "10MB", epochs=10, lr=0.05)  # doctest: +SKIP
     >>> report.kept, report.val_before, report.val_after  # doctest: +SKIP
     (True, 0.643, 0.689)
 """
@@ -44,7 +46,10 @@ from nf_lightning.core.memory.budget import MemoryBudget
 from nf_lightning.core.plan.partitioner import BATCH_LIMIT
 from nf_lightning.lightning.backprop import BudgetedBackpropStrategy
 from nf_lightning.lightning.backprop_batch import size_backprop_batch
-from nf_lightning.lightning.classifier import ClassifierModule
+from nf_lightning.lightning.classifier import ClassifierModule, check_lr_warmup
+
+BATCHNORM = ("train", "frozen")
+"""How the polish treats BatchNorm: statistics that follow its batches, or those the run left."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class PolishReport:
     epochs: int
     batch_size: int
     lr: float
+    warmup: float
+    batchnorm: str
     predicted_peak_bytes: int
     measured_peak_bytes: int | None
     val_before: float
@@ -68,14 +75,16 @@ class PolishReport:
 def polish_exit(
     exit_model: nn.Module,
     datamodule: Any,
-    budget: MemoryBudget,
+    budget: MemoryBudget | str | int,
     *,
     epochs: int,
     lr: float,
-    reference_batch: int,
-    momentum: float,
-    weight_decay: float,
+    reference_batch: int = 128,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
     nesterov: bool = True,
+    warmup: float = 0.0,
+    batchnorm: str = "train",
     batch_limit: int = BATCH_LIMIT,
     callbacks: Sequence[pl.Callback] = (),
     trainer_options: dict[str, Any] | None = None,
@@ -83,55 +92,99 @@ def polish_exit(
     """Fine-tune ``exit_model`` end to end by budgeted BP; return the better of it and the result.
 
     Args:
-        exit_model: the deployed exit (``BlockwiseRun.exit_model()``,
-            ``EarlyExitSelector.exit_model``); a copy is trained, the input is never modified.
-        datamodule: a LightningDataModule with ``num_classes``, ``input_shape`` and a
-            settable ``batch_size`` (every ``nf_lightning.data`` module); its batch size
-            is restored afterwards.
-        budget: what every BP step must fit, as for the run.
+        exit_model: the deployed exit (``BlockwiseRun.exit_model()``); a copy is trained.
+        datamodule: a LightningDataModule with ``num_classes``, ``input_shape`` and a settable
+            ``batch_size`` (every ``nf_lightning.data`` module); its batch size comes back after.
+        budget: what every BP step must fit, as for the run (``"20MB"``, bytes or a ``MemoryBudget``).
         epochs: polish epochs (the cosine's horizon); at least 1.
         lr: SGD rate at ``reference_batch``, scaled linearly to the batch used.
-        momentum, weight_decay, nesterov: the rest of the SGD recipe (the app's ``optim``).
-        callbacks: more callbacks for the polish's Trainer (a ``ValidationHistory``
-            keeps its clock, so a history spans the run and its polish).
+        momentum, weight_decay, nesterov: the rest of the SGD recipe (the app's ``optim``);
+            ``ClassifierModule``'s defaults where None.
+        warmup: fraction of the polish's steps with a linear warm-up first (0: full rate at once).
+        batchnorm: ``"train"`` (statistics follow the polish's batches) or ``"frozen"`` (the
+            running statistics it came with normalize and stay; the affine weights train).
+        callbacks: more callbacks for the polish's Trainer (a ``ValidationHistory`` keeps
+            its clock, so a history spans the run and its polish).
         trainer_options: more ``pl.Trainer`` arguments (``accelerator``, ``logger``...).
 
     Raises:
         BudgetTooSmall: if BP through the exit does not fit at batch 1.
     """
-    _check(epochs, lr)
+    check_settings(epochs, lr, warmup, batchnorm)
     start = time.perf_counter()
     original = copy.deepcopy(exit_model).cpu()
-    module = ClassifierModule(
-        copy.deepcopy(exit_model).train(), datamodule.num_classes, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, nesterov=nesterov, lr_schedule="cosine",
-    )  # fmt: skip
+    budget = MemoryBudget.parse(budget)
+    module = _module(exit_model, datamodule.num_classes, lr, warmup, momentum, weight_decay, nesterov)
     sized = size_backprop_batch(
         module, tuple(datamodule.input_shape), budget, batch_limit, lr=lr, reference_batch=reference_batch,
         needed_by="backpropagation through the deployed exit (batch 1)",
     )  # fmt: skip
     module.hparams.lr = sized.lr
-    options = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-               "num_sanity_val_steps": 0, **(trainer_options or {})}  # fmt: skip
     strategy = BudgetedBackpropStrategy(memory_budget=budget)
-    trainer = pl.Trainer(strategy=strategy, max_epochs=epochs, callbacks=list(callbacks), **options)
+    trainer = _trainer(strategy, epochs, batchnorm, callbacks, trainer_options)
     val_before = _fit_at_batch(trainer, module, datamodule, sized.batch_size, original)
     polished = module.net.cpu().eval()
     val_after = _accuracy(datamodule, polished)
     kept = val_after >= val_before
     report = PolishReport(
-        epochs=epochs, batch_size=sized.batch_size, lr=module.hparams.lr, predicted_peak_bytes=sized.predicted_peak,
-        measured_peak_bytes=strategy.guard.peak, val_before=val_before, val_after=val_after, kept=kept,
-        seconds=time.perf_counter() - start,
+        epochs=epochs, batch_size=sized.batch_size, lr=module.hparams.lr, warmup=warmup, batchnorm=batchnorm,
+        predicted_peak_bytes=sized.predicted_peak, measured_peak_bytes=strategy.guard.peak, val_before=val_before,
+        val_after=val_after, kept=kept, seconds=time.perf_counter() - start,
     )  # fmt: skip
     return (polished if kept else original.eval()), report
 
 
-def _check(epochs: int, lr: float) -> None:
+def _module(
+    exit_model: nn.Module, num_classes: int, lr: float, warmup: float, momentum: float | None,
+    weight_decay: float | None, nesterov: bool,
+) -> ClassifierModule:
+    """A copy of ``exit_model`` to train, cosine-decayed after ``warmup``; ``ClassifierModule``'s defaults
+    where ``momentum`` or ``weight_decay`` is None."""
+    recipe = {k: v for k, v in {"momentum": momentum, "weight_decay": weight_decay}.items() if v is not None}
+    return ClassifierModule(copy.deepcopy(exit_model).train(), num_classes, lr=lr, nesterov=nesterov,
+                            lr_schedule="cosine", lr_warmup=warmup, **recipe)  # fmt: skip
+
+
+def _trainer(
+    strategy: BudgetedBackpropStrategy, epochs: int, batchnorm: str, callbacks: Sequence[pl.Callback],
+    trainer_options: dict[str, Any] | None,
+) -> pl.Trainer:
+    options = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+               "num_sanity_val_steps": 0, **(trainer_options or {})}  # fmt: skip
+    callbacks = [*([FrozenBatchNormStatistics()] if batchnorm == "frozen" else []), *callbacks]
+    return pl.Trainer(strategy=strategy, max_epochs=epochs, callbacks=callbacks, **options)
+
+
+class FrozenBatchNormStatistics(pl.Callback):
+    """Keep every BatchNorm of the trained module in eval mode: it normalizes with its running statistics,
+    which no training step changes; its affine weights still train.
+
+    Lightning puts the module back in training mode at every epoch's start and after every
+    validation, so this does it again before each training batch (cheap: a walk over the modules).
+    """
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        for module in pl_module.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                module.eval()
+
+
+def check_settings(epochs: int, lr: float, warmup: float = 0.0, batchnorm: str = "train") -> None:
+    """Refuse polish settings :func:`polish_exit` cannot use, before anything trains.
+
+    Example:
+        >>> check_settings(2, 0.05, batchnorm="fixed")
+        Traceback (most recent call last):
+        ...
+        ValueError: batchnorm must be one of ('train', 'frozen'), got 'fixed'
+    """
+    check_lr_warmup(warmup)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
+    if batchnorm not in BATCHNORM:
+        raise ValueError(f"batchnorm must be one of {BATCHNORM}, got {batchnorm!r}")
 
 
 def _fit_at_batch(
