@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 GOLDEN = Path(__file__).resolve().parent / "golden" / "golden_run.json"
 
 
@@ -103,7 +105,12 @@ def run_in_fresh_process() -> dict[str, Any]:
 def test_golden_run_is_unchanged() -> None:
     expected = json.loads(GOLDEN.read_text())
     assert len(expected["blocks"]) >= 2 and expected["exit_accuracies"]  # the run exercises caches and exits
-    assert run_in_fresh_process() == expected
+    outcome = run_in_fresh_process()
+    # The weights' sum is float arithmetic over thousands of steps: oneDNN picks its kernels by the CPU's
+    # instruction set, so machines differ in the last bits (measured: 70.286791 and 70.290528, 5e-5 apart
+    # relatively, with everything else identical). A change of behaviour moves it far more.
+    assert outcome.pop("weight_sum") == pytest.approx(expected.pop("weight_sum"), rel=1e-3)
+    assert outcome == expected
 
 
 if __name__ == "__main__":

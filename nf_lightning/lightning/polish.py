@@ -102,7 +102,8 @@ def polish_exit(
             ``ClassifierModule``'s defaults where None.
         warmup: fraction of the polish's steps with a linear warm-up first (0: full rate at once).
         batchnorm: ``"train"`` (statistics follow the polish's batches) or ``"frozen"`` (the
-            running statistics it came with normalize and stay; the affine weights train).
+            running statistics it came with normalize and stay; the affine weights train; for
+            low rates: at the recipe's rate it diverged, ``experiments/README.md``).
         callbacks: more callbacks for the polish's Trainer (a ``ValidationHistory`` keeps
             its clock, so a history spans the run and its polish).
         trainer_options: more ``pl.Trainer`` arguments (``accelerator``, ``logger``...).
