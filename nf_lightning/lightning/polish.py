@@ -101,9 +101,8 @@ def polish_exit(
         momentum, weight_decay, nesterov: the rest of the SGD recipe (the app's ``optim``);
             ``ClassifierModule``'s defaults where None.
         warmup: fraction of the polish's steps with a linear warm-up first (0: full rate at once).
-        batchnorm: ``"train"`` (statistics follow the polish's batches) or ``"frozen"`` (the
-            running statistics it came with normalize and stay; the affine weights train; for
-            low rates: at the recipe's rate it diverged, ``experiments/README.md``).
+        batchnorm: ``"train"`` (statistics follow the batches) or ``"frozen"`` (the statistics it
+            came with stay; for low rates: at the recipe's it diverged, ``experiments/README.md``).
         callbacks: more callbacks for the polish's Trainer (a ``ValidationHistory`` keeps
             its clock, so a history spans the run and its polish).
         trainer_options: more ``pl.Trainer`` arguments (``accelerator``, ``logger``...).
