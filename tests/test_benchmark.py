@@ -206,6 +206,27 @@ def test_scratch_runs_are_bp_on_the_exit_and_depth_search_stops_at_the_target() 
     assert "snapshots" in nf.callbacks and "snapshots" in nf.polish_callbacks
 
 
+def test_local_overrides_reach_neuroflux_alone_and_tag_its_runs_only() -> None:
+    settings = settings_of(parse_args(["--preset", "quick", "--local-set", "polish.warmup=0.1", "exit.depth_patience=1"],
+                                      REPO))  # fmt: skip
+    assert settings["local_set"] == ["polish.warmup=0.1", "exit.depth_patience=1"]
+    tag = plan.local_tag(settings["local_set"])
+    assert tag and tag != plan.local_tag(["polish.warmup=0.2", "exit.depth_patience=1"])  # another lever, other runs
+    methods = ["bp", "neuroflux", "scratch_exit"]
+    known = plan.Known(best={"bp": 0.05, "neuroflux": 0.05}, deployed={(0.05, 0): 3})
+    keys = [s.key for s in plan.planned_runs(methods, [0.05], 2, known, units=8, tag=tag)]
+    assert keys == ["bp_lr0.05_seed0", f"neuroflux_lr0.05_seed0_{tag}", "scratch_exit_u3_lr0.05_seed0",
+                    "bp_lr0.05_seed1", f"neuroflux_lr0.05_seed1_{tag}"]  # BP's keys as without the lever: reusable
+    settings = {**settings, "width": 0.25}
+    nf = compose_config("train", plan.run_overrides(plan.RunSpec("neuroflux", 0.05, 0, tag=tag), settings, "1MB"))
+    assert nf.polish.warmup == 0.1 and nf.exit.depth_patience == 1
+    bp = plan.run_overrides(plan.RunSpec("bp", 0.05, 0), settings, "1MB")
+    assert bp == plan.run_overrides(plan.RunSpec("bp", 0.05, 0), {**settings, "local_set": []}, "1MB")
+    line = report.settings_line({"settings": settings, "budget": {"text": "1 MB", "rule": "given"},
+                                 "results": {}, "machine": {"cpus": 2}})  # fmt: skip
+    assert "NeuroFlux only `polish.warmup=0.1 exit.depth_patience=1`" in line
+
+
 def test_depth_search_sums_each_depths_time_until_one_crosses() -> None:
     rows = [{"unit": 0, "status": "ok", "time_to_target": None, "last_seconds": 50.0},
             {"unit": 1, "status": "ok", "time_to_target": None, "last_seconds": 70.0},

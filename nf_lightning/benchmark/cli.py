@@ -66,6 +66,9 @@ def parse_args(argv: Sequence[str] | None, repo: Path) -> argparse.Namespace:
     parser.add_argument("--throughput-repeats", type=int, default=50)
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="more nf-train overrides, for every run")
+    parser.add_argument("--local-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="more nf-train overrides for NeuroFlux's runs only (an ablation's lever); their run "
+                        "directories are tagged, so BP's runs of the same code in the same --work are reused")  # fmt: skip
     parser.add_argument("--out", type=Path, help="results directory (default experiments/results/compare/<preset>)")
     parser.add_argument("--work", type=Path, help="run directories (default experiments/out/compare/<preset>)")
     parser.add_argument("--readme", action="store_true",
@@ -90,7 +93,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     if "scratch_exit" in methods and "neuroflux" not in methods:
         raise SystemExit("scratch_exit trains the exit NeuroFlux deployed: --methods must include neuroflux")
     keys = ("preset", "model", "width", "data", "train_subset", "val_subset", "test_subset", "data_seed",
-            "batch_limit", "bp_epochs", "nf_epochs", "polish_epochs", "lrs", "seeds", "jobs", "threads", "set")  # fmt: skip
+            "batch_limit", "bp_epochs", "nf_epochs", "polish_epochs", "lrs", "seeds", "jobs", "threads", "set", "local_set")  # fmt: skip
     meter = {"full_steps": 0, "sample_every": 1} if args.meter_every_step else neuroflux_metering()
     pinned = {m: float(lr) for m, lr in (item.split("=", 1) for item in args.rate)}
     if set(pinned) - set(methods):

@@ -11,6 +11,10 @@ The order interleaves methods so a change in the machine's load hits all of them
    is chosen: ``depth_search`` per seed, exits of depth 0, 1, 2... at that rate
    (BP's without ``scratch_exit``), each run only after the one before it missed the target.
 
+Overrides for the local-learning runs alone (``--local-set``, an ablation's lever) tag
+those runs' keys (:func:`local_tag`), so an ablation reuses the BP-trained runs of an
+earlier invocation of the same code and never takes another variant's NeuroFlux run.
+
 Example:
     >>> known = Known(best={"bp": 0.1, "neuroflux": 0.1}, deployed={(0.1, 0): 3})
     >>> [s.key for s in planned_runs(["bp", "neuroflux", "scratch_exit"], [0.1], 1, known, units=8)]
@@ -23,22 +27,37 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nf_lightning.benchmark.presets import BP_LIKE, SCRATCH_LIKE, SNAPSHOT_DIR
+import hashlib
+
+from nf_lightning.benchmark.presets import BP_LIKE, LOCAL, SCRATCH_LIKE, SNAPSHOT_DIR
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: a method at a rate and seed; ``unit`` is the exit's depth for scratch-trained exits."""
+    """One training run: a method at a rate and seed; ``unit`` is the exit's depth for scratch-trained exits;
+    ``tag`` names the local-learning overrides it ran with (:func:`local_tag`)."""
 
     method: str
     lr: float
     seed: int
     unit: int | None = None
+    tag: str = ""
 
     @property
     def key(self) -> str:
         depth = "" if self.unit is None else f"_u{self.unit}"
-        return f"{self.method}{depth}_lr{self.lr:g}_seed{self.seed}"
+        return f"{self.method}{depth}_lr{self.lr:g}_seed{self.seed}{'_' + self.tag if self.tag else ''}"
+
+
+def local_tag(overrides: Sequence[str]) -> str:
+    """A short name for the overrides given to local-learning runs only; ``""`` for none.
+
+    >>> local_tag([]), local_tag(["polish.lr=0.01"]) == local_tag(["polish.lr=0.01"]), local_tag(["polish.lr=0.01"])[:1]
+    ('', True, 'v')
+    """
+    if not overrides:
+        return ""
+    return "v" + hashlib.blake2b(" ".join(overrides).encode(), digest_size=4).hexdigest()
 
 
 @dataclass
@@ -68,10 +87,10 @@ def rates_of(method: str, lrs: Sequence[float], pinned: Mapping[str, float] | No
 
 def planned_runs(
     methods: Sequence[str], lrs: Sequence[float], seeds: int, known: Known, units: int,
-    pinned: Mapping[str, float] | None = None,
+    pinned: Mapping[str, float] | None = None, tag: str = "",
 ) -> list[RunSpec]:
     """Every run that can be planned from ``known``, in the order they start (``units``: the network's units;
-    ``pinned``: methods trained at one given rate instead of the grid).
+    ``pinned``: methods trained at one given rate instead of the grid; ``tag``: of the local-learning runs).
 
     >>> known = Known(best={"bp": 0.1}, target=0.5, crossed={(0, 0): False})
     >>> [s.key for s in planned_runs(["bp", "depth_search"], [0.1], 1, known, units=3)]
@@ -79,12 +98,13 @@ def planned_runs(
     """
     base = [m for m in methods if m not in SCRATCH_LIKE]
     every = sorted({lr for m in methods for lr in rates_of(m, lrs, pinned)})
-    runs = [RunSpec(m, lr, 0) for lr in every for m in base if lr in rates_of(m, lrs, pinned)]
+    tags = {m: tag if m in LOCAL else "" for m in base}
+    runs = [RunSpec(m, lr, 0, tag=tags[m]) for lr in every for m in base if lr in rates_of(m, lrs, pinned)]
     nf_lr = known.best.get("neuroflux")
     if "scratch_exit" in methods and (nf_lr, 0) in known.deployed:
         runs += [RunSpec("scratch_exit", lr, 0, known.deployed[(nf_lr, 0)]) for lr in rates_of("scratch_exit", lrs, pinned)]
     for seed in range(1, seeds):
-        runs += [RunSpec(m, known.best[m], seed) for m in base if m in known.best]
+        runs += [RunSpec(m, known.best[m], seed, tag=tags[m]) for m in base if m in known.best]
         if "scratch_exit" in methods and "scratch_exit" in known.best and (nf_lr, seed) in known.deployed:
             runs.append(RunSpec("scratch_exit", known.best["scratch_exit"], seed, known.deployed[(nf_lr, seed)]))
     depth_lr = known.best.get("scratch_exit" if "scratch_exit" in methods else "bp")
@@ -154,6 +174,7 @@ def run_overrides(
                           f"+{group}.snapshots.directory=${{paths.output_dir}}/{SNAPSHOT_DIR}"]  # fmt: skip
         if settings.get("polish_epochs"):  # polish the deployed exit end to end
             overrides.append(f"polish_epochs={settings['polish_epochs']}")
+        overrides += settings.get("local_set") or []
     overrides += [  # every method's strategy meters on the same schedule, by the same guard
         f"+trainer.strategy.meter_full_steps={meter['full_steps']}",
         f"+trainer.strategy.meter_sample_every={meter['sample_every']}",

@@ -75,9 +75,16 @@ def settings_line(summary: Mapping[str, Any]) -> str:
         f"{_count(s['val_subset'])} validation images (held out of the training split); test: {scored} images of "
         f"{split}; budget {budget['text']} ({budget['rule']}); {s['seeds']} seed(s), learning rates "
         f"{', '.join(map(str, s['lrs']))} at batch 128{_pinned(s.get('pinned'))}; BP-trained networks {s['bp_epochs']} epochs (cosine), "
-        f"NeuroFlux {s['nf_epochs']} epochs per block{polish}; one torch thread per run, {s['jobs']} runs at once "
-        f"on {summary['machine']['cpus']} CPU cores."
+        f"NeuroFlux {s['nf_epochs']} epochs per block{polish}{_extra(s)}; one torch thread per run, {s['jobs']} runs "
+        f"at once on {summary['machine']['cpus']} CPU cores."
     )
+
+
+def _extra(settings: Mapping[str, Any]) -> str:
+    """The command line's extra overrides, if any: for every run, and for NeuroFlux's alone."""
+    parts = [f"{who} `{' '.join(settings[key])}`" for key, who in (("set", "every run"), ("local_set", "NeuroFlux only"))
+             if settings.get(key)]  # fmt: skip
+    return f"; more overrides: {', '.join(parts)}" if parts else ""
 
 
 def provenance_line(summary: Mapping[str, Any]) -> str:

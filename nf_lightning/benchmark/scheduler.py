@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from nf_lightning.benchmark.plan import RunSpec, planned_runs, run_overrides
+from nf_lightning.benchmark.plan import RunSpec, local_tag, planned_runs, run_overrides
 from nf_lightning.benchmark.presets import LOG_FILE, RECORD_FILE, SPEC_FILE
 from nf_lightning.benchmark.provenance import code_identity, code_root, same_code
 from nf_lightning.benchmark.summary import known_from, run_row
@@ -55,7 +55,8 @@ def run_all(
     while True:
         if changed:  # plan again only when a run finished or was reused: the loop stays light on the clock
             known = known_from(list(records.values()), settings)
-            planned = planned_runs(methods, settings["lrs"], settings["seeds"], known, units, settings.get("pinned"))
+            planned = planned_runs(methods, settings["lrs"], settings["seeds"], known, units, settings.get("pinned"),
+                                   local_tag(settings.get("local_set") or []))  # fmt: skip
             changed = False
         pending = [s for s in planned if s.key not in records and s.key not in running]
         found = {s.key: reusable(work / "runs" / s.key, run_overrides(s, settings, budget, known.target), code)
