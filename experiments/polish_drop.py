@@ -91,6 +91,10 @@ def blockwise_exit(dm: CIFAR10FolderDataModule, work: Path, seed: int) -> tuple[
     return strategy.run.exit_model(), info
 
 
+def _percents(values: list[float]) -> str:
+    return ", ".join(f"{100 * v:.1f}" for v in values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -126,9 +130,8 @@ def main() -> None:
              "| variant | validation % | after each polish epoch % | same, statistics re-estimated on 1,000 clean images % |",
              "| --- | ---: | --- | --- |"]  # fmt: skip
     for row in rows:
-        pct = lambda values: ", ".join(f"{100 * v:.1f}" for v in values)  # noqa: E731
         lines.append(f"| {row['variant']} | {100 * row['val']:.1f} | - | - |" if "val" in row else
-                     f"| {row['variant']} | - | {pct(row['per_epoch'])} | {pct(row['per_epoch_recalibrated'])} |")
+                     f"| {row['variant']} | - | {_percents(row['per_epoch'])} | {_percents(row['per_epoch_recalibrated'])} |")
     (out / f"summary_seed{args.seed}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

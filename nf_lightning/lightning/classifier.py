@@ -41,8 +41,7 @@ class ClassifierModule(pl.LightningModule):
             and would otherwise step this scheduler instead.
         lr_warmup: fraction of the run's steps (in ``[0, 1)``) over which the rate rises
             linearly from near zero before the schedule above takes the rest of the run;
-            0 (the default) starts at the full rate. Fine-tuning a trained network (the
-            polish) uses it so that its first steps do not throw its features away.
+            0 (the default) starts at the full rate (``polish_exit(warmup=...)`` passes it on).
 
     Example:
         >>> from nf_lightning.models import create
