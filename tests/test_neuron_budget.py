@@ -21,6 +21,7 @@ from nf_lightning import NeuroFluxStrategy
 from nf_lightning.cli.common import compose_config
 from nf_lightning.lightning.classifier import ClassifierModule
 from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
+from nf_lightning.models import create
 from nf_lightning.neuron_budget import callback as callback_module
 from nf_lightning.neuron_budget import probe as probe_module
 from nf_lightning.neuron_budget import scope as scope_module
@@ -42,7 +43,7 @@ from nf_lightning.neuron_budget.selection import (
     velocity_order,
     velocity_step,
 )
-from nf_lightning.models import create
+from nf_lightning.neuron_budget.trainable import SelectiveTraining
 
 
 @pytest.mark.parametrize("module", [callback_module, probe_module, scope_module, selection_module, selector_module])
@@ -167,7 +168,7 @@ def test_velocity_probe_on_hand_computed_outputs() -> None:
     copy = VelocityProbe({"c": conv}, mu=0.5)
     copy.load_state_dict(probe.state_dict(), [conv])
     assert copy.passes == 3 and torch.equal(copy.velocity["c"], probe.velocity["c"])
-    assert torch.equal(copy.snapshot[0][2], conv.weight)
+    assert torch.equal(copy.snapshot[0].tensor, conv.weight)
 
 
 def test_velocity_probe_matches_recorded_outputs_exactly() -> None:
@@ -205,6 +206,44 @@ def test_velocity_probe_matches_recorded_outputs_exactly() -> None:
     assert probe.batch_bytes * 12 == recorded_bytes * 5  # one probe batch of 5 outputs at a time, not all 12
     state = [*net.parameters(), *net.buffers()]
     assert probe.kept_bytes == sum(t.numel() * t.element_size() for t in state)  # and a copy of the weights
+
+
+def test_a_bounded_probe_keeps_the_selected_rows_and_gives_the_same_velocity_within_its_bytes() -> None:
+    """Two probes of one partly trained network: unbounded, and bounded to a tenth of the unbounded one's outputs."""
+    torch.manual_seed(0)
+    net = create("resnet18", num_classes=4, width_mult=0.125)
+    convs = {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    masks = {m: torch.rand(m.out_channels) < 0.3 for m in convs.values()}
+    first = next(iter(convs.values()))
+    masks[first] = torch.zeros(first.out_channels, dtype=torch.bool)  # one conv left wholly frozen
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    training = SelectiveTraining()
+    training.apply(masks, [optimizer])
+    whole, bounded = VelocityProbe(convs), VelocityProbe(convs)
+    probe_x = torch.randn(12, 3, 32, 32)
+    for epoch in range(3):
+        for probe in (whole, bounded):
+            if probe.snapshot:
+                limit = None if probe is whole else probe.kept_bytes + probe.swap_bytes + whole.batch_bytes // 10
+                probe.compare([net], net, probe_x.split(6), limit)
+            probe.keep([net])
+        if epoch:
+            for name in convs:
+                assert torch.allclose(bounded.velocity[name], whole.velocity[name], atol=1e-6), (epoch, name)
+            assert bounded.batch_bytes <= whole.batch_bytes // 10 < whole.batch_bytes
+            assert bounded.peak_bytes <= limit and bounded.forwards > 4 * whole.forwards
+        for _ in range(2):  # an epoch of training
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 4, (8,))).backward()
+            optimizer.step()
+    rows = sum(int(mask.sum()) * conv.weight[0].numel() for conv, mask in masks.items())
+    others = [p for m in net.modules() if not isinstance(m, nn.Conv2d) for p in m.parameters(recurse=False)]
+    buffers = [b for m in net.modules() if not isinstance(m, nn.Conv2d) for b in m.buffers(recurse=False)]
+    index = sum(int(mask.sum()) for mask in masks.values()) * 8  # the kept rows' int64 indices
+    assert all(conv.bias is None for conv in convs.values())
+    assert whole.kept_bytes == rows * 4 + index + sum(t.numel() * t.element_size() for t in others + buffers)
+    assert not any(k.module is first for k in whole.snapshot)  # a frozen conv's weight cannot change: not kept
+    training.release()
 
 
 def _record(net: nn.Module, convs: dict[str, nn.Module], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -330,12 +369,28 @@ def test_callback_under_backprop(tmp_path: Path, policy: str) -> None:
     assert "neuron_budget/layer/net.3.0" in metrics
     if policy == "velocity":
         assert history[-1]["probe_bytes"] > 0 and budget.probe_bytes == history[-1]["probe_bytes"]
+        # the default probe_memory: a tenth of the step's peak, measured on the epoch's first step
+        assert 0 < budget.probe_bytes <= 0.1 * budget.step_peak, (budget.probe_bytes, budget.step_peak)
+        probe = budget._probe  # to fit, it took smaller or shorter passes than one per probe batch of 8, old and new
+        assert probe.passes >= 2 and probe.forwards > 2 * 2 * probe.passes
     if policy == "random":
         assert history[1]["layers"] != history[2]["layers"]
     if policy == "sparse_update":
         assert history[0]["layers"] == history[2]["layers"] and history[0]["layers"]["net.0.0"] == 0.0
     # fit is over: the module is whole again
     assert all(p.requires_grad for p in module.parameters())
+
+
+def test_the_probe_memory_option_holds_in_bytes_and_bad_values_are_refused(tmp_path: Path) -> None:
+    for bad, message in [(0.0, "probe_memory"), (1.5, "probe_memory"), (True, "probe_memory"),
+                         ("lots", "looks like"), ({"probe_batch": 0}, "probe_batch")]:
+        kwargs = bad if isinstance(bad, dict) else {"probe_memory": bad}
+        with pytest.raises(ValueError, match=message):
+            NeuronUpdateBudget("velocity", 0.25, **kwargs)
+    budget = NeuronUpdateBudget("velocity", budget=0.25, probe_size=16, probe_memory="40KB")
+    fit(tmp_path, [budget], max_epochs=2)
+    assert budget.history[-1]["policy"] == "velocity"
+    assert 0 < budget.probe_bytes <= 40_000 < budget.step_peak
 
 
 def test_callback_inside_neuroflux_blocks(tmp_path: Path) -> None:

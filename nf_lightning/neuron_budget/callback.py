@@ -22,10 +22,20 @@ from torch import Tensor
 
 from nf_lightning.core.memory.enforcement import BudgetGuard
 from nf_lightning.core.memory.meter import meter_for
-from nf_lightning.neuron_budget.budget import NeuronBytes, parse_bytes, state_tensors, trace_layers
-from nf_lightning.neuron_budget.probe import VelocityProbe
 from nf_lightning.lightning.run_access import neuroflux_run
-from nf_lightning.neuron_budget.scope import Scope, first_inputs, probe_forward, probe_inputs
+from nf_lightning.neuron_budget.budget import (
+    NeuronBytes,
+    parse_bytes,
+    state_tensors,
+    trace_layers,
+)
+from nf_lightning.neuron_budget.probe import VelocityProbe, fixed_copy_bytes
+from nf_lightning.neuron_budget.scope import (
+    Scope,
+    first_inputs,
+    probe_forward,
+    probe_inputs,
+)
 from nf_lightning.neuron_budget.selection import (
     FIRST_EPOCH_POLICIES,
     NORM_POLICIES,
@@ -35,9 +45,13 @@ from nf_lightning.neuron_budget.selection import (
     masks_params,
 )
 from nf_lightning.neuron_budget.selector import Selector
-from nf_lightning.neuron_budget.trainable import SelectiveTraining, activations_of, norms_to_freeze
+from nf_lightning.neuron_budget.trainable import (
+    SelectiveTraining,
+    activations_of,
+    norms_to_freeze,
+)
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 class NeuronUpdateBudget(pl.Callback):
@@ -69,10 +83,13 @@ class NeuronUpdateBudget(pl.Callback):
     :class:`~nf_lightning.core.memory.MemoryLimitExceeded` before its update.
     Byte budgets are for ordinary training (NeuroFlux has its own memory budget).
 
-    **Velocity's probe** keeps a copy of the weights and buffers in scope on the
-    training device (:class:`~nf_lightning.neuron_budget.probe.VelocityProbe`),
-    not recorded outputs; ``neuron_budget/probe_bytes`` logs the copy plus one
-    probe batch's conv outputs.
+    **Velocity's probe** (:class:`~nf_lightning.neuron_budget.probe.VelocityProbe`)
+    keeps, on the training device, a copy of what the epoch's selection can
+    change (its rows, the other trained parameters, the buffers), not recorded
+    outputs. Between epochs it compares old and new outputs within
+    ``probe_memory``: a fraction of the training step's peak, measured on the
+    epoch's first step, or bytes. ``neuron_budget/probe_bytes`` logs its peak
+    (the copy, the rows it swaps in, the outputs it holds).
 
     Args:
         policy: ``"velocity"``, ``"random"``, ``"sparse_update"`` or ``"full"``.
@@ -81,7 +98,9 @@ class NeuronUpdateBudget(pl.Callback):
         sparse_update: the SU scheme (``{"layers": [...], "ratios": [...]}``); None: top-down.
         mu: velocity momentum. recursion: ``"paper"`` or ``"public_code"``.
         probe_size: probe samples from the validation data (a count, or a fraction of the training set).
-        probe: the probe inputs themselves. probe_batch: batch size of the probe passes.
+        probe: the probe inputs themselves. probe_batch: the largest batch of a probe pass.
+        probe_memory: the probe's bytes at most, a fraction of the step's measured peak or bytes (``"256KB"``);
+            it takes smaller batches and fewer layers a pass to fit (a layer's output on one sample at least).
         norm: ``"always"`` (every norm layer trains, the paper's method), ``"range"`` (those from the
             lowest updated conv up) or ``"frozen"`` (none; BatchNorms become affine maps).
         count_aux_heads: under NeuroFlux, count the auxiliary heads' convs as neurons.
@@ -92,8 +111,8 @@ class NeuronUpdateBudget(pl.Callback):
     def __init__(
         self, policy: str = "velocity", budget: float | str = 0.2, *, first_epoch: str = "sparse_update",
         sparse_update: Any = None, mu: float = 0.5, recursion: str = "paper", probe_size: int | float = 0.01,
-        probe: Tensor | None = None, probe_batch: int = 8, norm: str = "always", count_aux_heads: bool = False,
-        exclude: Sequence[str] = (), seed: int = 0, log_layers: bool = True,
+        probe: Tensor | None = None, probe_batch: int = 8, probe_memory: float | str = 0.1, norm: str = "always",
+        count_aux_heads: bool = False, exclude: Sequence[str] = (), seed: int = 0, log_layers: bool = True,
     ) -> None:
         for name, value, allowed in (("policy", policy, POLICIES), ("first_epoch", first_epoch, FIRST_EPOCH_POLICIES),
                                      ("recursion", recursion, RECURSIONS), ("norm", norm, NORM_POLICIES)):
@@ -102,10 +121,18 @@ class NeuronUpdateBudget(pl.Callback):
         self.budget_bytes = parse_bytes(budget) if isinstance(budget, str) else None
         if self.budget_bytes is None and not 0.0 <= float(budget) <= 1.0:
             raise ValueError(f"budget is a fraction of the conv parameters in [0, 1] or bytes ('2MB'), got {budget}")
+        if isinstance(probe_memory, str):
+            parse_bytes(probe_memory)
+        elif isinstance(probe_memory, bool) or not 0.0 < float(probe_memory) <= 1.0:
+            raise ValueError(f"probe_memory is a fraction of the step's peak in (0, 1] or bytes ('256KB'), "
+                             f"got {probe_memory!r}")
+        if isinstance(probe_batch, bool) or int(probe_batch) < 1:
+            raise ValueError(f"probe_batch must be a positive batch size, got {probe_batch!r}")
         if isinstance(probe_size, bool) or not probe_size > 0:
             raise ValueError(f"probe_size must be a positive count or fraction, got {probe_size!r}")
         self.policy, self.budget, self.first_epoch, self.norm = policy, budget, first_epoch, norm
         self.mu, self.recursion, self.probe_size, self.probe = float(mu), recursion, probe_size, probe
+        self.probe_memory = probe_memory
         self.probe_batch, self.count_aux_heads, self.exclude = int(probe_batch), count_aux_heads, tuple(exclude)
         self.seed, self.log_layers = int(seed), log_layers
         fraction = float(budget) if self.budget_bytes is None else None
@@ -124,6 +151,8 @@ class NeuronUpdateBudget(pl.Callback):
         self._restored: dict[str, Any] | None = None
         self._window: contextlib.ExitStack | None = None
         self._before_update: Any = None
+        self._step_meter: Any = None
+        self.step_peak: int | None = None
 
     # ------------------------------------------------------------------ public view
     @property
@@ -169,6 +198,7 @@ class NeuronUpdateBudget(pl.Callback):
             return
         self._enter(trainer, pl_module, scope)
         self._apply(trainer)
+        self._keep()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.layers:
@@ -190,7 +220,8 @@ class NeuronUpdateBudget(pl.Callback):
             for name, fraction in record["layers"].items():
                 pl_module.log(f"neuron_budget/layer/{name}", fraction, on_epoch=True)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         self._ensure_applied(trainer)
         if self.guard is not None:
             tracked = [pl_module, *trainer.optimizers, *self._probe_tensors(), *_tensors(batch)]
@@ -198,6 +229,10 @@ class NeuronUpdateBudget(pl.Callback):
             metered = self.guard.next_batch()
             step = self.guard.unit_step(0, 0, trainer.global_step, tracked, trainer.optimizers[0], metered)
             self._before_update = self._window.enter_context(step)
+        elif batch_idx == 0 and self._probe is not None and neuroflux_run(trainer) is None:
+            self._step_meter = meter_for(pl_module.device)  # the step the probe's bytes are a fraction of
+            self._step_meter.track(pl_module, *trainer.optimizers, *self._probe_tensors(), *_tensors(batch))
+            self._step_meter.__enter__()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._before_update is not None:
@@ -208,6 +243,13 @@ class NeuronUpdateBudget(pl.Callback):
         if self._window is not None:
             self._window.close()
             self._window, self._before_update = None, None
+        if self._step_meter is not None:
+            self._step_meter.__exit__(None, None, None)
+            self.step_peak, self._step_meter = self._step_meter.peak_bytes, None
+        elif batch_idx == 0 and self._probe is not None:
+            guard = self.guard if self.guard is not None else _run_guard(trainer)
+            if guard is not None and guard.last_peak:
+                self.step_peak = guard.last_peak
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = neuroflux_run(trainer)
@@ -222,6 +264,9 @@ class NeuronUpdateBudget(pl.Callback):
         if self._window is not None:
             self._window.__exit__(type(exception), exception, exception.__traceback__)
             self._window, self._before_update = None, None
+        if self._step_meter is not None:
+            self._step_meter.__exit__(type(exception), exception, exception.__traceback__)
+            self._step_meter = None
         self.teardown(trainer, pl_module, "fit")
 
     # ------------------------------------------------------------------ state
@@ -231,6 +276,7 @@ class NeuronUpdateBudget(pl.Callback):
             "layers": self._scope.names if self._scope else [], "masks": [m.clone() for m in self._masks],
             "selector": self.selector.state_dict(), "selected_by": self._selected_by,
             "epoch_done": self._epoch_done, "probe": self._probe.state_dict() if self._probe else None,
+            "step_peak": self.step_peak,
             "history": list(self.history),
         }
 
@@ -238,6 +284,7 @@ class NeuronUpdateBudget(pl.Callback):
         if state_dict.get("version") != STATE_VERSION:
             raise ValueError(f"NeuronUpdateBudget state version {state_dict.get('version')!r} is not supported")
         self._restored = dict(state_dict)
+        self.step_peak = state_dict["step_peak"]
         self.history = list(state_dict["history"])
 
     # ------------------------------------------------------------------ internals
@@ -247,17 +294,17 @@ class NeuronUpdateBudget(pl.Callback):
         self._masks = [mask.clone().bool() for mask in restored["masks"]]
         self._selected_by = restored["selected_by"]
         self._start_costs(trainer, pl_module)
+        self._apply(trainer)
         if restored["probe"] is not None:
             self._probe = VelocityProbe({layer.name: layer.module for layer in scope.layers}, self.mu, self.recursion)
             self._probe.load_state_dict(restored["probe"], scope.roots)
-        self._apply(trainer)
         last = trainer.current_epoch - 1  # a checkpoint taken before that epoch's end was handled
         run = neuroflux_run(trainer)
         if last > self._epoch_done and not (run is not None and run.finished):
             self._end_epoch(trainer, pl_module, last)
 
     def _enter(self, trainer: pl.Trainer, pl_module: pl.LightningModule, scope: Scope) -> None:
-        """Start selecting among ``scope``: the first selection, and the probe's first copy."""
+        """Start selecting among ``scope``: the first selection, and a probe without a copy yet."""
         self.training.release()
         if not scope.layers:
             warnings.warn("NeuronUpdateBudget found no Conv2d to select neurons among; it does nothing", stacklevel=2)
@@ -266,7 +313,6 @@ class NeuronUpdateBudget(pl.Callback):
         self._start_costs(trainer, pl_module)
         if self.policy == "velocity" and scope.layers:
             self._probe = VelocityProbe({layer.name: layer.module for layer in scope.layers}, self.mu, self.recursion)
-            self._measure(trainer, pl_module)
         self._select(self.first_epoch if self.policy == "velocity" else self.policy)
 
     def _end_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
@@ -276,15 +322,16 @@ class NeuronUpdateBudget(pl.Callback):
         if self._scope is None or scope.block != self._scope.block or scope.names != self._scope.names:
             self._enter(trainer, pl_module, scope)
         elif self._probe is not None:
-            self._measure(trainer, pl_module)
+            self._compare(trainer, pl_module)
             self._select("velocity")
         elif self.policy == "random":
             self._select("random")
         self._apply(trainer)
+        self._keep()
 
     def _select(self, policy: str) -> None:
         velocity = self._probe.flat_velocity(self._scope.names) if policy == "velocity" else None
-        reserve = self._probe.kept_bytes if self._probe is not None else 0
+        reserve = fixed_copy_bytes(self._scope.roots) if self._probe is not None else 0
         self._masks = self.selector.select(policy, self.layers, self._costs, velocity, reserve)
         self._selected_by = policy
 
@@ -301,16 +348,31 @@ class NeuronUpdateBudget(pl.Callback):
             pl_module(x)
         convs = [layer.module for layer in self.layers]
         tensors = max((state_tensors(opt) for opt in trainer.optimizers), default=2)
+        tensors += int(self.policy == "velocity")  # the probe's copy of the selected rows
         self._costs = NeuronBytes(trace_layers(pl_module, x[:1]), convs, len(x), self.norm, tensors)
         self.guard = BudgetGuard(pl_module.device, meter.peak_bytes + self.budget_bytes, full_steps=5, sample_every=1)
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Velocity over the epoch that ended, within ``probe_memory``."""
         if self._probe_x is None:
             self._probe_x = (torch.as_tensor(self.probe).detach().cpu() if self.probe is not None
                              else probe_inputs(trainer, self.probe_size))
             rank_zero_info(f"[neuron budget] velocity probes {len(self._probe_x)} samples")
         forward = probe_forward(neuroflux_run(trainer), pl_module, self.count_aux_heads)
-        self._probe.measure(self._scope.roots, forward, self._probe_x.split(self.probe_batch))
+        if isinstance(self.probe_memory, str):
+            limit = parse_bytes(self.probe_memory)
+        else:
+            limit = int(self.probe_memory * self.step_peak) if self.step_peak else None
+        self._probe.compare(self._scope.roots, forward, self._probe_x.split(self.probe_batch), limit)
+        if limit is not None and self._probe.peak_bytes > limit:
+            warnings.warn(f"the velocity probe held {self._probe.peak_bytes} bytes, over probe_memory's {limit}: its "
+                          "copy of the selection and one layer's output on one sample are the least it needs",
+                          stacklevel=2)
+
+    def _keep(self) -> None:
+        """The probe's copy of what the selection now in effect can change."""
+        if self._probe is not None:
+            self._probe.keep(self._scope.roots)
 
     def _probe_tensors(self) -> list[Tensor]:
         return self._probe.tensors() if self._probe is not None else []
@@ -327,6 +389,12 @@ class NeuronUpdateBudget(pl.Callback):
         """Re-apply on new optimizers (NeuroFlux builds them anew at every block)."""
         if self.layers and self._applied_to != tuple(id(opt) for opt in trainer.optimizers):
             self._apply(trainer)
+
+
+def _run_guard(trainer: pl.Trainer) -> BudgetGuard | None:
+    """NeuroFlux's guard, which meters its steps."""
+    run = neuroflux_run(trainer)
+    return run.step.guard if run is not None else None
 
 
 def _tensors(batch: Any) -> list[Tensor]:

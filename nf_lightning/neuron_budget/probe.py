@@ -1,12 +1,19 @@
-"""NEq's velocity from the previous epoch's weights, not from recorded outputs.
+"""NEq's velocity from the previous epoch's weights, in a bounded number of bytes.
 
 Velocity compares every conv's output on a fixed probe set with the output one
 epoch earlier. Instead of recording those outputs (hundreds of megabytes at a
-few hundred images), :class:`VelocityProbe` keeps a copy of the weights and
-buffers of the modules in scope as they were at the previous probe (about the
-model's size, on the training device) and runs the old and the new model on
-each probe batch: the old model's outputs are exactly the ones a recording
-would have held. Only one probe batch's conv outputs live at a time.
+few hundred images), :class:`VelocityProbe` keeps a copy of what the epoch's
+training can change (:meth:`~VelocityProbe.keep`: the selected rows of each
+partly trained conv, the parameters that require a gradient, the buffers) and
+later runs the old and the new model on the same probe inputs
+(:meth:`~VelocityProbe.compare`): the old model's outputs are exactly the ones a
+recording would have held.
+
+``compare(..., max_bytes=...)`` bounds what it holds: the copy, the rows it
+swaps in, and the old model's outputs awaiting the new ones. The outputs are
+taken a group of layers at a time, in micro-batches, so that they fit what is
+left of ``max_bytes``; each pass stops after its group's last layer. Fewer bytes
+cost more, shorter, passes; the result is the same (sums of per-sample cosines).
 
 Example:
     >>> import torch
@@ -18,32 +25,49 @@ Example:
     >>> probe.measure([net], net, [x])                      # the first call only keeps the weights
     >>> with torch.no_grad():
     ...     _ = net[0].weight.mul_(2)                       # the same direction: phi stays 1
-    >>> probe.measure([net], net, [x])
-    >>> bool(probe.velocity["0"].abs().max() < 1e-6)       # velocity 0, up to rounding
-    True
+    >>> probe.measure([net], net, [x], max_bytes=probe.kept_bytes + 2 * 9 * 4)  # one sample's outputs at a time
+    >>> bool(probe.velocity["0"].abs().max() < 1e-6), probe.batch_bytes  # velocity 0, up to rounding
+    (True, 72)
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from nf_lightning.neuron_budget.partial import PartialConv2d
 from nf_lightning.neuron_budget.selection import RECURSIONS, channel_cosine, velocity_step
+
+
+@dataclass
+class Kept:
+    """One kept tensor: ``module``'s parameter or buffer ``name``, whole (``rows`` None) or those rows of it."""
+
+    module: nn.Module
+    name: str
+    rows: Tensor | None
+    tensor: Tensor
+
+
+class _GroupDone(Exception):
+    """Raised by a hook after a pass's last needed layer: the rest of the forward pass is not run."""
 
 
 class VelocityProbe:
     """Per neuron ``phi``, ``delta`` and velocity of the convs in ``layers`` (name -> module).
 
-    :meth:`measure` takes the modules whose weights and buffers define the
-    outputs (the model, or NeuroFlux's active units), the forward function that
-    runs a probe batch through them, and the probe batches. The first call keeps a copy of their
-    state; each later one compares old and new outputs, updates the velocity and
-    keeps the new state. :attr:`kept_bytes` is the copy (it lives on the device
-    between probes); :attr:`peak_bytes` adds one batch's recorded outputs.
+    :meth:`keep` copies, from the modules whose weights and buffers define the
+    outputs (the model, or NeuroFlux's active units), what training can change;
+    :meth:`compare` runs the forward function on each probe batch with the kept
+    state and with the current one, and updates the velocity; :meth:`measure`
+    does both. :attr:`kept_bytes` is the copy (on the device between probes);
+    :attr:`peak_bytes` adds the rows swapped in and the outputs held during the
+    last comparison.
     """
 
     def __init__(self, layers: Mapping[str, nn.Module], mu: float = 0.5, recursion: str = "paper") -> None:
@@ -52,78 +76,131 @@ class VelocityProbe:
         self.layers = dict(layers)
         self.mu, self.recursion = float(mu), recursion
         self.passes = 0
+        self.forwards = 0
         self.phi: dict[str, Tensor] = {}
         self.delta: dict[str, Tensor] = {}
         self.velocity: dict[str, Tensor] = {}
-        self.snapshot: list[tuple[nn.Module, str, Tensor]] = []
+        self.snapshot: list[Kept] = []
         self.batch_bytes = 0
 
     @property
     def kept_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, _, t in self.snapshot)
+        return sum(_nbytes(k.tensor) + (_nbytes(k.rows) if k.rows is not None else 0) for k in self.snapshot)
+
+    @property
+    def swap_bytes(self) -> int:
+        """The current rows set aside while the kept ones are written in for the old pass."""
+        return sum(_nbytes(k.tensor) for k in self.snapshot if k.rows is not None)
 
     @property
     def peak_bytes(self) -> int:
-        return self.kept_bytes + self.batch_bytes
+        return self.kept_bytes + self.swap_bytes + self.batch_bytes
 
     def tensors(self) -> list[Tensor]:
         """The kept copy, for a memory meter to count."""
-        return [t for _, _, t in self.snapshot]
+        return [t for k in self.snapshot for t in (k.tensor, k.rows) if t is not None]
 
-    def measure(self, modules: Sequence[nn.Module], forward: Callable[[Tensor], Any], inputs: Iterable[Tensor]) -> None:
-        """One probe: compare the outputs of the kept state and the current one; keep the current one."""
+    def keep(self, modules: Sequence[nn.Module]) -> None:
+        """Copy what training can change from now on (the comparison's old state)."""
+        self.snapshot = _changeable(modules)
+
+    def compare(self, modules: Sequence[nn.Module], forward: Callable[[Tensor], Any], inputs: Iterable[Tensor],
+                max_bytes: int | None = None) -> None:
+        """Update the velocity from the kept state's and the current state's outputs on ``inputs``.
+
+        ``max_bytes`` bounds :attr:`peak_bytes`; None holds each input batch's
+        outputs of every layer at once. A single layer's output on one sample
+        is the least it can hold: :attr:`peak_bytes` reports it if that is more.
+        """
+        if not self.snapshot:
+            raise RuntimeError("VelocityProbe.compare needs a kept state: call keep() first")
+        sums: dict[str, Tensor] = {}
+        counts = dict.fromkeys(self.layers, 0)
+        self.batch_bytes = 0
         with _eval_no_grad(modules):
-            if self.snapshot:
-                self._compare(forward, inputs)
-            self.snapshot = _copy_state(modules)
+            for x in inputs:
+                calls = self._calls(forward, x[:1])
+                limit = None if max_bytes is None else max_bytes - self.kept_bytes - self.swap_bytes
+                micro, groups = _plan(calls, len(x), limit)
+                for chunk in x.split(micro):
+                    for group, last in groups:
+                        self._compare_group(forward, chunk, group, last, sums, counts)
+        self._update(sums, counts)
         self.passes += 1
+
+    def measure(self, modules: Sequence[nn.Module], forward: Callable[[Tensor], Any], inputs: Iterable[Tensor],
+                max_bytes: int | None = None) -> None:
+        """:meth:`compare` (once a state is kept), then :meth:`keep` the current one."""
+        if self.snapshot:
+            self.compare(modules, forward, inputs, max_bytes)
+        else:
+            self.passes += 1
+        self.keep(modules)
 
     def flat_velocity(self, names: Sequence[str]) -> Tensor:
         return torch.cat([self.velocity[name] for name in names])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"passes": self.passes, "phi": dict(self.phi), "delta": dict(self.delta), "velocity": dict(self.velocity),
-                "snapshot": [t.cpu() for _, _, t in self.snapshot], "batch_bytes": self.batch_bytes}
+        return {"passes": self.passes, "phi": dict(self.phi), "delta": dict(self.delta),
+                "velocity": dict(self.velocity),
+                "snapshot": [(k.rows.cpu() if k.rows is not None else None, k.tensor.cpu()) for k in self.snapshot],
+                "batch_bytes": self.batch_bytes}
 
     def load_state_dict(self, state: Mapping[str, Any], modules: Sequence[nn.Module]) -> None:
-        """Restore a probe saved with the same modules in scope."""
+        """Restore a probe saved with the same modules in scope, selected as they were when it was saved."""
         self.passes, self.batch_bytes = int(state["passes"]), int(state["batch_bytes"])
         self.phi, self.delta, self.velocity = dict(state["phi"]), dict(state["delta"]), dict(state["velocity"])
-        slots = _copy_state(modules)
-        if len(slots) != len(state["snapshot"]):
-            raise ValueError("the velocity probe was saved for other modules")
-        self.snapshot = [(m, n, saved.to(t.device)) for (m, n, t), saved in zip(slots, state["snapshot"])]
+        slots = _changeable(modules)
+        saved = state["snapshot"]
+        if len(slots) != len(saved) or any((k.rows is None) != (rows is None) or k.tensor.shape != t.shape
+                                           for k, (rows, t) in zip(slots, saved)):
+            raise ValueError("the velocity probe was saved for other modules or another selection")
+        self.snapshot = [Kept(k.module, k.name, rows.to(k.tensor.device) if rows is not None else None,
+                              t.to(k.tensor.device)) for k, (rows, t) in zip(slots, saved)]
 
-    def _compare(self, forward: Callable[[Tensor], Any], inputs: Iterable[Tensor]) -> None:
-        recorded: dict[str, list[Tensor]] = {}
-        sums: dict[str, Tensor] = {}
-        counts = dict.fromkeys(self.layers, 0)
-        old = True
-
-        def hook(name: str, output: Tensor) -> None:
-            out = output.detach().flatten(2)
-            if old:
-                recorded.setdefault(name, []).append(out)
-                return
-            previous = recorded[name].pop(0)
-            cosine = channel_cosine(previous, out).double().sum(0)
-            sums[name] = sums[name] + cosine if name in sums else cosine
-            counts[name] += len(out)
-
-        handles = [m.register_forward_hook(lambda _m, _i, out, n=name: hook(n, out)) for name, m in self.layers.items()]
+    def _calls(self, forward: Callable[[Tensor], Any], sample: Tensor) -> list[tuple[str, int]]:
+        """The layers in scope in the order the forward pass calls them, with their output bytes per sample."""
+        calls: list[tuple[str, int]] = []
+        handles = [m.register_forward_hook(lambda _m, _i, out, n=name: calls.append((n, _nbytes(out) // len(out))))
+                   for name, m in self.layers.items()]
         try:
-            for x in inputs:
-                old = True
-                with _swapped_state(self.snapshot):
-                    forward(x)
-                self.batch_bytes = max(self.batch_bytes, sum(t.numel() * t.element_size()
-                                                             for ts in recorded.values() for t in ts))
-                old = False
-                forward(x)
+            forward(sample)
         finally:
             for handle in handles:
                 handle.remove()
-        self._update(sums, counts)
+        return calls
+
+    def _compare_group(self, forward: Callable[[Tensor], Any], x: Tensor, group: set[str], last: int,
+                       sums: dict[str, Tensor], counts: dict[str, int]) -> None:
+        """The old and the new pass over ``x`` up to call ``last``, comparing the layers in ``group``."""
+        recorded: dict[str, list[Tensor]] = {}
+        state = {"old": True, "call": -1}
+
+        def hook(name: str, output: Tensor) -> None:
+            state["call"] += 1
+            if name in group:
+                out = output.detach().flatten(2)
+                if state["old"]:
+                    recorded.setdefault(name, []).append(out)
+                else:
+                    cosine = channel_cosine(recorded[name].pop(0), out).double().sum(0)
+                    sums[name] = sums[name] + cosine if name in sums else cosine
+                    counts[name] += len(out)
+            if state["call"] == last:
+                raise _GroupDone
+
+        handles = [m.register_forward_hook(lambda _m, _i, out, n=name: hook(n, out)) for name, m in self.layers.items()]
+        try:
+            with _swapped_state(self.snapshot), contextlib.suppress(_GroupDone):
+                forward(x)
+            self.batch_bytes = max(self.batch_bytes, sum(_nbytes(t) for ts in recorded.values() for t in ts))
+            state.update(old=False, call=-1)
+            with contextlib.suppress(_GroupDone):
+                forward(x)
+            self.forwards += 2
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _update(self, sums: dict[str, Tensor], counts: dict[str, int]) -> None:
         for name in self.layers:
@@ -137,35 +214,98 @@ class VelocityProbe:
             self.phi[name] = phi
 
 
-def _copy_state(modules: Sequence[nn.Module]) -> list[tuple[nn.Module, str, Tensor]]:
-    """Every parameter and buffer the forward pass reads (not the selected-row copies), copied."""
-    copies = []
+def fixed_copy_bytes(modules: Sequence[nn.Module]) -> int:
+    """An upper bound of the kept copy outside the convs' and Linear layers' weights, whatever the selection:
+    every buffer, every other parameter and every conv row's index (a byte budget reserves it; the rows
+    themselves it prices per neuron)."""
+    total = 0
+    for module in _unique_modules(modules):
+        weights = isinstance(module, (nn.Conv2d, nn.Linear))
+        if isinstance(module, nn.Conv2d):
+            total += module.out_channels * 8 * (1 + int(module.bias is not None))  # int64 row indices
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None and not (weights and name in ("weight", "bias")) and name != "selected_rows" \
+                    and not name.endswith("_selected"):
+                total += _nbytes(tensor)
+    return total
+
+
+def _plan(calls: Sequence[tuple[str, int]], batch: int, limit: int | None) -> tuple[int, list[tuple[set[str], int]]]:
+    """The micro-batch and the layer groups (names, index of the group's last call) whose outputs fit ``limit``."""
+    if limit is None or not calls:
+        return batch, [({name for name, _ in calls}, len(calls) - 1)]
+    per_sample: dict[str, int] = {}
+    last_call: dict[str, int] = {}
+    for index, (name, nbytes) in enumerate(calls):
+        per_sample[name] = per_sample.get(name, 0) + nbytes
+        last_call[name] = index
+    micro = max(1, min(batch, limit // max(per_sample.values())))
+    groups: list[tuple[set[str], int]] = []
+    group: set[str] = set()
+    size = 0
+    for name in per_sample:  # in the order of their first calls
+        if group and size + per_sample[name] * micro > limit:
+            groups.append((group, max(last_call[n] for n in group)))
+            group, size = set(), 0
+        group.add(name)
+        size += per_sample[name] * micro
+    groups.append((group, max(last_call[n] for n in group)))
+    return micro, groups
+
+
+def _changeable(modules: Sequence[nn.Module]) -> list[Kept]:
+    """Copies of what an epoch's training can change: a partial conv's selected rows, the parameters that
+    require a gradient, and the buffers (a fully frozen conv's weight is neither)."""
+    kept = []
+    for module in _unique_modules(modules):
+        if isinstance(module, PartialConv2d):
+            rows = module.selected_rows
+            if len(rows):
+                for name in ("weight", "bias"):
+                    if getattr(module, name) is not None:
+                        kept.append(Kept(module, name, rows.clone(), getattr(module, name).index_select(0, rows)))
+            params = {}
+        else:
+            params = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
+        buffers = {n: b for n, b in module._buffers.items() if b is not None and not (
+            isinstance(module, PartialConv2d) and n in ("weight", "bias", "selected_rows"))}
+        kept.extend(Kept(module, name, None, t.detach().clone()) for name, t in {**params, **buffers}.items())
+    return kept
+
+
+def _unique_modules(roots: Sequence[nn.Module]) -> Iterator[nn.Module]:
     seen: set[int] = set()
-    for root in modules:
+    for root in roots:
         for module in root.modules():
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
-            for store in (module._parameters, module._buffers):
-                for name, tensor in store.items():
-                    if tensor is not None and not name.endswith("_selected") and name != "selected_rows":
-                        copies.append((module, name, tensor.detach().clone()))
-    return copies
+            if id(module) not in seen:
+                seen.add(id(module))
+                yield module
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 @contextlib.contextmanager
-def _swapped_state(snapshot: Sequence[tuple[nn.Module, str, Tensor]]) -> Iterator[None]:
-    """The kept tensors in place of the current ones, for the length of the block."""
-    current = []
-    for module, name, tensor in snapshot:
-        store = module._parameters if name in module._parameters else module._buffers
-        current.append((store, name, store[name]))
-        store[name] = tensor
+def _swapped_state(snapshot: Sequence[Kept]) -> Iterator[None]:
+    """The kept tensors in place of the current ones (whole, or rows written in place) for the block."""
+    whole, rows = [], []
+    for k in snapshot:
+        store = k.module._parameters if k.name in k.module._parameters else k.module._buffers
+        if k.rows is None:
+            whole.append((store, k.name, store[k.name]))
+            store[k.name] = k.tensor
+        else:
+            target = store[k.name]
+            rows.append((target, k.rows, target.index_select(0, k.rows)))
+            target.index_copy_(0, k.rows, k.tensor)
     try:
         yield
     finally:
-        for store, name, tensor in current:
+        for store, name, tensor in whole:
             store[name] = tensor
+        for target, index, current in rows:
+            target.index_copy_(0, index, current)
 
 
 @contextlib.contextmanager
