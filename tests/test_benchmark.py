@@ -377,6 +377,15 @@ def test_readme_section_opens_with_losses_and_refuses_old_summaries(tmp_path: Pa
     paths["tin"].write_text(json.dumps(benchmark_summary()))
     with pytest.raises(SystemExit, match="compare:begin"):
         readme.update_readme(paths, target, tmp_path)
+    target.write_text(f"{report.README_BEGIN}\n{report.README_END}\n")
+    paths["tin"].unlink()  # a data set not yet run: named as such, and left out of every sentence
+    readme.update_readme(paths, target, tmp_path)
+    text = target.read_text()
+    assert "**tin: not yet measured** by this benchmark (no `tin.json`" in text and "on tin against" not in text
+    assert "on cifar against scratch exit" in text
+    paths["cifar"].unlink()
+    with pytest.raises(SystemExit, match="no summary at"):
+        readme.update_readme(paths, target, tmp_path)
 
 
 def test_aux_head_flops_are_counted_not_guessed() -> None:
