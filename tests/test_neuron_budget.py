@@ -243,6 +243,7 @@ def test_a_bounded_probe_keeps_the_selected_rows_and_gives_the_same_velocity_wit
     assert all(conv.bias is None for conv in convs.values())
     assert whole.kept_bytes == rows * 4 + index + sum(t.numel() * t.element_size() for t in others + buffers)
     assert not any(k.module is first for k in whole.snapshot)  # a frozen conv's weight cannot change: not kept
+    assert 0 < whole.swap_bytes == max(c.weight[0].numel() for c, m in masks.items() if m.any()) * 4  # one row
     training.release()
 
 

@@ -89,8 +89,8 @@ class VelocityProbe:
 
     @property
     def swap_bytes(self) -> int:
-        """The current rows set aside while the kept ones are written in for the old pass."""
-        return sum(_nbytes(k.tensor) for k in self.snapshot if k.rows is not None)
+        """The one row at a time that exchanging kept and current rows in place sets aside."""
+        return max((_nbytes(k.tensor[0]) for k in self.snapshot if k.rows is not None and len(k.rows)), default=0)
 
     @property
     def peak_bytes(self) -> int:
@@ -288,24 +288,34 @@ def _nbytes(t: Tensor) -> int:
 
 @contextlib.contextmanager
 def _swapped_state(snapshot: Sequence[Kept]) -> Iterator[None]:
-    """The kept tensors in place of the current ones (whole, or rows written in place) for the block."""
-    whole, rows = [], []
+    """The kept tensors in place of the current ones for the block: whole tensors by reference, rows by
+    exchanging their contents in place, one row at a time (so no second copy of the rows exists)."""
+    whole = []
     for k in snapshot:
         store = k.module._parameters if k.name in k.module._parameters else k.module._buffers
         if k.rows is None:
             whole.append((store, k.name, store[k.name]))
             store[k.name] = k.tensor
         else:
-            target = store[k.name]
-            rows.append((target, k.rows, target.index_select(0, k.rows)))
-            target.index_copy_(0, k.rows, k.tensor)
+            _exchange_rows(store[k.name], k.rows, k.tensor)
     try:
         yield
     finally:
         for store, name, tensor in whole:
             store[name] = tensor
-        for target, index, current in rows:
-            target.index_copy_(0, index, current)
+        for k in snapshot:
+            if k.rows is not None:
+                store = k.module._parameters if k.name in k.module._parameters else k.module._buffers
+                _exchange_rows(store[k.name], k.rows, k.tensor)
+
+
+def _exchange_rows(target: Tensor, rows: Tensor, kept: Tensor) -> None:
+    """Swap ``target[rows[i]]`` and ``kept[i]`` for every ``i``, in place."""
+    with torch.no_grad():
+        for i, row in enumerate(rows.tolist()):
+            current = target[row].clone()
+            target[row].copy_(kept[i])
+            kept[i].copy_(current)
 
 
 @contextlib.contextmanager
