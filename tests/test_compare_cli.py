@@ -16,12 +16,14 @@ from nf_lightning.benchmark.presets import METHODS, RECORD_FILE
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_script_refuses_to_regenerate_the_readme_from_the_previous_benchmark() -> None:
+def test_the_committed_readme_section_is_what_the_script_generates_from_the_committed_summaries() -> None:
     before = (REPO / "README.md").read_text()
     done = subprocess.run([sys.executable, "experiments/compare.py", "--readme"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
-    assert done.returncode != 0 and "previous benchmark" in done.stderr + done.stdout
-    assert (REPO / "README.md").read_text() == before
+    after = (REPO / "README.md").read_text()
+    (REPO / "README.md").write_text(before)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert after == before  # nobody edited the section by hand, and no summary changed without regenerating it
 
 
 @pytest.fixture
