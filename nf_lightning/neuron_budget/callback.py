@@ -23,19 +23,9 @@ from torch import Tensor
 from nf_lightning.core.memory.enforcement import BudgetGuard
 from nf_lightning.core.memory.meter import meter_for
 from nf_lightning.lightning.run_access import neuroflux_run
-from nf_lightning.neuron_budget.budget import (
-    NeuronBytes,
-    parse_bytes,
-    state_tensors,
-    trace_layers,
-)
+from nf_lightning.neuron_budget.budget import NeuronBytes, parse_bytes, state_tensors, trace_layers
 from nf_lightning.neuron_budget.probe import VelocityProbe, fixed_copy_bytes
-from nf_lightning.neuron_budget.scope import (
-    Scope,
-    first_inputs,
-    probe_forward,
-    probe_inputs,
-)
+from nf_lightning.neuron_budget.scope import Scope, first_inputs, probe_forward, probe_inputs
 from nf_lightning.neuron_budget.selection import (
     FIRST_EPOCH_POLICIES,
     NORM_POLICIES,
@@ -45,11 +35,7 @@ from nf_lightning.neuron_budget.selection import (
     masks_params,
 )
 from nf_lightning.neuron_budget.selector import Selector
-from nf_lightning.neuron_budget.trainable import (
-    SelectiveTraining,
-    activations_of,
-    norms_to_freeze,
-)
+from nf_lightning.neuron_budget.trainable import SelectiveTraining, activations_of, norms_to_freeze
 
 STATE_VERSION = 3
 
@@ -121,9 +107,9 @@ class NeuronUpdateBudget(pl.Callback):
         self.budget_bytes = parse_bytes(budget) if isinstance(budget, str) else None
         if self.budget_bytes is None and not 0.0 <= float(budget) <= 1.0:
             raise ValueError(f"budget is a fraction of the conv parameters in [0, 1] or bytes ('2MB'), got {budget}")
-        if isinstance(probe_memory, str):
-            parse_bytes(probe_memory)
-        elif isinstance(probe_memory, bool) or not 0.0 < float(probe_memory) <= 1.0:
+        self._probe_memory_bytes = parse_bytes(probe_memory) if isinstance(probe_memory, str) else None
+        if self._probe_memory_bytes is None and (isinstance(probe_memory, bool)
+                                                 or not 0.0 < float(probe_memory) <= 1.0):
             raise ValueError(f"probe_memory is a fraction of the step's peak in (0, 1] or bytes ('256KB'), "
                              f"got {probe_memory!r}")
         if isinstance(probe_batch, bool) or int(probe_batch) < 1:
@@ -232,7 +218,8 @@ class NeuronUpdateBudget(pl.Callback):
         elif batch_idx == 0 and self._probe is not None and neuroflux_run(trainer) is None:
             self._step_meter = meter_for(pl_module.device)  # the step the probe's bytes are a fraction of
             self._step_meter.track(pl_module, *trainer.optimizers, *self._probe_tensors(), *_tensors(batch))
-            self._step_meter.__enter__()
+            self._window = contextlib.ExitStack()
+            self._window.enter_context(self._step_meter)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._before_update is not None:
@@ -243,8 +230,7 @@ class NeuronUpdateBudget(pl.Callback):
         if self._window is not None:
             self._window.close()
             self._window, self._before_update = None, None
-        if self._step_meter is not None:
-            self._step_meter.__exit__(None, None, None)
+        if self._step_meter is not None:  # closed with the window above
             self.step_peak, self._step_meter = self._step_meter.peak_bytes, None
         elif batch_idx == 0 and self._probe is not None:
             guard = self.guard if self.guard is not None else _run_guard(trainer)
@@ -264,9 +250,7 @@ class NeuronUpdateBudget(pl.Callback):
         if self._window is not None:
             self._window.__exit__(type(exception), exception, exception.__traceback__)
             self._window, self._before_update = None, None
-        if self._step_meter is not None:
-            self._step_meter.__exit__(type(exception), exception, exception.__traceback__)
-            self._step_meter = None
+        self._step_meter = None
         self.teardown(trainer, pl_module, "fit")
 
     # ------------------------------------------------------------------ state
@@ -359,10 +343,9 @@ class NeuronUpdateBudget(pl.Callback):
                              else probe_inputs(trainer, self.probe_size))
             rank_zero_info(f"[neuron budget] velocity probes {len(self._probe_x)} samples")
         forward = probe_forward(neuroflux_run(trainer), pl_module, self.count_aux_heads)
-        if isinstance(self.probe_memory, str):
-            limit = parse_bytes(self.probe_memory)
-        else:
-            limit = int(self.probe_memory * self.step_peak) if self.step_peak else None
+        limit = self._probe_memory_bytes
+        if limit is None and self.step_peak:
+            limit = int(self.probe_memory * self.step_peak)
         self._probe.compare(self._scope.roots, forward, self._probe_x.split(self.probe_batch), limit)
         if limit is not None and self._probe.peak_bytes > limit:
             warnings.warn(f"the velocity probe held {self._probe.peak_bytes} bytes, over probe_memory's {limit}: its "

@@ -117,10 +117,11 @@ class VelocityProbe:
         sums: dict[str, Tensor] = {}
         counts = dict.fromkeys(self.layers, 0)
         self.batch_bytes = 0
+        limit = None if max_bytes is None else max_bytes - self.kept_bytes - self.swap_bytes
+        calls: list[tuple[str, int]] | None = None
         with _eval_no_grad(modules):
             for x in inputs:
-                calls = self._calls(forward, x[:1])
-                limit = None if max_bytes is None else max_bytes - self.kept_bytes - self.swap_bytes
+                calls = calls if calls is not None else self._calls(forward, x[:1])  # the same for every batch
                 micro, groups = _plan(calls, len(x), limit)
                 for chunk in x.split(micro):
                     for group, last in groups:
