@@ -247,6 +247,37 @@ def test_a_bounded_probe_keeps_the_selected_rows_and_gives_the_same_velocity_wit
     training.release()
 
 
+def test_a_probe_bounded_below_one_samples_layer_output_compares_its_channels_in_groups() -> None:
+    """Bytes for a third of the largest layer's output on one sample: that layer is compared a third of its
+    channels at a time, the velocity is the unbounded one's, and the outputs held stay within the bytes."""
+    torch.manual_seed(0)
+    net = create("resnet18", num_classes=4, width_mult=0.125)
+    convs = {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    probe_x = torch.randn(4, 3, 32, 32)
+    largest = max(t[0].numel() * 4 for t in _record(net, convs, probe_x[:1]).values())  # one sample, bytes
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    whole, bounded = VelocityProbe(convs), VelocityProbe(convs)
+    for epoch in range(3):
+        for probe in (whole, bounded):
+            if probe.snapshot:
+                limit = None if probe is whole else probe.kept_bytes + probe.swap_bytes + largest // 3
+                probe.compare([net], net, probe_x.split(2), limit)
+            probe.keep([net])
+        if epoch:
+            for name in convs:
+                assert torch.allclose(bounded.velocity[name], whole.velocity[name], atol=1e-6), (epoch, name)
+            assert 0 < bounded.batch_bytes <= largest // 3 and bounded.peak_bytes <= limit
+        for _ in range(2):  # an epoch of training
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 4, (8,))).backward()
+            optimizer.step()
+    calls = bounded._calls(net, probe_x[:1])
+    micro, groups = probe_module._plan(calls, 2, largest // 3)
+    split = [group for group, _ in groups if any(channels != slice(None) for channels in group.values())]
+    assert micro == 1 and len(split) >= 3 and all(len(group) == 1 for group in split)
+    assert len(probe_module._plan(calls, 2, -1)[1]) == len(convs)  # no bytes left: a whole layer at a time
+
+
 def _record(net: nn.Module, convs: dict[str, nn.Module], x: torch.Tensor) -> dict[str, torch.Tensor]:
     outputs: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out.flatten(2).clone()))

@@ -12,8 +12,10 @@ recording would have held.
 ``compare(..., max_bytes=...)`` bounds what it holds: the copy, the rows it
 swaps in, and the old model's outputs awaiting the new ones. The outputs are
 taken a group of layers at a time, in micro-batches, so that they fit what is
-left of ``max_bytes``; each pass stops after its group's last layer. Fewer bytes
-cost more, shorter, passes; the result is the same (sums of per-sample cosines).
+left of ``max_bytes``; a layer whose output on one sample does not fit is taken
+a group of its channels at a time. Each pass stops after its group's last layer.
+Fewer bytes cost more, shorter, passes; the result is the same (sums of
+per-sample, per-channel cosines).
 
 Example:
     >>> import torch
@@ -109,8 +111,10 @@ class VelocityProbe:
         """Update the velocity from the kept state's and the current state's outputs on ``inputs``.
 
         ``max_bytes`` bounds :attr:`peak_bytes`; None holds each input batch's
-        outputs of every layer at once. A single layer's output on one sample
-        is the least it can hold: :attr:`peak_bytes` reports it if that is more.
+        outputs of every layer at once. One channel of one sample's output is
+        the least it can hold, and one layer's output on one sample once the
+        copy alone exceeds ``max_bytes``: :attr:`peak_bytes` reports it if that
+        is more.
         """
         if not self.snapshot:
             raise RuntimeError("VelocityProbe.compare needs a kept state: call keep() first")
@@ -118,7 +122,7 @@ class VelocityProbe:
         counts = dict.fromkeys(self.layers, 0)
         self.batch_bytes = 0
         limit = None if max_bytes is None else max_bytes - self.kept_bytes - self.swap_bytes
-        calls: list[tuple[str, int]] | None = None
+        calls: list[_Call] | None = None
         with _eval_no_grad(modules):
             for x in inputs:
                 calls = calls if calls is not None else self._calls(forward, x[:1])  # the same for every batch
@@ -159,11 +163,12 @@ class VelocityProbe:
         self.snapshot = [Kept(k.module, k.name, rows.to(k.tensor.device) if rows is not None else None,
                               t.to(k.tensor.device)) for k, (rows, t) in zip(slots, saved)]
 
-    def _calls(self, forward: Callable[[Tensor], Any], sample: Tensor) -> list[tuple[str, int]]:
+    def _calls(self, forward: Callable[[Tensor], Any], sample: Tensor) -> list[_Call]:
         """The layers in scope in the order the forward pass calls them, with their output bytes per sample."""
-        calls: list[tuple[str, int]] = []
-        handles = [m.register_forward_hook(lambda _m, _i, out, n=name: calls.append((n, _nbytes(out) // len(out))))
-                   for name, m in self.layers.items()]
+        calls: list[_Call] = []
+        handles = [m.register_forward_hook(
+            lambda _m, _i, out, n=name: calls.append(_Call(n, _nbytes(out) // len(out), out.shape[1])))
+            for name, m in self.layers.items()]
         try:
             forward(sample)
         finally:
@@ -171,22 +176,26 @@ class VelocityProbe:
                 handle.remove()
         return calls
 
-    def _compare_group(self, forward: Callable[[Tensor], Any], x: Tensor, group: set[str], last: int,
+    def _compare_group(self, forward: Callable[[Tensor], Any], x: Tensor, group: dict[str, slice], last: int,
                        sums: dict[str, Tensor], counts: dict[str, int]) -> None:
-        """The old and the new pass over ``x`` up to call ``last``, comparing the layers in ``group``."""
+        """The old and the new pass over ``x`` up to call ``last``, comparing the layers (and their channels)
+        in ``group``."""
         recorded: dict[str, list[Tensor]] = {}
         state = {"old": True, "call": -1}
 
         def hook(name: str, output: Tensor) -> None:
             state["call"] += 1
             if name in group:
-                out = output.detach().flatten(2)
+                channels = group[name]
+                whole = channels == slice(None)
+                out = output.detach()[:, channels].flatten(2)
                 if state["old"]:
-                    recorded.setdefault(name, []).append(out)
+                    recorded.setdefault(name, []).append(out if whole else out.clone())  # not a view of it all
                 else:
                     cosine = channel_cosine(recorded[name].pop(0), out).double().sum(0)
-                    sums[name] = sums[name] + cosine if name in sums else cosine
-                    counts[name] += len(out)
+                    total = sums.setdefault(name, output.new_zeros(output.shape[1], dtype=torch.float64))
+                    total[channels] += cosine
+                    counts[name] += len(out) if whole or channels.start == 0 else 0
             if state["call"] == last:
                 raise _GroupDone
 
@@ -231,26 +240,45 @@ def fixed_copy_bytes(modules: Sequence[nn.Module]) -> int:
     return total
 
 
-def _plan(calls: Sequence[tuple[str, int]], batch: int, limit: int | None) -> tuple[int, list[tuple[set[str], int]]]:
-    """The micro-batch and the layer groups (names, index of the group's last call) whose outputs fit ``limit``."""
+@dataclass(frozen=True)
+class _Call:
+    """One call of a layer in scope during a forward pass: its output's bytes and channels per sample."""
+
+    name: str
+    nbytes: int
+    channels: int
+
+
+def _plan(calls: Sequence[_Call], batch: int, limit: int | None) -> tuple[int, list[tuple[dict[str, slice], int]]]:
+    """The micro-batch and the groups of layers (name -> channels compared, index of the group's last call)
+    whose outputs fit ``limit``: whole layers where one sample's output fits, else channels of one layer.
+    With no bytes left (``limit <= 0``) it takes one sample's output of one layer at a time."""
+    whole = slice(None)
     if limit is None or not calls:
-        return batch, [({name for name, _ in calls}, len(calls) - 1)]
+        return batch, [(dict.fromkeys((c.name for c in calls), whole), len(calls) - 1)]
     per_sample: dict[str, int] = {}
+    channels: dict[str, int] = {}
     last_call: dict[str, int] = {}
-    for index, (name, nbytes) in enumerate(calls):
-        per_sample[name] = per_sample.get(name, 0) + nbytes
-        last_call[name] = index
+    for index, call in enumerate(calls):
+        per_sample[call.name] = per_sample.get(call.name, 0) + call.nbytes
+        channels[call.name], last_call[call.name] = call.channels, index
     micro = max(1, min(batch, limit // max(per_sample.values())))
-    groups: list[tuple[set[str], int]] = []
-    group: set[str] = set()
+    groups: list[tuple[dict[str, slice], int]] = []
+    group: dict[str, slice] = {}
     size = 0
-    for name in per_sample:  # in the order of their first calls
-        if group and size + per_sample[name] * micro > limit:
+    for name, nbytes in per_sample.items():  # in the order of their first calls
+        if group and size + nbytes * micro > limit:
             groups.append((group, max(last_call[n] for n in group)))
-            group, size = set(), 0
-        group.add(name)
-        size += per_sample[name] * micro
-    groups.append((group, max(last_call[n] for n in group)))
+            group, size = {}, 0
+        if nbytes * micro <= limit or limit <= 0:  # no bytes left after the copy: a layer at a time, whole
+            group[name] = whole
+            size += nbytes * micro
+            continue
+        step = max(1, limit // -(-nbytes // channels[name]))  # channels of one sample that fit
+        groups.extend(({name: slice(start, start + step)}, last_call[name])
+                      for start in range(0, channels[name], step))
+    if group:
+        groups.append((group, max(last_call[n] for n in group)))
     return micro, groups
 
 
