@@ -12,7 +12,8 @@ the weights included. Beside it:
   + NeuronBytes.peak_bytes)``: the selected parameters' copies, gradients and
   momentum, and the activations the selection must keep (computed from the
   shapes), added layer by layer to inference's working set at that layer (the
-  tracked meter's profile of an inference pass); for full fine-tuning, stock
+  tracked meter's profile of an inference pass, which also says which tensors
+  inference still holds there: a kept one of those is counted once); for full fine-tuning, stock
   PyTorch's layers (``NeuronBytes(stock=True)``: a ReLU6 keeps a float copy of its
   output where ours keep bits);
 - **resident** (batch 64): the same selection's step in a fresh process, the

@@ -18,7 +18,7 @@ from nf_lightning.models import create
 from nf_lightning.neuron_budget import budget as budget_module
 from nf_lightning.neuron_budget import partial as partial_module
 from nf_lightning.neuron_budget import trainable as trainable_module
-from nf_lightning.neuron_budget.budget import NeuronBytes, fill_bytes, parse_bytes, trace_layers
+from nf_lightning.neuron_budget.budget import NeuronBytes, fill_bytes, inference_profile, parse_bytes, trace_layers
 from nf_lightning.neuron_budget.trainable import SelectiveTraining, activations_of, norms_to_freeze
 
 OPTIMIZERS = {
@@ -315,6 +315,29 @@ def test_the_measured_peak_is_within_10_percent_of_the_computed_floor(norm: str)
     assert floor <= peak * 1.02 and peak <= floor * 1.10, (peak, floor)
     if norm == "frozen":
         assert peak < 0.6 * full_peak
+
+
+def test_the_floor_counts_once_a_kept_input_that_inference_still_holds() -> None:
+    """A stage's input stays referenced by the callers' arguments all through the stage, so the first conv
+    keeping it for its weight gradient adds nothing: with the profile's liveness the floor meets the measured
+    peak, where by the last reading layer alone it counts that input twice (batch 64, frozen statistics)."""
+    torch.manual_seed(0)
+    net = create("resnet18", num_classes=4, width_mult=0.125)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 4, (64,))
+    masks = random_masks(net, 0.2, seed=5)
+    install(net, masks, "frozen", optimizer := torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9))
+    peak, before = measured_peak(net, optimizer, x, y)
+    trace = trace_layers(net, x[:1])
+    counts = [int(m.sum()) for m in masks]
+    profile = inference_profile(net, x, trace)
+    floor = NeuronBytes(trace, convs_of(net), 64, "frozen", 1, working=profile).peak_bytes(counts)
+    weights = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
+    floor += weights + x.numel() * 4 + y.numel() * 8
+    assert abs(floor - peak) <= 0.02 * peak, (peak, floor)
+    first = next(t for t in trace if t.module is dict(net.named_modules())["stages.0.0.residual.0.0"])
+    assert masks[convs_of(net).index(first.module)].any()  # it keeps its input, the stage's
+    last_reader = max(t.order for t in trace if t.source == first.source)
+    assert all(first.source in alive for alive in profile.alive[last_reader + 1: last_reader + 8])
 
 
 def test_a_byte_budget_holds_every_step_through_the_guard(tmp_path: Path) -> None:

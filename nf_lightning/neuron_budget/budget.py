@@ -99,17 +99,40 @@ def trace_layers(model: nn.Module, sample: Tensor) -> list[Traced]:
     return calls
 
 
-def inference_profile(model: nn.Module, x: Tensor, trace: Sequence[Traced]) -> list[int]:
-    """Bytes live beyond weights, buffers and ``x`` right after each traced call of an inference pass on ``x``
-    (tracked meter, eval mode, no grad): what a layer's working set really is, skip connections included."""
+@dataclass(frozen=True)
+class InferenceProfile:
+    """An inference pass watched call by call: ``live[i]``, the bytes live beyond weights, buffers and the
+    input right after call ``i`` (its working set, skip connections included); ``alive[i]``, the sources
+    (:attr:`Traced.source`) still referenced then, by a later reader or by a caller's arguments alike."""
+
+    live: list[int]
+    alive: list[frozenset[int]]
+
+
+def inference_profile(model: nn.Module, x: Tensor, trace: Sequence[Traced]) -> InferenceProfile:
+    """:class:`InferenceProfile` of an eval-mode pass without gradients on ``x`` (tracked meter)."""
+    import weakref
+
     from nf_lightning.core.memory.meter import TrackedMemoryMeter
 
     meter = TrackedMemoryMeter(x.device)
     meter.track(model, x)
     base = meter.current_bytes()
     live = [0] * len(trace)
-    hooks = [t.module.register_forward_hook(lambda *_, i=t.order: _note(live, i, meter.current_bytes() - base))
-             for t in trace]
+    alive: list[frozenset[int]] = [frozenset()] * len(trace)
+    refs: dict[int, weakref.ref] = {}
+    noted: set[int] = set()
+
+    def note(t: Traced, inputs: tuple) -> None:
+        live[t.order] = max(live[t.order], meter.current_bytes() - base)
+        if t.order in noted:  # the module's later calls: the trace has its first
+            return
+        noted.add(t.order)
+        if inputs and isinstance(inputs[0], Tensor):
+            refs.setdefault(t.source, weakref.ref(inputs[0]))
+        alive[t.order] = frozenset(s for s, ref in refs.items() if ref() is not None)
+
+    hooks = [t.module.register_forward_hook(lambda _m, inputs, _o, t=t: note(t, inputs)) for t in trace]
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -120,11 +143,7 @@ def inference_profile(model: nn.Module, x: Tensor, trace: Sequence[Traced]) -> l
             hook.remove()
         for module, training in flags:
             module.training = training
-    return live
-
-
-def _note(live: list[int], index: int, nbytes: int) -> None:
-    live[index] = max(live[index], nbytes)
+    return InferenceProfile(live, alive)
 
 
 def state_tensors(optimizer: Optimizer) -> int:
@@ -150,12 +169,13 @@ class NeuronBytes:
     :meth:`kept_bytes` is what a selection adds to inference (what a byte budget
     limits); :meth:`peak_bytes` simulates the step call by call (at each layer,
     what the layers so far keep plus the layer's working set: its input and
-    output, or their gradients in the backward pass; or, with ``working``, the
-    bytes :func:`inference_profile` measured live there) for the floor of its peak.
+    output, or their gradients in the backward pass; or, with ``working``, what
+    :func:`inference_profile` measured live there, a kept tensor inference still
+    holds counted once) for the floor of its peak.
     """
 
     def __init__(self, trace: Sequence[Traced], convs: Sequence[nn.Conv2d], batch: int, norm: str,
-                 state_tensors: int, element_size: int = 4, working: Sequence[int] | None = None,
+                 state_tensors: int, element_size: int = 4, working: InferenceProfile | None = None,
                  stock: bool = False) -> None:
         self.trace, self.convs, self.batch, self.norm = list(trace), list(convs), int(batch), norm
         self.elem = element_size
@@ -167,8 +187,9 @@ class NeuronBytes:
         if missing:
             raise ValueError(f"{len(missing)} convs were not called in the traced forward pass")
         self.calls = [calls[id(c)] for c in self.convs]
-        self._io = list(working) if working is not None else [
+        self._io = list(working.live) if working is not None else [
             (t.in_numel + t.out_numel) * self.batch * self.elem for t in self.trace]
+        self._alive = working.alive if working is not None else None
         trained = [t.order for t in self.trace if isinstance(t.module, nn.Linear)
                    or (isinstance(t.module, _NORMS) and norm == "always")]
         self._base = min(trained, default=None)
@@ -182,8 +203,9 @@ class NeuronBytes:
         """A training step's peak beyond weights and batch, with ``counts[i]`` selected channels in conv ``i``.
 
         At each call: its working set, plus what the calls so far keep that
-        inference would have freed by then (a kept input still read later is
-        part of the working set already); the trained parameters' copies and
+        inference would have freed by then (a kept input still read later, or
+        still held by inference as :func:`inference_profile` saw, is part of the
+        working set already); the trained parameters' copies and
         state throughout, their gradients once the activations are given back,
         and ``update_bytes`` of the optimizer step's temporaries with them
         (:func:`nf_lightning.core.memory.enforcement.update_overhead` measures those).
@@ -191,12 +213,18 @@ class NeuronBytes:
         kept = self._kept(counts)
         peak = 0
         for t, working in zip(self.trace, self._io):
-            held = sum(new + (shared if self._last_read[self.trace[u].source] < t.order else 0)
+            held = sum(new + (shared if self._freed(self.trace[u].source, t.order) else 0)
                        for u, (shared, new) in enumerate(kept[: t.order]))
             peak = max(peak, held + working)
         peak = max(peak, sum(shared + new for shared, new in kept))
         grads = self._params(counts) * self.elem // self.per_param  # from the backward pass to the next step
         return self._params(counts) - grads + max(peak, grads + update_bytes)
+
+    def _freed(self, source: int, order: int) -> bool:
+        """Whether inference no longer holds tensor ``source`` right after call ``order``."""
+        if self._alive is not None:
+            return source not in self._alive[order]
+        return self._last_read[source] < order
 
     def kept_bytes(self, counts: Sequence[int]) -> int:
         """The step's bytes over inference: the activations kept for the backward pass and the trained
