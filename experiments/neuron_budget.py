@@ -4,8 +4,9 @@ A zoo model (ResNet-18 and MobileNetV2 at narrow widths) is pretrained on
 CIFAR-10 classes 0-4 (airplane ... deer), then fine-tuned on classes 5-9
 (dog ... truck) with a new head, updating about 10 %, 20 % and 30 % of its conv
 parameters with :class:`nf_lightning.neuron_budget.callback.NeuronUpdateBudget`
-(velocity, random, Sparse Update) or everything (full), several seeds each.
-Every run is a real Lightning ``Trainer.fit`` on the CPU with one torch thread.
+(velocity, random, Sparse Update) or everything (full), several seeds each,
+with every ``norm`` setting of the preset and, at ``norm="frozen"``, the memory
+runs' byte budgets. Every run is a real Lightning ``Trainer.fit`` on the CPU with one torch thread.
 
 It writes, under ``experiments/results/neuron_budget/<preset>/``:
 
@@ -27,6 +28,9 @@ Usage::
     NF_DATA_DIR=../shared/datasets python experiments/neuron_budget.py --jobs 2           # the full grid
     NF_DATA_DIR=../shared/datasets python experiments/neuron_budget.py --part memory      # the memory table only
     python experiments/neuron_budget.py --readme    # README's paragraph and NEURON_BUDGET.md's tables from summary.json
+
+From a pinned snapshot (``nf_lightning.benchmark.snapshot``), ``--results`` and
+``--work`` point back at the checkout's rows and pretrained weights.
 
 See ``experiments/NEURON_BUDGET.md`` for the setup and what compares with the paper.
 """
@@ -77,6 +81,7 @@ class Preset:
     finetune_lr: float = 0.01
     first_epoch: str = "sparse_update"
     accuracy_norms: tuple[str, ...] = ("always",)
+    accuracy_byte_budgets: bool = False  # also the memory runs' byte budgets (norm frozen), at `batch`
 
 
 PRESETS = {
@@ -93,6 +98,8 @@ PRESETS = {
         val_per_class=20,
         test_per_class=40,
         probe_size=32,
+        accuracy_norms=("always", "frozen"),
+        accuracy_byte_budgets=True,
     ),
     # about an hour with --jobs 2 on two cores (see NEURON_BUDGET.md for the estimate)
     "full": Preset(
@@ -107,6 +114,8 @@ PRESETS = {
         val_per_class=100,
         test_per_class=200,
         probe_size=250,  # 1 % of the 25,000 training images of classes 5-9, from the validation split
+        accuracy_norms=("always", "range", "frozen"),
+        accuracy_byte_budgets=True,
     ),
 }
 
@@ -359,20 +368,25 @@ def _threads() -> None:
 
 
 # ---------------------------------------------------------------- the grid
-def tasks(preset_name: str, data_dir: str | None, part: str = "all") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Pretraining tasks, then the accuracy runs and/or the memory runs (``part``)."""
+def tasks(preset_name: str, data_dir: str | None, part: str = "all", results: Path = RESULTS,
+          work: Path = WORK) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Pretraining tasks (weights under ``work``), then the accuracy runs and/or the memory runs (``part``;
+    rows under ``results``)."""
     import neuron_budget_memory as memory
 
     preset = PRESETS[preset_name]
-    rows = RESULTS / preset_name / "rows"
+    rows = results / preset_name / "rows"
     pre, fine, bases = [], [], []
     for model, width in preset.models:
-        weights = WORK / preset_name / f"{model}_w{width}.pt"
+        weights = work / preset_name / f"{model}_w{width}.pt"
         pre.append({"preset": preset_name, "model": model, "width": width, "path": str(weights), "data_dir": data_dir})
         base = {"preset": preset_name, "model": model, "width": width, "pretrained": str(weights), "data_dir": data_dir}
         bases.append(base)
-        grid = [("full", 1.0, "always")] + [
-            (p, b, n) for p in preset.policies if p != "full" for b in preset.budgets for n in preset.accuracy_norms]
+        policies = [p for p in preset.policies if p != "full"]
+        grid = [("full", 1.0, "always")] + [(p, b, n) for p in policies for b in preset.budgets
+                                            for n in preset.accuracy_norms]
+        if preset.accuracy_byte_budgets:
+            grid += [(p, b, "frozen") for p in policies for b in memory.BYTE_BUDGETS[model]]
         for seed in preset.seeds:
             for policy, budget, norm in grid:
                 suffix = "" if norm == "always" else f"_{norm}"
@@ -382,12 +396,13 @@ def tasks(preset_name: str, data_dir: str | None, part: str = "all") -> tuple[li
     if part == "memory":
         fine = []
     if part in ("memory", "all"):
-        fine += memory.memory_tasks(preset, preset_name, bases, RESULTS / preset_name / "memory")
+        fine += memory.memory_tasks(preset, preset_name, bases, results / preset_name / "memory")
     return pre, fine
 
 
-def run_all(preset_name: str, data_dir: str | None, jobs: int, part: str) -> None:
-    pre, fine = tasks(preset_name, data_dir, part)
+def run_all(preset_name: str, data_dir: str | None, jobs: int, part: str, results: Path = RESULTS,
+            work: Path = WORK) -> None:
+    pre, fine = tasks(preset_name, data_dir, part, results, work)
     start = time.perf_counter()
     if jobs <= 1:
         for task in pre:
@@ -401,7 +416,7 @@ def run_all(preset_name: str, data_dir: str | None, jobs: int, part: str) -> Non
                 print("pretrain", task["model"], result, flush=True)
             for i, (task, row) in enumerate(zip(fine, pool.map(finetune, fine))):
                 print(f"[{i + 1}/{len(fine)}] {_label(task)}: {_brief(row)}", flush=True)
-    summarize(preset_name, {part: time.perf_counter() - start})
+    summarize(preset_name, {part: time.perf_counter() - start}, results, work)
 
 
 def _label(task: dict[str, Any]) -> str:
@@ -416,18 +431,19 @@ def _brief(row: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- summary
-def summarize(preset_name: str, wall_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+def summarize(preset_name: str, wall_seconds: dict[str, float] | None = None, results: Path = RESULTS,
+              work: Path = WORK) -> dict[str, Any]:
     """``summary.json`` and ``summary.md`` from the rows (wall times of earlier invocations are kept)."""
     import neuron_budget_memory as memory
 
-    folder = RESULTS / preset_name
+    folder = results / preset_name
     acc = [json.loads(p.read_text()) for p in sorted((folder / "rows").glob("acc_*.json"))]
     mem = [json.loads(p.read_text()) for p in sorted((folder / "memory").glob("*.json"))]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in acc:
         groups.setdefault((r["model"], r["width"], r["policy"], r["budget"], r.get("norm", "always")), []).append(r)
     table = []
-    for (model, width, policy, budget, norm), runs in sorted(groups.items()):
+    for (model, width, policy, budget, norm), runs in sorted(groups.items(), key=lambda item: _order(*item[0])):
         tests = [r["test_acc"] for r in runs]
         table.append({
             "model": model, "width": width, "policy": policy, "budget": budget, "norm": norm, "seeds": len(runs),
@@ -441,7 +457,8 @@ def summarize(preset_name: str, wall_seconds: dict[str, float] | None = None) ->
     walls = {**old.get("wall_seconds_by_part", {}), **(wall_seconds or {})}
     if old.get("wall_seconds"):  # a summary from before the parts: its one invocation ran everything
         walls.setdefault("all", old["wall_seconds"])
-    pretrained = [json.loads(p.read_text()) for p in sorted((WORK / preset_name).glob("*.json"))] or old.get("pretrained", [])
+    pretrained = [json.loads(p.read_text()) for p in sorted((work / preset_name).glob("*.json"))] or old.get(
+        "pretrained", [])
     summary = {"preset": preset_name, "config": asdict(PRESETS[preset_name]), "accuracy": table,
                "memory": memory.summarize_memory(mem), "pretrained": pretrained, "wall_seconds_by_part": walls,
                "torch_threads": 1}
@@ -449,6 +466,20 @@ def summarize(preset_name: str, wall_seconds: dict[str, float] | None = None) ->
     (folder / "summary.md").write_text(markdown(summary))
     plot(summary, folder / "accuracy_vs_budget.png")
     return summary
+
+
+def _order(model: str, width: float, policy: str, budget: float | str, norm: str) -> tuple:
+    """Model, policy, then fractions of the parameters before byte budgets (by bytes), then norm."""
+    import neuron_budget_memory as memory
+
+    from nf_lightning.neuron_budget.budget import parse_bytes
+
+    in_bytes = isinstance(budget, str)
+    return model, width, policy, in_bytes, parse_bytes(budget) if in_bytes else budget, memory.NORMS.index(norm)
+
+
+def _budget_label(policy: str, budget: float | str) -> str:
+    return "all" if policy == "full" else budget if isinstance(budget, str) else f"{budget:.0%}"
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -463,7 +494,7 @@ def markdown(summary: dict[str, Any]) -> str:
               "| model | policy | budget | norm | seeds | test accuracy | updated fraction | ms / step |",
               "| --- | --- | ---: | --- | ---: | --- | ---: | ---: |"]
     for r in summary["accuracy"]:
-        budget = "all" if r["policy"] == "full" else f"{r['budget']:.0%}"
+        budget = _budget_label(r["policy"], r["budget"])
         lines.append(
             f"| {r['model']} w{r['width']} | {r['policy']} | {budget} | {r['norm']} | {r['seeds']} | "
             f"{r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} [{r['test_acc_min']:.3f}, {r['test_acc_max']:.3f}] | "
@@ -527,8 +558,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, (model, width) in zip(axes[0], models):
         rows = [r for r in summary["accuracy"] if (r["model"], r["width"]) == (model, width)]
-        for policy, norm in sorted({(r["policy"], r["norm"]) for r in rows if r["policy"] != "full"}):
-            points = sorted((r["budget"], r["test_acc_mean"], r["test_acc_std"]) for r in rows
+        fractions = [r for r in rows if not isinstance(r["budget"], str)]  # byte budgets have no x here
+        for policy, norm in sorted({(r["policy"], r["norm"]) for r in fractions if r["policy"] != "full"}):
+            points = sorted((r["budget"], r["test_acc_mean"], r["test_acc_std"]) for r in fractions
                             if (r["policy"], r["norm"]) == (policy, norm))
             xs, ys, es = zip(*points)
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=policy if norm == "always" else f"{policy}, {norm}")
@@ -556,19 +588,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refloor", action="store_true", help="recompute the memory rows' floors, then summarize")
     parser.add_argument("--readme", action="store_true",
                         help="write README's paragraph and NEURON_BUDGET.md's tables from the committed summary.json")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="rows and summaries go to RESULTS/<preset>/ (default: experiments/results/neuron_budget)")
+    parser.add_argument("--work", type=Path, default=WORK,
+                        help="pretrained weights, reused when present (default: outputs/neuron_budget)")
     args = parser.parse_args(argv)
+    results, work = args.results.resolve(), args.work.resolve()
     if args.readme:
         write_docs(json.loads((RESULTS / args.preset / "summary.json").read_text()))
         return
     if args.refloor:
         import neuron_budget_memory
 
-        neuron_budget_memory.refloor(RESULTS / args.preset / "memory")
+        neuron_budget_memory.refloor(results / args.preset / "memory")
     if args.summary_only or args.refloor:
-        summarize(args.preset)
+        summarize(args.preset, results=results, work=work)
         return
     jobs = args.jobs if args.jobs is not None else (1 if args.preset == "quick" else 2)
-    run_all(args.preset, args.data_dir, jobs, args.part)
+    run_all(args.preset, args.data_dir, jobs, args.part, results, work)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+"""experiments/neuron_budget.py as a user runs it, in a process of its own: the accuracy grid covers every
+norm and the byte budgets; the quick preset end to end writes rows and summaries where it is told.
+
+Tests import nothing from ``experiments/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+SCRIPT = EXPERIMENTS / "neuron_budget.py"
+
+LIST_TASKS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import neuron_budget
+_, fine = neuron_budget.tasks(sys.argv[2], None, "accuracy", results=neuron_budget.Path(sys.argv[3]))
+print(json.dumps([{k: t[k] for k in ("model", "policy", "budget", "norm", "seed", "out")} for t in fine]))
+"""
+
+
+def accuracy_tasks(preset: str, results: Path) -> list[dict]:
+    done = subprocess.run([sys.executable, "-c", LIST_TASKS, str(EXPERIMENTS), preset, str(results)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_the_full_accuracy_grid_has_every_norm_and_the_byte_budgets(tmp_path: Path) -> None:
+    runs = accuracy_tasks("full", tmp_path)
+    cells = {(r["model"], r["policy"], r["budget"], r["norm"], r["seed"]) for r in runs}
+    assert len(cells) == len(runs) == len({r["out"] for r in runs})  # no run twice, no row file shared
+    assert all(Path(r["out"]).parent == tmp_path / "full" / "rows" for r in runs)
+    for model in ("resnet18", "mobilenetv2"):
+        for seed in (0, 1, 2):
+            assert (model, "full", 1.0, "always", seed) in cells
+            for policy in ("velocity", "random", "sparse_update"):
+                for norm in ("always", "range", "frozen"):
+                    assert all((model, policy, b, norm, seed) in cells for b in (0.1, 0.2, 0.3)), (policy, norm)
+                in_bytes = {b for m, p, b, n, s in cells if (m, p, s) == (model, policy, seed) and isinstance(b, str)}
+                assert len(in_bytes) == 2 and all((model, policy, b, "frozen", seed) in cells for b in in_bytes)
+    assert len(runs) == 2 * 3 * (1 + 3 * 3 * 3 + 3 * 2)
+
+
+@pytest.mark.slow
+def test_the_quick_preset_writes_its_rows_and_summary_where_it_is_told(tmp_path: Path,
+                                                                        shared_datasets_dir: Path) -> None:
+    results, work = tmp_path / "results", tmp_path / "work"
+    committed = EXPERIMENTS / "results" / "neuron_budget" / "quick"
+    before = {path: path.stat().st_mtime_ns for path in committed.rglob("*")}
+    argv = ["--preset", "quick", "--part", "accuracy", "--results", str(results), "--work", str(work),
+            "--data-dir", str(shared_datasets_dir)]
+    done = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=1200,
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = sorted((results / "quick" / "rows").glob("acc_*.json"))
+    assert len(rows) == len(accuracy_tasks("quick", results)) == 2 * (1 + 3 * 2 * 2 + 3 * 2)
+    summary = json.loads((results / "quick" / "summary.json").read_text())
+    table = summary["accuracy"]
+    assert {r["norm"] for r in table} == {"always", "frozen"}
+    in_bytes = [r for r in table if isinstance(r["budget"], str)]
+    assert len(in_bytes) == 2 * 3 * 2 and all(r["norm"] == "frozen" for r in in_bytes)
+    assert all(0.0 <= r["test_acc_mean"] <= 1.0 and 0.0 < r["updated_fraction_mean"] <= 1.0 for r in table)
+    text = (results / "quick" / "summary.md").read_text()
+    assert "| velocity | 4MB | frozen |" in text and "| velocity | 10% | frozen |" in text
+    assert sorted(p.name for p in (work / "quick").glob("*.pt")) == ["mobilenetv2_w0.25.pt", "resnet18_w0.125.pt"]
+    assert {path: path.stat().st_mtime_ns for path in committed.rglob("*")} == before  # the committed ones untouched
