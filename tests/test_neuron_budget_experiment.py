@@ -49,6 +49,16 @@ def test_the_full_accuracy_grid_has_every_norm_and_the_byte_budgets(tmp_path: Pa
     assert len(runs) == 2 * 3 * (1 + 3 * 3 * 3 + 3 * 2)
 
 
+def test_the_preset_nearer_the_paper_pretrains_on_more_images_and_fine_tunes_the_same_way(tmp_path: Path) -> None:
+    runs = accuracy_tasks("more_pretraining", tmp_path)
+    cells = {(r["model"], r["policy"], r["budget"], r["norm"], r["seed"]) for r in runs}
+    cells_per_model = [("full", 1.0)] + [(p, b) for p in ("velocity", "random", "sparse_update") for b in (0.1, 0.3)]
+    expected = {(m, p, b, "always", s) for m in ("resnet18", "mobilenetv2") for s in (0, 1, 2)
+                for p, b in cells_per_model}
+    assert cells == expected and len(runs) == len(expected)
+    assert all(Path(r["out"]).parent == tmp_path / "more_pretraining" / "rows" for r in runs)
+
+
 @pytest.mark.slow
 def test_the_quick_preset_writes_its_rows_and_summary_where_it_is_told(tmp_path: Path,
                                                                         shared_datasets_dir: Path) -> None:
