@@ -187,9 +187,6 @@ class BlockwiseRun:
     def active_units(self) -> tuple[int, ...]:
         return self.units_of(self.active_block)
 
-    def block_of_unit(self, unit: int) -> int:
-        return next(index for index, block in enumerate(self.plan.blocks) if unit in block.units)
-
     def batch_size_of(self, block: int) -> int:
         """``block``'s batch size: the plan's, lowered if a step had to shrink."""
         return self.batch_overrides.get(block, self.plan.blocks[block].batch_size)
