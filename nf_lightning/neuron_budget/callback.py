@@ -24,7 +24,7 @@ from nf_lightning.core.memory.enforcement import BudgetGuard
 from nf_lightning.core.memory.meter import meter_for
 from nf_lightning.lightning.run_access import neuroflux_run
 from nf_lightning.neuron_budget.budget import NeuronBytes, parse_bytes, state_tensors, trace_layers
-from nf_lightning.neuron_budget.probe import VelocityProbe, fixed_copy_bytes
+from nf_lightning.neuron_budget.probe import PROBE_COPIES, VelocityProbe, fixed_copy_bytes, selected_row_bytes
 from nf_lightning.neuron_budget.scope import Scope, first_inputs, probe_forward, probe_inputs
 from nf_lightning.neuron_budget.selection import (
     FIRST_EPOCH_POLICIES,
@@ -70,12 +70,17 @@ class NeuronUpdateBudget(pl.Callback):
     Byte budgets are for ordinary training (NeuroFlux has its own memory budget).
 
     **Velocity's probe** (:class:`~nf_lightning.neuron_budget.probe.VelocityProbe`)
-    keeps, on the training device, a copy of what the epoch's selection can
-    change (its rows, the other trained parameters, the buffers), not recorded
-    outputs. Between epochs it compares old and new outputs within
-    ``probe_memory``: a fraction of the training step's peak, measured on the
-    epoch's first step, or bytes. ``neuron_budget/probe_bytes`` logs its peak
-    (the copy, the rows it swaps in, the outputs it holds).
+    keeps a copy of what the epoch's selection can change (its rows, the other
+    trained parameters, the buffers), not recorded outputs. Between epochs it
+    compares old and new outputs within ``probe_memory``: a fraction of the
+    training step's peak, measured on the epoch's first step, or bytes.
+    ``neuron_budget/probe_bytes`` logs its peak on the device (the copy there,
+    the rows it swaps in, the outputs it holds). ``probe_copy`` says where the
+    copy of the selected rows lives: ``"device"``; ``"off_device"``, host
+    memory when training on an accelerator, else an unlinked memory-mapped file;
+    ``"auto"`` (default), off the device on an accelerator, and on the CPU while
+    no step has been measured yet or when the rows would take more than half of
+    ``probe_memory``.
 
     Args:
         policy: ``"velocity"``, ``"random"``, ``"sparse_update"`` or ``"full"``.
@@ -86,7 +91,8 @@ class NeuronUpdateBudget(pl.Callback):
         probe_size: probe samples from the validation data (a count, or a fraction of the training set).
         probe: the probe inputs themselves. probe_batch: the largest batch of a probe pass.
         probe_memory: the probe's bytes at most, a fraction of the step's measured peak or bytes (``"256KB"``);
-            it takes smaller batches and fewer layers a pass to fit (a layer's output on one sample at least).
+            it takes smaller batches, fewer layers and fewer channels a pass to fit.
+        probe_copy: where the copy of the selected rows lives: ``"auto"``, ``"device"`` or ``"off_device"``.
         norm: ``"always"`` (every norm layer trains, the paper's method), ``"range"`` (those from the
             lowest updated conv up) or ``"frozen"`` (none; BatchNorms become affine maps).
         count_aux_heads: under NeuroFlux, count the auxiliary heads' convs as neurons.
@@ -97,11 +103,13 @@ class NeuronUpdateBudget(pl.Callback):
     def __init__(
         self, policy: str = "velocity", budget: float | str = 0.2, *, first_epoch: str = "sparse_update",
         sparse_update: Any = None, mu: float = 0.5, recursion: str = "paper", probe_size: int | float = 0.01,
-        probe: Tensor | None = None, probe_batch: int = 8, probe_memory: float | str = 0.1, norm: str = "always",
-        count_aux_heads: bool = False, exclude: Sequence[str] = (), seed: int = 0, log_layers: bool = True,
+        probe: Tensor | None = None, probe_batch: int = 8, probe_memory: float | str = 0.1, probe_copy: str = "auto",
+        norm: str = "always", count_aux_heads: bool = False, exclude: Sequence[str] = (), seed: int = 0,
+        log_layers: bool = True,
     ) -> None:
         for name, value, allowed in (("policy", policy, POLICIES), ("first_epoch", first_epoch, FIRST_EPOCH_POLICIES),
-                                     ("recursion", recursion, RECURSIONS), ("norm", norm, NORM_POLICIES)):
+                                     ("recursion", recursion, RECURSIONS), ("norm", norm, NORM_POLICIES),
+                                     ("probe_copy", probe_copy, PROBE_COPIES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.budget_bytes = parse_bytes(budget) if isinstance(budget, str) else None
@@ -118,7 +126,7 @@ class NeuronUpdateBudget(pl.Callback):
             raise ValueError(f"probe_size must be a positive count or fraction, got {probe_size!r}")
         self.policy, self.budget, self.first_epoch, self.norm = policy, budget, first_epoch, norm
         self.mu, self.recursion, self.probe_size, self.probe = float(mu), recursion, probe_size, probe
-        self.probe_memory = probe_memory
+        self.probe_memory, self.probe_copy = probe_memory, probe_copy
         self.probe_batch, self.count_aux_heads, self.exclude = int(probe_batch), count_aux_heads, tuple(exclude)
         self.seed, self.log_layers = int(seed), log_layers
         fraction = float(budget) if self.budget_bytes is None else None
@@ -139,6 +147,7 @@ class NeuronUpdateBudget(pl.Callback):
         self._before_update: Any = None
         self._step_meter: Any = None
         self.step_peak: int | None = None
+        self._off_device: bool | None = None
 
     # ------------------------------------------------------------------ public view
     @property
@@ -184,7 +193,7 @@ class NeuronUpdateBudget(pl.Callback):
             return
         self._enter(trainer, pl_module, scope)
         self._apply(trainer)
-        self._keep()
+        self._keep(pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.layers:
@@ -281,7 +290,7 @@ class NeuronUpdateBudget(pl.Callback):
         self._apply(trainer)
         if restored["probe"] is not None:
             self._probe = VelocityProbe({layer.name: layer.module for layer in scope.layers}, self.mu, self.recursion)
-            self._probe.load_state_dict(restored["probe"], scope.roots)
+            self._probe.load_state_dict(restored["probe"], scope.roots, self._copy_off_device(pl_module.device))
         last = trainer.current_epoch - 1  # a checkpoint taken before that epoch's end was handled
         run = neuroflux_run(trainer)
         if last > self._epoch_done and not (run is not None and run.finished):
@@ -292,7 +301,7 @@ class NeuronUpdateBudget(pl.Callback):
         self.training.release()
         if not scope.layers:
             warnings.warn("NeuronUpdateBudget found no Conv2d to select neurons among; it does nothing", stacklevel=2)
-        self._scope, self._probe = scope, None
+        self._scope, self._probe, self._off_device = scope, None, None
         self.selector.enter(scope.layers)
         self._start_costs(trainer, pl_module)
         if self.policy == "velocity" and scope.layers:
@@ -311,7 +320,7 @@ class NeuronUpdateBudget(pl.Callback):
         elif self.policy == "random":
             self._select("random")
         self._apply(trainer)
-        self._keep()
+        self._keep(pl_module)
 
     def _select(self, policy: str) -> None:
         velocity = self._probe.flat_velocity(self._scope.names) if policy == "velocity" else None
@@ -343,19 +352,37 @@ class NeuronUpdateBudget(pl.Callback):
                              else probe_inputs(trainer, self.probe_size))
             rank_zero_info(f"[neuron budget] velocity probes {len(self._probe_x)} samples")
         forward = probe_forward(neuroflux_run(trainer), pl_module, self.count_aux_heads)
-        limit = self._probe_memory_bytes
-        if limit is None and self.step_peak:
-            limit = int(self.probe_memory * self.step_peak)
+        limit = self._probe_limit()
         self._probe.compare(self._scope.roots, forward, self._probe_x.split(self.probe_batch), limit)
         if limit is not None and self._probe.peak_bytes > limit:
             warnings.warn(f"the velocity probe held {self._probe.peak_bytes} bytes, over probe_memory's {limit}: its "
-                          "copy of the selection and one layer's output on one sample are the least it needs",
-                          stacklevel=2)
+                          "copy on the device and one channel of one layer's output on one sample are the least it "
+                          "needs", stacklevel=2)
 
-    def _keep(self) -> None:
+    def _probe_limit(self) -> int | None:
+        """``probe_memory`` in bytes (None while a fraction has no measured step yet)."""
+        if self._probe_memory_bytes is not None:
+            return self._probe_memory_bytes
+        return int(self.probe_memory * self.step_peak) if self.step_peak else None
+
+    def _copy_off_device(self, device: torch.device) -> bool:
+        """Where the next copy of the selected rows goes; ``auto`` on the CPU decides once per scope, on the
+        first measured step (until then off the device), so the copy does not move back and forth."""
+        if self.probe_copy != "auto":
+            return self.probe_copy == "off_device"
+        if device.type != "cpu":
+            return True
+        if self._off_device is None:
+            limit = self._probe_limit()
+            if limit is None:
+                return True
+            self._off_device = 2 * selected_row_bytes(self._scope.roots) > limit
+        return self._off_device
+
+    def _keep(self, pl_module: pl.LightningModule) -> None:
         """The probe's copy of what the selection now in effect can change."""
         if self._probe is not None:
-            self._probe.keep(self._scope.roots)
+            self._probe.keep(self._scope.roots, self._copy_off_device(pl_module.device))
 
     def _probe_tensors(self) -> list[Tensor]:
         return self._probe.tensors() if self._probe is not None else []

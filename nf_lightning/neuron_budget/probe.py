@@ -17,6 +17,11 @@ a group of its channels at a time. Each pass stops after its group's last layer.
 Fewer bytes cost more, shorter, passes; the result is the same (sums of
 per-sample, per-channel cosines).
 
+``keep(..., off_device=True)`` puts the copied rows of partly trained convs, the
+bulk of the copy, off the training device: in host memory when that is an
+accelerator, else in an unlinked temporary file, memory-mapped (the kernel may
+page it out); they are exchanged one row at a time all the same.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -35,6 +40,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,15 +53,19 @@ from torch import Tensor, nn
 from nf_lightning.neuron_budget.partial import PartialConv2d
 from nf_lightning.neuron_budget.selection import RECURSIONS, channel_cosine, velocity_step
 
+PROBE_COPIES = ("auto", "device", "off_device")
+
 
 @dataclass
 class Kept:
-    """One kept tensor: ``module``'s parameter or buffer ``name``, whole (``rows`` None) or those rows of it."""
+    """One kept tensor: ``module``'s parameter or buffer ``name``, whole (``rows`` None) or those rows of it;
+    ``off_device``: the copy lives off the training device."""
 
     module: nn.Module
     name: str
     rows: Tensor | None
     tensor: Tensor
+    off_device: bool = False
 
 
 class _GroupDone(Exception):
@@ -69,7 +81,7 @@ class VelocityProbe:
     state and with the current one, and updates the velocity; :meth:`measure`
     does both. :attr:`kept_bytes` is the copy (on the device between probes);
     :attr:`peak_bytes` adds the rows swapped in and the outputs held during the
-    last comparison.
+    last comparison; :attr:`off_device_bytes` is the part of the copy kept off the device.
     """
 
     def __init__(self, layers: Mapping[str, nn.Module], mu: float = 0.5, recursion: str = "paper") -> None:
@@ -87,7 +99,13 @@ class VelocityProbe:
 
     @property
     def kept_bytes(self) -> int:
-        return sum(_nbytes(k.tensor) + (_nbytes(k.rows) if k.rows is not None else 0) for k in self.snapshot)
+        """The copy on the training device (row indices included)."""
+        return sum((0 if k.off_device else _nbytes(k.tensor)) + (_nbytes(k.rows) if k.rows is not None else 0)
+                   for k in self.snapshot)
+
+    @property
+    def off_device_bytes(self) -> int:
+        return sum(_nbytes(k.tensor) for k in self.snapshot if k.off_device)
 
     @property
     def swap_bytes(self) -> int:
@@ -99,12 +117,13 @@ class VelocityProbe:
         return self.kept_bytes + self.swap_bytes + self.batch_bytes
 
     def tensors(self) -> list[Tensor]:
-        """The kept copy, for a memory meter to count."""
-        return [t for k in self.snapshot for t in (k.tensor, k.rows) if t is not None]
+        """The kept copy on the training device, for a memory meter to count."""
+        return [t for k in self.snapshot for t in (None if k.off_device else k.tensor, k.rows) if t is not None]
 
-    def keep(self, modules: Sequence[nn.Module]) -> None:
-        """Copy what training can change from now on (the comparison's old state)."""
-        self.snapshot = _changeable(modules)
+    def keep(self, modules: Sequence[nn.Module], off_device: bool = False) -> None:
+        """Copy what training can change from now on (the comparison's old state); ``off_device`` copies the
+        selected rows straight off the device, one row at a time."""
+        self.snapshot = _changeable(modules, off_device)
 
     def compare(self, modules: Sequence[nn.Module], forward: Callable[[Tensor], Any], inputs: Iterable[Tensor],
                 max_bytes: int | None = None) -> None:
@@ -151,17 +170,21 @@ class VelocityProbe:
                 "snapshot": [(k.rows.cpu() if k.rows is not None else None, k.tensor.cpu()) for k in self.snapshot],
                 "batch_bytes": self.batch_bytes}
 
-    def load_state_dict(self, state: Mapping[str, Any], modules: Sequence[nn.Module]) -> None:
-        """Restore a probe saved with the same modules in scope, selected as they were when it was saved."""
+    def load_state_dict(self, state: Mapping[str, Any], modules: Sequence[nn.Module], off_device: bool = False) -> None:
+        """Restore a probe saved with the same modules in scope, selected as they were when it was saved
+        (``off_device`` as in :meth:`keep`)."""
         self.passes, self.batch_bytes = int(state["passes"]), int(state["batch_bytes"])
         self.phi, self.delta, self.velocity = dict(state["phi"]), dict(state["delta"]), dict(state["velocity"])
-        slots = _changeable(modules)
+        slots = _changeable(modules, off_device)
         saved = state["snapshot"]
         if len(slots) != len(saved) or any((k.rows is None) != (rows is None) or k.tensor.shape != t.shape
                                            for k, (rows, t) in zip(slots, saved)):
             raise ValueError("the velocity probe was saved for other modules or another selection")
-        self.snapshot = [Kept(k.module, k.name, rows.to(k.tensor.device) if rows is not None else None,
-                              t.to(k.tensor.device)) for k, (rows, t) in zip(slots, saved)]
+        for k, (rows, t) in zip(slots, saved):
+            k.tensor.copy_(t)
+            if rows is not None:
+                k.rows.copy_(rows)
+        self.snapshot = slots
 
     def _calls(self, forward: Callable[[Tensor], Any], sample: Tensor) -> list[_Call]:
         """The layers in scope in the order the forward pass calls them, with their output bytes per sample."""
@@ -224,6 +247,12 @@ class VelocityProbe:
             self.phi[name] = phi
 
 
+def selected_row_bytes(modules: Sequence[nn.Module]) -> int:
+    """Bytes of the selected rows of every partly trained conv: the part of the copy ``off_device`` moves."""
+    return sum(len(m.selected_rows) * _nbytes(t[0]) for m in _unique_modules(modules) if isinstance(m, PartialConv2d)
+               for t in (m.weight, m.bias) if t is not None)
+
+
 def fixed_copy_bytes(modules: Sequence[nn.Module]) -> int:
     """An upper bound of the kept copy outside the convs' and Linear layers' weights, whatever the selection:
     every buffer, every other parameter and every conv row's index (a byte budget reserves it; the rows
@@ -282,17 +311,27 @@ def _plan(calls: Sequence[_Call], batch: int, limit: int | None) -> tuple[int, l
     return micro, groups
 
 
-def _changeable(modules: Sequence[nn.Module]) -> list[Kept]:
-    """Copies of what an epoch's training can change: a partial conv's selected rows, the parameters that
-    require a gradient, and the buffers (a fully frozen conv's weight is neither)."""
+def _changeable(modules: Sequence[nn.Module], off_device: bool = False) -> list[Kept]:
+    """Copies of what an epoch's training can change: a partial conv's selected rows (off the device if
+    ``off_device``), the parameters that require a gradient, and the buffers (a fully frozen conv's weight
+    is neither)."""
     kept = []
     for module in _unique_modules(modules):
         if isinstance(module, PartialConv2d):
             rows = module.selected_rows
             if len(rows):
                 for name in ("weight", "bias"):
-                    if getattr(module, name) is not None:
-                        kept.append(Kept(module, name, rows.clone(), getattr(module, name).index_select(0, rows)))
+                    source = getattr(module, name)
+                    if source is None:
+                        continue
+                    if off_device:
+                        copy = _off_device_empty((len(rows), *source.shape[1:]), source.dtype, source.device)
+                        with torch.no_grad():
+                            for i, row in enumerate(rows.tolist()):
+                                copy[i].copy_(source[row])
+                    else:
+                        copy = source.index_select(0, rows)
+                    kept.append(Kept(module, name, rows.clone(), copy, off_device))
             params = {}
         else:
             params = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
@@ -300,6 +339,22 @@ def _changeable(modules: Sequence[nn.Module]) -> list[Kept]:
             isinstance(module, PartialConv2d) and n in ("weight", "bias", "selected_rows"))}
         kept.extend(Kept(module, name, None, t.detach().clone()) for name, t in {**params, **buffers}.items())
     return kept
+
+
+def _off_device_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialized tensor off ``device``: host memory for an accelerator; for the CPU, an unlinked,
+    memory-mapped temporary file (its pages the kernel may write out and drop)."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device="cpu")
+    numel = math.prod(shape)
+    handle, path = tempfile.mkstemp(prefix="nf_velocity_probe_")
+    try:
+        os.ftruncate(handle, numel * torch.empty((), dtype=dtype).element_size())
+        mapped = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    finally:
+        os.close(handle)
+        os.unlink(path)  # the mapping lives on; the file goes when it does, also after a crash
+    return mapped.view(shape)
 
 
 def _unique_modules(roots: Sequence[nn.Module]) -> Iterator[nn.Module]:
