@@ -232,6 +232,28 @@ def install(net: nn.Module, masks: list[torch.Tensor], norm: str, optimizer=None
                    activations_of(modules))
 
 
+def test_the_probe_keeps_no_statistics_of_a_frozen_batchnorm_which_training_leaves_as_they_are() -> None:
+    from nf_lightning.neuron_budget.partial import AffineBatchNorm2d
+    from nf_lightning.neuron_budget.probe import VelocityProbe
+
+    torch.manual_seed(0)
+    net = create("mobilenetv2", num_classes=4, width_mult=0.25)
+    install(net, random_masks(net, 0.1, seed=3), "frozen", optimizer := torch.optim.SGD(net.parameters(), lr=0.1))
+    frozen = [m for m in net.modules() if isinstance(m, AffineBatchNorm2d)]
+    statistics = [b.clone() for m in frozen for b in m.buffers()]
+    probe = VelocityProbe({n: m for n, m in net.named_modules() if isinstance(m, nn.Conv2d)})
+    probe.keep([net])
+    assert frozen and not any(isinstance(k.module, AffineBatchNorm2d) for k in probe.snapshot)
+    net.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 4, (8,))).backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(statistics, [b for m in frozen for b in m.buffers()]))
+    probe.compare([net], net, [torch.randn(4, 3, 32, 32)])
+    assert all(v.isfinite().all() for v in probe.velocity.values())
+
+
 @pytest.mark.parametrize("norm", ["always", "range", "frozen"])
 @pytest.mark.parametrize("model", ["small", "resnet18", "mobilenetv2"])
 def test_the_bytes_a_selection_keeps_are_what_autograd_keeps(model: str, norm: str) -> None:

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nf_lightning.neuron_budget.partial import PartialConv2d
+from nf_lightning.neuron_budget.partial import AffineBatchNorm2d, PartialConv2d
 from nf_lightning.neuron_budget.selection import RECURSIONS, channel_cosine, velocity_step
 
 PROBE_COPIES = ("auto", "device", "off_device")
@@ -314,7 +314,7 @@ def _plan(calls: Sequence[_Call], batch: int, limit: int | None) -> tuple[int, l
 def _changeable(modules: Sequence[nn.Module], off_device: bool = False) -> list[Kept]:
     """Copies of what an epoch's training can change: a partial conv's selected rows (off the device if
     ``off_device``), the parameters that require a gradient, and the buffers (a fully frozen conv's weight
-    is neither)."""
+    is neither, and a frozen BatchNorm's statistics do not change)."""
     kept = []
     for module in _unique_modules(modules):
         if isinstance(module, PartialConv2d):
@@ -335,8 +335,9 @@ def _changeable(modules: Sequence[nn.Module], off_device: bool = False) -> list[
             params = {}
         else:
             params = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
-        buffers = {n: b for n, b in module._buffers.items() if b is not None and not (
-            isinstance(module, PartialConv2d) and n in ("weight", "bias", "selected_rows"))}
+        buffers = {} if isinstance(module, AffineBatchNorm2d) else {  # a frozen BatchNorm's statistics stay
+            n: b for n, b in module._buffers.items() if b is not None and not (
+                isinstance(module, PartialConv2d) and n in ("weight", "bias", "selected_rows"))}
         kept.extend(Kept(module, name, None, t.detach().clone()) for name, t in {**params, **buffers}.items())
     return kept
 
