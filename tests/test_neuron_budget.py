@@ -472,8 +472,8 @@ def test_at_batch_1_the_probe_holds_its_tenth_with_the_rows_off_the_device(tmp_p
     budget = NeuronUpdateBudget("velocity", budget=0.3, probe_size=8, probe_copy=probe_copy)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(tmp_path, [budget], max_epochs=3, module=ClassifierModule(Net(width=16), num_classes=4, lr=0.05),
-            loaders=data(n_train=16, batch=1))
+        fit(tmp_path, [budget], max_epochs=2, module=ClassifierModule(Net(width=16), num_classes=4, lr=0.05),
+            loaders=data(n_train=8, n_val=8, batch=1))
     over = [w for w in caught if "over probe_memory" in str(w.message)]
     rows = sum(k.tensor.numel() * k.tensor.element_size() for k in budget._probe.snapshot if k.rows is not None)
     assert budget.history[-1]["policy"] == "velocity" and rows > 0.05 * budget.step_peak
