@@ -493,10 +493,6 @@ def _order(model: str, width: float, policy: str, budget: float | str, norm: str
     return model, width, policy, in_bytes, parse_bytes(budget) if in_bytes else budget, memory.NORMS.index(norm)
 
 
-def _budget_label(policy: str, budget: float | str) -> str:
-    return "all" if policy == "full" else budget if isinstance(budget, str) else f"{budget:.0%}"
-
-
 def markdown(summary: dict[str, Any]) -> str:
     import neuron_budget_memory as memory
 
@@ -509,7 +505,7 @@ def markdown(summary: dict[str, Any]) -> str:
               "| model | policy | budget | norm | seeds | test accuracy | updated fraction | ms / step |",
               "| --- | --- | ---: | --- | ---: | --- | ---: | ---: |"]
     for r in summary["accuracy"]:
-        budget = _budget_label(r["policy"], r["budget"])
+        budget = memory.budget_label(r["policy"], r["budget"])
         lines.append(
             f"| {r['model']} w{r['width']} | {r['policy']} | {budget} | {r['norm']} | {r['seeds']} | "
             f"{r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} [{r['test_acc_min']:.3f}, {r['test_acc_max']:.3f}] | "

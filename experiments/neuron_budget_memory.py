@@ -253,6 +253,11 @@ def summarize_memory(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                         str(e["budget"])))
 
 
+def budget_label(policy: str, budget: float | str) -> str:
+    """How a table prints a budget: ``all`` for full fine-tuning, a byte budget as given, a fraction in %."""
+    return "all" if policy == "full" else budget if isinstance(budget, str) else f"{budget:.0%}"
+
+
 def memory_markdown(table: list[dict[str, Any]]) -> str:
     lines = ["Probe: its copy of the weights, on the device during every step (counted in the peak), and its peak "
              "between epochs (the copy and one probe batch's conv outputs), each against the step's peak. "
@@ -262,7 +267,7 @@ def memory_markdown(table: list[dict[str, Any]]) -> str:
              "| peak / full | floor / full | probe copy MB (of peak) | probe peak MB (of peak) | resident / tracked |",
              "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for e in table:
-        budget = "all" if e["policy"] == "full" else (e["budget"] if isinstance(e["budget"], str) else f"{e['budget']:.0%}")
+        budget = budget_label(e["policy"], e["budget"])
         probe = f"{e['probe_bytes'] / 1e6:.2f} ({e['probe_vs_peak']:.0%})" if e["probe_bytes"] else "-"
         copy = f"{e['probe_kept_bytes'] / 1e6:.2f} ({e['probe_kept_vs_peak']:.0%})" if e["probe_kept_bytes"] else "-"
         res = e.get("resident")
