@@ -62,31 +62,10 @@ def test_a_cuda_run_holds_every_metered_step_to_the_budget(tmp_path: Path) -> No
 def test_the_velocity_probe_keeps_its_rows_in_host_memory_and_gives_the_same_velocity() -> None:
     """Off the device on CUDA means host memory: the device holds none of the selected rows' copy, and the
     velocities equal those of the copy kept on the device."""
-    from nf_lightning.models import create
-    from nf_lightning.neuron_budget.probe import VelocityProbe
-    from nf_lightning.neuron_budget.trainable import SelectiveTraining
+    from nf_lightning.testing.probes import paired_probes
 
-    torch.manual_seed(0)
-    device = torch.device("cuda", 0)
-    net = create("resnet18", num_classes=4, width_mult=0.125).to(device)
-    convs = {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    training = SelectiveTraining()
-    training.apply({m: torch.rand(m.out_channels, device=device) < 0.3 for m in convs.values()}, [optimizer])
-    on, off = VelocityProbe(convs), VelocityProbe(convs)
-    probe_x = torch.randn(6, 3, 32, 32, device=device)
-    for epoch in range(3):
-        for probe in (on, off):
-            if probe.snapshot:
-                probe.compare([net], net, probe_x.split(3))
-            probe.keep([net], off_device=probe is off)
-        if epoch:
-            assert all(torch.allclose(off.velocity[n], on.velocity[n], atol=1e-6) for n in convs)
-        for _ in range(2):
-            optimizer.zero_grad()
-            x, y = torch.randn(8, 3, 32, 32, device=device), torch.randint(0, 4, (8,), device=device)
-            nn.functional.cross_entropy(net(x), y).backward()
-            optimizer.step()
+    net, training, on, off, epochs = paired_probes(torch.device("cuda", 0))
+    assert len(epochs) == 2 and all(torch.allclose(a[n], b[n], atol=1e-6) for a, b in epochs for n in a)
     moved = [k.tensor for k in off.snapshot if k.off_device]
     assert moved and all(t.device.type == "cpu" for t in moved) and off.off_device_bytes > 0
     assert all(t.device.type == "cuda" for t in off.tensors())

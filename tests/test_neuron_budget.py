@@ -45,6 +45,7 @@ from nf_lightning.neuron_budget.selection import (
     velocity_step,
 )
 from nf_lightning.neuron_budget.trainable import SelectiveTraining
+from nf_lightning.testing.probes import paired_probes
 
 
 @pytest.mark.parametrize("module", [callback_module, probe_module, scope_module, selection_module, selector_module])
@@ -433,32 +434,15 @@ def test_a_probe_copy_off_the_device_gives_the_same_velocity_from_a_memory_mappe
     the copy on the device; the device holds only the rest, and the state dict restores it off the device."""
     import os
 
-    torch.manual_seed(0)
-    net = create("resnet18", num_classes=4, width_mult=0.125)
-    convs = {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    training = SelectiveTraining()
-    training.apply({m: torch.rand(m.out_channels) < 0.3 for m in convs.values()}, [optimizer])
-    on, off = VelocityProbe(convs), VelocityProbe(convs)
-    probe_x = torch.randn(6, 3, 32, 32)
-    for epoch in range(3):
-        for probe in (on, off):
-            if probe.snapshot:
-                probe.compare([net], net, probe_x.split(3))
-            probe.keep([net], off_device=probe is off)
-        if epoch:
-            assert all(torch.equal(off.velocity[name], on.velocity[name]) for name in convs)
-        for _ in range(2):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 4, (8,))).backward()
-            optimizer.step()
+    net, training, on, off, epochs = paired_probes(torch.device("cpu"))
+    assert len(epochs) == 2 and all(torch.equal(a[name], b[name]) for a, b in epochs for name in a)
     rows = probe_module.selected_row_bytes([net])
     assert rows > 0 and off.off_device_bytes == rows and off.kept_bytes == on.kept_bytes - rows
     assert sum(t.numel() * t.element_size() for t in off.tensors()) == off.kept_bytes
     mapped = [k.tensor for k in off.snapshot if k.off_device]
     files = {t.untyped_storage().filename for t in mapped}
     assert len(mapped) == len(files) and all(f and not os.path.exists(f) for f in files)  # mapped, unlinked
-    restored = VelocityProbe(convs)
+    restored = VelocityProbe(off.layers)
     restored.load_state_dict(off.state_dict(), [net], off_device=True)
     assert restored.off_device_bytes == rows and all(
         torch.equal(a.tensor, b.tensor) and a.off_device for a, b in zip(restored.snapshot, off.snapshot) if b.off_device)
