@@ -18,6 +18,9 @@ MODULES = [
     "nf_lightning.core.plan.training_plan",
     "nf_lightning.core.train.run",
     "nf_lightning.core.train.schedule",
+    "nf_lightning.neuron_budget.kept_state",
+    "nf_lightning.neuron_budget.probe",
+    "nf_lightning.neuron_budget.probe_memory",
 ]
 
 

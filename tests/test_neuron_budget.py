@@ -29,6 +29,7 @@ from nf_lightning.neuron_budget import scope as scope_module
 from nf_lightning.neuron_budget import selection as selection_module
 from nf_lightning.neuron_budget import selector as selector_module
 from nf_lightning.neuron_budget.callback import NeuronUpdateBudget
+from nf_lightning.neuron_budget.kept_state import selected_row_bytes
 from nf_lightning.neuron_budget.pretrained import load_pretrained
 from nf_lightning.neuron_budget.probe import VelocityProbe
 from nf_lightning.neuron_budget.selection import (
@@ -436,7 +437,7 @@ def test_a_probe_copy_off_the_device_gives_the_same_velocity_from_a_memory_mappe
 
     net, training, on, off, epochs = paired_probes(torch.device("cpu"))
     assert len(epochs) == 2 and all(torch.equal(a[name], b[name]) for a, b in epochs for name in a)
-    rows = probe_module.selected_row_bytes([net])
+    rows = selected_row_bytes([net])
     assert rows > 0 and off.off_device_bytes == rows and off.kept_bytes == on.kept_bytes - rows
     assert sum(t.numel() * t.element_size() for t in off.tensors()) == off.kept_bytes
     mapped = [k.tensor for k in off.snapshot if k.off_device]

@@ -367,7 +367,7 @@ def test_a_byte_budget_holds_every_step_through_the_guard(tmp_path: Path) -> Non
 
     from nf_lightning.lightning.classifier import ClassifierModule
     from nf_lightning.neuron_budget.callback import NeuronUpdateBudget
-    from nf_lightning.neuron_budget.probe import fixed_copy_bytes
+    from nf_lightning.neuron_budget.kept_state import fixed_copy_bytes
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 3, 32, 32, generator=g), torch.randint(0, 4, (96,), generator=g)

@@ -24,7 +24,9 @@ from nf_lightning.core.memory.enforcement import BudgetGuard
 from nf_lightning.core.memory.meter import meter_for
 from nf_lightning.lightning.run_access import neuroflux_run
 from nf_lightning.neuron_budget.budget import NeuronBytes, parse_bytes, state_tensors, trace_layers
-from nf_lightning.neuron_budget.probe import PROBE_COPIES, VelocityProbe, fixed_copy_bytes, selected_row_bytes
+from nf_lightning.neuron_budget.kept_state import fixed_copy_bytes, selected_row_bytes
+from nf_lightning.neuron_budget.probe import VelocityProbe
+from nf_lightning.neuron_budget.probe_memory import ProbeMemory
 from nf_lightning.neuron_budget.scope import Scope, first_inputs, probe_forward, probe_inputs
 from nf_lightning.neuron_budget.selection import (
     FIRST_EPOCH_POLICIES,
@@ -108,25 +110,19 @@ class NeuronUpdateBudget(pl.Callback):
         log_layers: bool = True,
     ) -> None:
         for name, value, allowed in (("policy", policy, POLICIES), ("first_epoch", first_epoch, FIRST_EPOCH_POLICIES),
-                                     ("recursion", recursion, RECURSIONS), ("norm", norm, NORM_POLICIES),
-                                     ("probe_copy", probe_copy, PROBE_COPIES)):
+                                     ("recursion", recursion, RECURSIONS), ("norm", norm, NORM_POLICIES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.budget_bytes = parse_bytes(budget) if isinstance(budget, str) else None
         if self.budget_bytes is None and not 0.0 <= float(budget) <= 1.0:
             raise ValueError(f"budget is a fraction of the conv parameters in [0, 1] or bytes ('2MB'), got {budget}")
-        self._probe_memory_bytes = parse_bytes(probe_memory) if isinstance(probe_memory, str) else None
-        if self._probe_memory_bytes is None and (isinstance(probe_memory, bool)
-                                                 or not 0.0 < float(probe_memory) <= 1.0):
-            raise ValueError(f"probe_memory is a fraction of the step's peak in (0, 1] or bytes ('256KB'), "
-                             f"got {probe_memory!r}")
+        self.probe_memory = ProbeMemory(probe_memory, probe_copy)
         if isinstance(probe_batch, bool) or int(probe_batch) < 1:
             raise ValueError(f"probe_batch must be a positive batch size, got {probe_batch!r}")
         if isinstance(probe_size, bool) or not probe_size > 0:
             raise ValueError(f"probe_size must be a positive count or fraction, got {probe_size!r}")
         self.policy, self.budget, self.first_epoch, self.norm = policy, budget, first_epoch, norm
         self.mu, self.recursion, self.probe_size, self.probe = float(mu), recursion, probe_size, probe
-        self.probe_memory, self.probe_copy = probe_memory, probe_copy
         self.probe_batch, self.count_aux_heads, self.exclude = int(probe_batch), count_aux_heads, tuple(exclude)
         self.seed, self.log_layers = int(seed), log_layers
         fraction = float(budget) if self.budget_bytes is None else None
@@ -146,8 +142,6 @@ class NeuronUpdateBudget(pl.Callback):
         self._window: contextlib.ExitStack | None = None
         self._before_update: Any = None
         self._step_meter: Any = None
-        self.step_peak: int | None = None
-        self._off_device: bool | None = None
 
     # ------------------------------------------------------------------ public view
     @property
@@ -162,6 +156,11 @@ class NeuronUpdateBudget(pl.Callback):
     @property
     def velocity(self) -> dict[str, Tensor]:
         return dict(self._probe.velocity) if self._probe is not None else {}
+
+    @property
+    def step_peak(self) -> int | None:
+        """The training step's measured peak, which a fractional ``probe_memory`` is a fraction of."""
+        return self.probe_memory.step_peak
 
     @property
     def probe_bytes(self) -> int:
@@ -240,11 +239,11 @@ class NeuronUpdateBudget(pl.Callback):
             self._window.close()
             self._window, self._before_update = None, None
         if self._step_meter is not None:  # closed with the window above
-            self.step_peak, self._step_meter = self._step_meter.peak_bytes, None
+            self.probe_memory.step_peak, self._step_meter = self._step_meter.peak_bytes, None
         elif batch_idx == 0 and self._probe is not None:
             guard = self.guard if self.guard is not None else _run_guard(trainer)
             if guard is not None and guard.last_peak:
-                self.step_peak = guard.last_peak
+                self.probe_memory.step_peak = guard.last_peak
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run = neuroflux_run(trainer)
@@ -277,7 +276,7 @@ class NeuronUpdateBudget(pl.Callback):
         if state_dict.get("version") != STATE_VERSION:
             raise ValueError(f"NeuronUpdateBudget state version {state_dict.get('version')!r} is not supported")
         self._restored = dict(state_dict)
-        self.step_peak = state_dict["step_peak"]
+        self.probe_memory.step_peak = state_dict["step_peak"]
         self.history = list(state_dict["history"])
 
     # ------------------------------------------------------------------ internals
@@ -290,7 +289,7 @@ class NeuronUpdateBudget(pl.Callback):
         self._apply(trainer)
         if restored["probe"] is not None:
             self._probe = VelocityProbe({layer.name: layer.module for layer in scope.layers}, self.mu, self.recursion)
-            self._probe.load_state_dict(restored["probe"], scope.roots, self._copy_off_device(pl_module.device))
+            self._probe.load_state_dict(restored["probe"], scope.roots, self._off_device(pl_module.device))
         last = trainer.current_epoch - 1  # a checkpoint taken before that epoch's end was handled
         run = neuroflux_run(trainer)
         if last > self._epoch_done and not (run is not None and run.finished):
@@ -301,7 +300,8 @@ class NeuronUpdateBudget(pl.Callback):
         self.training.release()
         if not scope.layers:
             warnings.warn("NeuronUpdateBudget found no Conv2d to select neurons among; it does nothing", stacklevel=2)
-        self._scope, self._probe, self._off_device = scope, None, None
+        self._scope, self._probe = scope, None
+        self.probe_memory.new_scope()
         self.selector.enter(scope.layers)
         self._start_costs(trainer, pl_module)
         if self.policy == "velocity" and scope.layers:
@@ -352,37 +352,20 @@ class NeuronUpdateBudget(pl.Callback):
                              else probe_inputs(trainer, self.probe_size))
             rank_zero_info(f"[neuron budget] velocity probes {len(self._probe_x)} samples")
         forward = probe_forward(neuroflux_run(trainer), pl_module, self.count_aux_heads)
-        limit = self._probe_limit()
+        limit = self.probe_memory.limit()
         self._probe.compare(self._scope.roots, forward, self._probe_x.split(self.probe_batch), limit)
         if limit is not None and self._probe.peak_bytes > limit:
             warnings.warn(f"the velocity probe held {self._probe.peak_bytes} bytes, over probe_memory's {limit}: its "
                           "copy on the device and one channel of one layer's output on one sample are the least it "
                           "needs", stacklevel=2)
 
-    def _probe_limit(self) -> int | None:
-        """``probe_memory`` in bytes (None while a fraction has no measured step yet)."""
-        if self._probe_memory_bytes is not None:
-            return self._probe_memory_bytes
-        return int(self.probe_memory * self.step_peak) if self.step_peak else None
-
-    def _copy_off_device(self, device: torch.device) -> bool:
-        """Where the next copy of the selected rows goes; ``auto`` on the CPU decides once per scope, on the
-        first measured step (until then off the device), so the copy does not move back and forth."""
-        if self.probe_copy != "auto":
-            return self.probe_copy == "off_device"
-        if device.type != "cpu":
-            return True
-        if self._off_device is None:
-            limit = self._probe_limit()
-            if limit is None:
-                return True
-            self._off_device = 2 * selected_row_bytes(self._scope.roots) > limit
-        return self._off_device
-
     def _keep(self, pl_module: pl.LightningModule) -> None:
         """The probe's copy of what the selection now in effect can change."""
         if self._probe is not None:
-            self._probe.keep(self._scope.roots, self._copy_off_device(pl_module.device))
+            self._probe.keep(self._scope.roots, self._off_device(pl_module.device))
+
+    def _off_device(self, device: torch.device) -> bool:
+        return self.probe_memory.off_device(device, selected_row_bytes(self._scope.roots))
 
     def _probe_tensors(self) -> list[Tensor]:
         return self._probe.tensors() if self._probe is not None else []

@@ -40,9 +40,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,22 +47,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nf_lightning.neuron_budget.partial import AffineBatchNorm2d, PartialConv2d
+from nf_lightning.neuron_budget.kept_state import Kept, changeable, nbytes, swapped_state
 from nf_lightning.neuron_budget.selection import RECURSIONS, channel_cosine, velocity_step
-
-PROBE_COPIES = ("auto", "device", "off_device")
-
-
-@dataclass
-class Kept:
-    """One kept tensor: ``module``'s parameter or buffer ``name``, whole (``rows`` None) or those rows of it;
-    ``off_device``: the copy lives off the training device."""
-
-    module: nn.Module
-    name: str
-    rows: Tensor | None
-    tensor: Tensor
-    off_device: bool = False
 
 
 class _GroupDone(Exception):
@@ -100,17 +83,17 @@ class VelocityProbe:
     @property
     def kept_bytes(self) -> int:
         """The copy on the training device (row indices included)."""
-        return sum((0 if k.off_device else _nbytes(k.tensor)) + (_nbytes(k.rows) if k.rows is not None else 0)
+        return sum((0 if k.off_device else nbytes(k.tensor)) + (nbytes(k.rows) if k.rows is not None else 0)
                    for k in self.snapshot)
 
     @property
     def off_device_bytes(self) -> int:
-        return sum(_nbytes(k.tensor) for k in self.snapshot if k.off_device)
+        return sum(nbytes(k.tensor) for k in self.snapshot if k.off_device)
 
     @property
     def swap_bytes(self) -> int:
         """The one row at a time that exchanging kept and current rows in place sets aside."""
-        return max((_nbytes(k.tensor[0]) for k in self.snapshot if k.rows is not None and len(k.rows)), default=0)
+        return max((nbytes(k.tensor[0]) for k in self.snapshot if k.rows is not None and len(k.rows)), default=0)
 
     @property
     def peak_bytes(self) -> int:
@@ -123,7 +106,7 @@ class VelocityProbe:
     def keep(self, modules: Sequence[nn.Module], off_device: bool = False) -> None:
         """Copy what training can change from now on (the comparison's old state); ``off_device`` copies the
         selected rows straight off the device, one row at a time."""
-        self.snapshot = _changeable(modules, off_device)
+        self.snapshot = changeable(modules, off_device)
 
     def compare(self, modules: Sequence[nn.Module], forward: Callable[[Tensor], Any], inputs: Iterable[Tensor],
                 max_bytes: int | None = None) -> None:
@@ -175,7 +158,7 @@ class VelocityProbe:
         (``off_device`` as in :meth:`keep`)."""
         self.passes, self.batch_bytes = int(state["passes"]), int(state["batch_bytes"])
         self.phi, self.delta, self.velocity = dict(state["phi"]), dict(state["delta"]), dict(state["velocity"])
-        slots = _changeable(modules, off_device)
+        slots = changeable(modules, off_device)
         saved = state["snapshot"]
         if len(slots) != len(saved) or any((k.rows is None) != (rows is None) or k.tensor.shape != t.shape
                                            for k, (rows, t) in zip(slots, saved)):
@@ -190,7 +173,7 @@ class VelocityProbe:
         """The layers in scope in the order the forward pass calls them, with their output bytes per sample."""
         calls: list[_Call] = []
         handles = [m.register_forward_hook(
-            lambda _m, _i, out, n=name: calls.append(_Call(n, _nbytes(out) // len(out), out.shape[1])))
+            lambda _m, _i, out, n=name: calls.append(_Call(n, nbytes(out) // len(out), out.shape[1])))
             for name, m in self.layers.items()]
         try:
             forward(sample)
@@ -224,9 +207,9 @@ class VelocityProbe:
 
         handles = [m.register_forward_hook(lambda _m, _i, out, n=name: hook(n, out)) for name, m in self.layers.items()]
         try:
-            with _swapped_state(self.snapshot), contextlib.suppress(_GroupDone):
+            with swapped_state(self.snapshot), contextlib.suppress(_GroupDone):
                 forward(x)
-            self.batch_bytes = max(self.batch_bytes, sum(_nbytes(t) for ts in recorded.values() for t in ts))
+            self.batch_bytes = max(self.batch_bytes, sum(nbytes(t) for ts in recorded.values() for t in ts))
             state.update(old=False, call=-1)
             with contextlib.suppress(_GroupDone):
                 forward(x)
@@ -245,28 +228,6 @@ class VelocityProbe:
                 phi, self.phi.get(name, ones), self.velocity.get(name, zeros), self.delta.get(name, zeros),
                 self.mu, self.recursion)
             self.phi[name] = phi
-
-
-def selected_row_bytes(modules: Sequence[nn.Module]) -> int:
-    """Bytes of the selected rows of every partly trained conv: the part of the copy ``off_device`` moves."""
-    return sum(len(m.selected_rows) * _nbytes(t[0]) for m in _unique_modules(modules) if isinstance(m, PartialConv2d)
-               for t in (m.weight, m.bias) if t is not None)
-
-
-def fixed_copy_bytes(modules: Sequence[nn.Module]) -> int:
-    """An upper bound of the kept copy outside the convs' and Linear layers' weights, whatever the selection:
-    every buffer, every other parameter and every conv row's index (a byte budget reserves it; the rows
-    themselves it prices per neuron)."""
-    total = 0
-    for module in _unique_modules(modules):
-        weights = isinstance(module, (nn.Conv2d, nn.Linear))
-        if isinstance(module, nn.Conv2d):
-            total += module.out_channels * 8 * (1 + int(module.bias is not None))  # int64 row indices
-        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            if tensor is not None and not (weights and name in ("weight", "bias")) and name != "selected_rows" \
-                    and not name.endswith("_selected"):
-                total += _nbytes(tensor)
-    return total
 
 
 @dataclass(frozen=True)
@@ -295,112 +256,20 @@ def _plan(calls: Sequence[_Call], batch: int, limit: int | None) -> tuple[int, l
     groups: list[tuple[dict[str, slice], int]] = []
     group: dict[str, slice] = {}
     size = 0
-    for name, nbytes in per_sample.items():  # in the order of their first calls
-        if group and size + nbytes * micro > limit:
+    for name, size_of_one in per_sample.items():  # in the order of their first calls
+        if group and size + size_of_one * micro > limit:
             groups.append((group, max(last_call[n] for n in group)))
             group, size = {}, 0
-        if nbytes * micro <= limit or limit <= 0:  # no bytes left after the copy: a layer at a time, whole
+        if size_of_one * micro <= limit or limit <= 0:  # no bytes left after the copy: a layer at a time, whole
             group[name] = whole
-            size += nbytes * micro
+            size += size_of_one * micro
             continue
-        step = max(1, limit // -(-nbytes // channels[name]))  # channels of one sample that fit
+        step = max(1, limit // -(-size_of_one // channels[name]))  # channels of one sample that fit
         groups.extend(({name: slice(start, start + step)}, last_call[name])
                       for start in range(0, channels[name], step))
     if group:
         groups.append((group, max(last_call[n] for n in group)))
     return micro, groups
-
-
-def _changeable(modules: Sequence[nn.Module], off_device: bool = False) -> list[Kept]:
-    """Copies of what an epoch's training can change: a partial conv's selected rows (off the device if
-    ``off_device``), the parameters that require a gradient, and the buffers (a fully frozen conv's weight
-    is neither, and a frozen BatchNorm's statistics do not change)."""
-    kept = []
-    for module in _unique_modules(modules):
-        if isinstance(module, PartialConv2d):
-            rows = module.selected_rows
-            if len(rows):
-                for name in ("weight", "bias"):
-                    source = getattr(module, name)
-                    if source is None:
-                        continue
-                    if off_device:
-                        copy = _off_device_empty((len(rows), *source.shape[1:]), source.dtype, source.device)
-                        with torch.no_grad():
-                            for i, row in enumerate(rows.tolist()):
-                                copy[i].copy_(source[row])
-                    else:
-                        copy = source.index_select(0, rows)
-                    kept.append(Kept(module, name, rows.clone(), copy, off_device))
-            params = {}
-        else:
-            params = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
-        buffers = {} if isinstance(module, AffineBatchNorm2d) else {  # a frozen BatchNorm's statistics stay
-            n: b for n, b in module._buffers.items() if b is not None and not (
-                isinstance(module, PartialConv2d) and n in ("weight", "bias", "selected_rows"))}
-        kept.extend(Kept(module, name, None, t.detach().clone()) for name, t in {**params, **buffers}.items())
-    return kept
-
-
-def _off_device_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialized tensor off ``device``: host memory for an accelerator; for the CPU, an unlinked,
-    memory-mapped temporary file (its pages the kernel may write out and drop)."""
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device="cpu")
-    numel = math.prod(shape)
-    handle, path = tempfile.mkstemp(prefix="nf_velocity_probe_")
-    try:
-        os.ftruncate(handle, numel * torch.empty((), dtype=dtype).element_size())
-        mapped = torch.from_file(path, shared=True, size=numel, dtype=dtype)
-    finally:
-        os.close(handle)
-        os.unlink(path)  # the mapping lives on; the file goes when it does, also after a crash
-    return mapped.view(shape)
-
-
-def _unique_modules(roots: Sequence[nn.Module]) -> Iterator[nn.Module]:
-    seen: set[int] = set()
-    for root in roots:
-        for module in root.modules():
-            if id(module) not in seen:
-                seen.add(id(module))
-                yield module
-
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-@contextlib.contextmanager
-def _swapped_state(snapshot: Sequence[Kept]) -> Iterator[None]:
-    """The kept tensors in place of the current ones for the block: whole tensors by reference, rows by
-    exchanging their contents in place, one row at a time (so no second copy of the rows exists)."""
-    whole = []
-    for k in snapshot:
-        store = k.module._parameters if k.name in k.module._parameters else k.module._buffers
-        if k.rows is None:
-            whole.append((store, k.name, store[k.name]))
-            store[k.name] = k.tensor
-        else:
-            _exchange_rows(store[k.name], k.rows, k.tensor)
-    try:
-        yield
-    finally:
-        for store, name, tensor in whole:
-            store[name] = tensor
-        for k in snapshot:
-            if k.rows is not None:
-                store = k.module._parameters if k.name in k.module._parameters else k.module._buffers
-                _exchange_rows(store[k.name], k.rows, k.tensor)
-
-
-def _exchange_rows(target: Tensor, rows: Tensor, kept: Tensor) -> None:
-    """Swap ``target[rows[i]]`` and ``kept[i]`` for every ``i``, in place."""
-    with torch.no_grad():
-        for i, row in enumerate(rows.tolist()):
-            current = target[row].clone()
-            target[row].copy_(kept[i])
-            kept[i].copy_(current)
 
 
 @contextlib.contextmanager
