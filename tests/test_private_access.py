@@ -19,7 +19,7 @@ MODULE_REGISTRIES = {"_parameters", "_buffers"}
 """``nn.Module``'s own registries of parameters and buffers: budgeted neuron updates turn a conv's rows into
 parameters and buffers and swap a module's tensors for the previous epoch's without copying them, as
 ``torch.nn.utils.parametrize`` does; allowed there and nowhere else."""
-REGISTRY_USERS = {PACKAGE / "neuron_budget" / name for name in ("partial.py", "trainable.py", "probe.py")}
+REGISTRY_USERS = {PACKAGE / "neuron_budget" / name for name in ("partial.py", "trainable.py", "kept_state.py")}
 OWN = {"self", "cls"}
 
 
