@@ -33,46 +33,45 @@ def cifar(shared_datasets_dir: Path, data_cache_dir: Path, monkeypatch: pytest.M
     return shared_datasets_dir
 
 
-def test_tiny_benchmark_end_to_end_with_every_baseline_then_resumed(
-    tmp_path: Path, cifar: Path, capsys: pytest.CaptureFixture
-) -> None:
+def _tiny_benchmark(tmp_path: Path, methods: list[str]) -> tuple[list[str], dict, dict]:
+    """A tiny benchmark of ``methods``: its argv, what main returned, and the runs it wrote by key, each
+    checked for what every run carries (its code, when it ran, the load meanwhile; held to the budget)."""
     argv = [
         "--preset", "quick", "--width", "0.125", "--train-subset", "200", "--val-subset", "100",
         "--test-subset", "200", "--bp-epochs", "2", "--nf-epochs", "1", "--polish-epochs", "1", "--batch-limit", "64",
         "--bare-steps", "2", "--throughput-repeats", "2", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+        "--methods", *methods,
     ]  # fmt: skip
     first = main(argv, REPO)
     written = json.loads((tmp_path / "out" / "summary.json").read_text())
     results, budget = written["results"], written["budget"]
     assert budget["rule"].startswith("the smallest at which BP trains at batch 8")
-    assert results["lrs"] == {m: 0.05 for m in METHODS} and results["reused"] == []
+    assert results["lrs"] == {m: 0.05 for m in methods} and results["reused"] == []
     runs = {r["key"]: r for r in results["runs"]}
-    assert all(r["status"] == "ok" for r in runs.values())
-    for run in runs.values():  # every run: its code, when it ran, the load meanwhile; held to the budget
+    assert {r["method"] for r in runs.values()} == set(methods) and all(r["status"] == "ok" for r in runs.values())
+    for run in runs.values():
         code = run["provenance"]["code"]
         assert len(code["commit"]) == 40 and code["source"] == "git" and run["provenance"]["started_at"]
         assert run["provenance"]["load"]["samples"] >= 2 and run["provenance"]["process_seconds"] > 0
         assert run["measured_peak_bytes"] <= budget["bytes"] and run["test_images"] == 200
     nf = runs["neuroflux_lr0.05_seed0"]
-    scratch = next(r for r in runs.values() if r["method"] == "scratch_exit")
-    assert scratch["unit"] == nf["deployed_unit"] and scratch["batch_sizes"][0] >= 8  # a smaller net fits more
-    assert scratch["parameters"] == next(e["parameters"] for e in nf["exits"] if e["unit"] == scratch["unit"])
-    depths = sorted((r for r in runs.values() if r["method"] == "depth_search"), key=lambda r: r["unit"])
-    assert [r["unit"] for r in depths] == list(range(len(depths)))  # one depth after another
-    assert all(r["time_to_target"] is None for r in depths[:-1])  # each missed before the next ran
-    assert depths[-1]["time_to_target"] is not None or len(depths) == 8
-    for run in depths:  # stopped at its first crossing, else trained its 2 epochs
-        accuracies = [a for _, a in run["curve"]]
-        if run["time_to_target"] is None:
-            assert len(accuracies) == 2
-        else:
-            assert accuracies[-1] >= results["target"] - 1e-6 > max(accuracies[:-1], default=0.0)
     index = json.loads((tmp_path / "w" / "runs" / nf["key"] / "snapshots" / "index.json").read_text())
     assert index["validations"] == len(nf["curve"]) and index["saved"]  # one count per history record
     assert [c["seed"] for c in written["crossing_tests"]] == [0]
+    assert (tmp_path / "out" / "figure12.png").stat().st_size > 0
+    return argv, first, runs
+
+
+def test_tiny_benchmark_end_to_end_then_resumed(tmp_path: Path, cifar: Path, capsys: pytest.CaptureFixture) -> None:
+    """BP, NeuroFlux and the small network trained from scratch; a rerun reuses every run but one recorded by
+    other code. (Every baseline, BP with checkpointing and the depth search too: the slow variant.)"""
+    argv, first, runs = _tiny_benchmark(tmp_path, ["bp", "neuroflux", "scratch_exit"])
+    nf = runs["neuroflux_lr0.05_seed0"]
+    scratch = next(r for r in runs.values() if r["method"] == "scratch_exit")
+    assert scratch["unit"] == nf["deployed_unit"] and scratch["batch_sizes"][0] >= 8  # a smaller net fits more
+    assert scratch["parameters"] == next(e["parameters"] for e in nf["exits"] if e["unit"] == scratch["unit"])
     table = (tmp_path / "out" / "summary.md").read_text()
     assert "test: 200 images of its test split" in table and "| scratch exit (unit" in table
-    assert (tmp_path / "out" / "figure12.png").stat().st_size > 0
     # rerun: every run is reused, but the one recorded by other code is trained again
     tampered = tmp_path / "w" / "runs" / scratch["key"] / RECORD_FILE
     saved = json.loads(tampered.read_text())
@@ -84,3 +83,20 @@ def test_tiny_benchmark_end_to_end_with_every_baseline_then_resumed(
     assert f"started {scratch['key']}" in capsys.readouterr().out
     assert json.loads(tampered.read_text())["provenance"]["code"]["commit"] == first["provenance"]["code"]["commit"]
     assert [r["key"] for r in again["results"]["runs"] if not r["reused"]] == [scratch["key"]]
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_end_to_end_with_every_baseline(tmp_path: Path, cifar: Path) -> None:
+    """Every baseline; the depth search trains one depth after another until one crosses the target."""
+    _, _, runs = _tiny_benchmark(tmp_path, list(METHODS))
+    depths = sorted((r for r in runs.values() if r["method"] == "depth_search"), key=lambda r: r["unit"])
+    assert [r["unit"] for r in depths] == list(range(len(depths)))  # one depth after another
+    assert all(r["time_to_target"] is None for r in depths[:-1])  # each missed before the next ran
+    assert depths[-1]["time_to_target"] is not None or len(depths) == 8
+    target = json.loads((tmp_path / "out" / "summary.json").read_text())["results"]["target"]
+    for run in depths:  # stopped at its first crossing, else trained its 2 epochs
+        accuracies = [a for _, a in run["curve"]]
+        if run["time_to_target"] is None:
+            assert len(accuracies) == 2
+        else:
+            assert accuracies[-1] >= target - 1e-6 > max(accuracies[:-1], default=0.0)
