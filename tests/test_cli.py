@@ -121,12 +121,13 @@ def test_infeasible_budget_is_recorded_not_crashed(tmp_path: Path, cifar: Path) 
 
 
 def test_plan_report_and_tiny_budget() -> None:
-    report = plan_report(compose_config("plan", ["model=vgg16", "model.width_mult=0.25", "budget=50MB"]))
+    vgg16 = ["model=vgg16", "model.width_mult=0.25", "batch_limit=32"]  # profiled at batches 2 to 32
+    report = plan_report(compose_config("plan", [*vgg16, "budget=50MB"]))
     assert report["neuroflux"]["could_run"] and report["bp"]["could_run"]
     blocks = report["neuroflux"]["blocks"]
     assert [u for b in blocks for u in b["units"]] == list(range(13))
     assert all(b["predicted_peak"] <= report["budget_bytes"] for b in blocks)
-    tiny = plan_report(compose_config("plan", ["model=vgg16", "model.width_mult=0.25", "budget=1MB"]))
+    tiny = plan_report(compose_config("plan", [*vgg16, "budget=1MB"]))
     assert not tiny["neuroflux"]["could_run"] and "smallest feasible budget" in tiny["neuroflux"]["reason"]
     assert not tiny["bp"]["could_run"]
 
@@ -140,11 +141,12 @@ def _cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subpr
 
 
 def test_nf_plan_json_from_another_directory(tmp_path: Path, cifar: Path) -> None:
-    done = _cli(["nf-plan", "model=vgg11", "model.width_mult=0.125", "budget=50MB", "output=json"], tmp_path)
+    vgg11 = ["nf-plan", "model=vgg11", "model.width_mult=0.125", "batch_limit=32"]
+    done = _cli([*vgg11, "budget=50MB", "output=json"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["model"] == "vgg11" and report["neuroflux"]["blocks"]
-    failed = _cli(["nf-plan", "model=vgg11", "model.width_mult=0.125", "budget=100kB"], tmp_path)
+    failed = _cli([*vgg11, "budget=100kB"], tmp_path)
     assert "NeuroFlux cannot run: budget 100.0 kB is below the smallest feasible budget" in failed.stdout
 
 

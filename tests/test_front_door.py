@@ -87,13 +87,14 @@ def test_ci_refuses_a_readme_without_two_quickstart_commands(tmp_path: Path) -> 
 
 
 @pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory: pytest.TempPathFactory, shared_datasets_dir: Path) -> Path:
-    """The README's main command (after its install step) from a fresh directory: the run directory it wrote."""
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory, shared_datasets_dir: Path, data_cache_dir: Path) -> Path:
+    """The README's main command (after its install step) from a fresh directory: the run directory it wrote.
+    (The session's decoded images, so the archive is not decoded again; ``.ci/run`` runs it from nothing.)"""
     install, _ = quickstart_commands()
     command = install.split("&&")[-1].replace("../shared/datasets", str(shared_datasets_dir))
     command = command.replace(".venv/bin/", f"{BIN}/")
     cwd = tmp_path_factory.mktemp("newcomer")
-    fresh(["bash", "-c", command], cwd, NF_CACHE_DIR=str(cwd / "decoded"))
+    fresh(["bash", "-c", command], cwd, NF_CACHE_DIR=str(data_cache_dir))
     (run,) = (cwd / "outputs").glob("*/*_neuroflux_vgg11_20MB")
     return run
 
@@ -105,10 +106,11 @@ def test_the_readme_main_command_trains_from_a_fresh_directory(quickstart_run: P
     assert (quickstart_run / "export" / "polished_exit.pt2").is_file()
 
 
-def test_nf_train_resumes_a_run_from_its_default_directory(quickstart_run: Path, shared_datasets_dir: Path) -> None:
+def test_nf_train_resumes_a_run_from_its_default_directory(quickstart_run: Path, shared_datasets_dir: Path,
+                                                           data_cache_dir: Path) -> None:
     before = json.loads((quickstart_run / "results.json").read_text())
     fresh([str(BIN / "nf-train"), f"resume={quickstart_run}"], quickstart_run.parent,
-          NF_DATA_DIR=str(shared_datasets_dir), NF_CACHE_DIR=str(quickstart_run.parents[2] / "decoded"))  # fmt: skip
+          NF_DATA_DIR=str(shared_datasets_dir), NF_CACHE_DIR=str(data_cache_dir))  # fmt: skip
     after = json.loads((quickstart_run / "results.json").read_text())
     assert after["resumed_from"] == str(quickstart_run / "checkpoints" / "last.ckpt")
     assert after["plan"] == before["plan"] and after["exit"]["unit"] == before["exit"]["unit"]

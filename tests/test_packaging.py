@@ -80,9 +80,8 @@ def test_installed_apps_find_their_configs(wheel_install: tuple[Path, Path, str]
     where = _check([str(bin_dir / "python"), "-c", "import nf_lightning.conf as c; print(c.__file__)"], tmp_path)
     assert Path(where.stdout.strip()).is_relative_to(bin_dir.parent)  # the installed copy, not the project's
 
-    done = _check(
-        [str(bin_dir / "nf-plan"), "model=vgg11", "model.width_mult=0.125", "budget=20MB", "output=json"], tmp_path
-    )
+    plan = [str(bin_dir / "nf-plan"), "model=vgg11", "model.width_mult=0.125", "budget=20MB", "batch_limit=32"]
+    done = _check([*plan, "output=json"], tmp_path)
     report = json.loads(done.stdout)
     assert (report["model"], report["budget_bytes"]) == ("vgg11", 20_000_000)
     assert report["neuroflux"]["could_run"] and report["neuroflux"]["blocks"] and report["bp"]["could_run"]
