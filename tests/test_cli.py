@@ -121,7 +121,7 @@ def test_infeasible_budget_is_recorded_not_crashed(tmp_path: Path, cifar: Path) 
 
 
 def test_plan_report_and_tiny_budget() -> None:
-    vgg16 = ["model=vgg16", "model.width_mult=0.25", "batch_limit=32"]  # profiled at batches 2 to 32
+    vgg16 = ["model=vgg16", "model.width_mult=0.25", "batch_limit=8"]  # profiled at batches 2, 4 and 8
     report = plan_report(compose_config("plan", [*vgg16, "budget=50MB"]))
     assert report["neuroflux"]["could_run"] and report["bp"]["could_run"]
     blocks = report["neuroflux"]["blocks"]
@@ -141,7 +141,7 @@ def _cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subpr
 
 
 def test_nf_plan_json_from_another_directory(tmp_path: Path, cifar: Path) -> None:
-    vgg11 = ["nf-plan", "model=vgg11", "model.width_mult=0.125", "batch_limit=32"]
+    vgg11 = ["nf-plan", "model=vgg11", "model.width_mult=0.125", "batch_limit=8"]
     done = _cli([*vgg11, "budget=50MB", "output=json"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)

@@ -80,7 +80,7 @@ def test_installed_apps_find_their_configs(wheel_install: tuple[Path, Path, str]
     where = _check([str(bin_dir / "python"), "-c", "import nf_lightning.conf as c; print(c.__file__)"], tmp_path)
     assert Path(where.stdout.strip()).is_relative_to(bin_dir.parent)  # the installed copy, not the project's
 
-    plan = [str(bin_dir / "nf-plan"), "model=vgg11", "model.width_mult=0.125", "budget=20MB", "batch_limit=32"]
+    plan = [str(bin_dir / "nf-plan"), "model=vgg11", "model.width_mult=0.125", "budget=20MB", "batch_limit=8"]
     done = _check([*plan, "output=json"], tmp_path)
     report = json.loads(done.stdout)
     assert (report["model"], report["budget_bytes"]) == ("vgg11", 20_000_000)
