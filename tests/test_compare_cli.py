@@ -33,9 +33,9 @@ def cifar(shared_datasets_dir: Path, data_cache_dir: Path, monkeypatch: pytest.M
     return shared_datasets_dir
 
 
-def _tiny_benchmark(tmp_path: Path, methods: list[str]) -> tuple[list[str], dict, dict]:
-    """A tiny benchmark of ``methods``: its argv, what main returned, and the runs it wrote by key, each
-    checked for what every run carries (its code, when it ran, the load meanwhile; held to the budget)."""
+def _tiny_benchmark(tmp_path: Path, methods: list[str]) -> tuple[list[str], dict, dict, float]:
+    """A tiny benchmark of ``methods``: its argv, what main returned, the runs it wrote by key, each checked
+    for what every run carries (its code, when it ran, the load meanwhile; held to the budget), and the target."""
     argv = [
         "--preset", "quick", "--width", "0.125", "--train-subset", "200", "--val-subset", "100",
         "--test-subset", "200", "--bp-epochs", "1", "--nf-epochs", "1", "--polish-epochs", "1", "--batch-limit", "64",
@@ -59,18 +59,17 @@ def _tiny_benchmark(tmp_path: Path, methods: list[str]) -> tuple[list[str], dict
     assert index["validations"] == len(nf["curve"]) and index["saved"]  # one count per history record
     assert [c["seed"] for c in written["crossing_tests"]] == [0]
     assert (tmp_path / "out" / "figure12.png").stat().st_size > 0
-    return argv, first, runs
+    return argv, first, runs, results["target"]
 
 
 def test_tiny_benchmark_end_to_end_then_resumed(tmp_path: Path, cifar: Path, capsys: pytest.CaptureFixture) -> None:
     """BP, NeuroFlux, the deployed exit trained from scratch and the depth search; a rerun reuses every run but
     one recorded by other code. (BP with checkpointing too: the slow variant.)"""
-    argv, first, runs = _tiny_benchmark(tmp_path, ["bp", "neuroflux", "scratch_exit", "depth_search"])
+    argv, first, runs, target = _tiny_benchmark(tmp_path, ["bp", "neuroflux", "scratch_exit", "depth_search"])
     nf = runs["neuroflux_lr0.05_seed0"]
     scratch = next(r for r in runs.values() if r["method"] == "scratch_exit")
     assert scratch["unit"] == nf["deployed_unit"] and scratch["batch_sizes"][0] >= 8  # a smaller net fits more
     assert scratch["parameters"] == next(e["parameters"] for e in nf["exits"] if e["unit"] == scratch["unit"])
-    target = json.loads((tmp_path / "out" / "summary.json").read_text())["results"]["target"]
     depths = sorted((r for r in runs.values() if r["method"] == "depth_search"), key=lambda r: r["unit"])
     assert [r["unit"] for r in depths] == list(range(len(depths)))  # one depth after another
     assert all(r["time_to_target"] is None for r in depths[:-1])  # each missed before the next ran
@@ -99,5 +98,5 @@ def test_tiny_benchmark_end_to_end_then_resumed(tmp_path: Path, cifar: Path, cap
 @pytest.mark.slow
 def test_tiny_benchmark_end_to_end_with_every_baseline(tmp_path: Path, cifar: Path) -> None:
     """Every method the benchmark compares, BP with checkpointing included, in one invocation."""
-    _, _, runs = _tiny_benchmark(tmp_path, list(METHODS))
+    _, _, runs, _ = _tiny_benchmark(tmp_path, list(METHODS))
     assert runs["bp_ckpt_lr0.05_seed0"]["status"] == "ok"
