@@ -418,6 +418,53 @@ def test_callback_under_backprop(tmp_path: Path, policy: str) -> None:
     assert all(p.requires_grad for p in module.parameters())
 
 
+class SelectionLog(pl.Callback):
+    """The budget's selection at the start of every epoch (listed after the budget, which makes it)."""
+
+    def __init__(self, budget: NeuronUpdateBudget) -> None:
+        self.budget, self.masks = budget, []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.masks.append(torch.cat(list(self.budget.masks.values())))
+
+
+def test_velocity_under_frozen_statistics_tries_the_neurons_it_knows_nothing_of_before_reselecting_its_own(
+        tmp_path: Path) -> None:
+    """Under ``norm="frozen"`` only the neurons trained in an epoch move. Their velocity is the only one measured;
+    the unmoved neurons are unknown, not still, so the next selection takes them before any neuron trained."""
+    budget = NeuronUpdateBudget(policy="velocity", budget=0.25, norm="frozen", probe_size=16, probe_batch=16)
+    log = SelectionLog(budget)
+    fit(tmp_path, [budget, log], max_epochs=3)
+    first, second, third = log.masks
+    assert [h["policy"] for h in budget.history] == ["sparse_update", "velocity", "velocity"]
+    assert first.any() and second.any() and not (first & second).any()  # SU's own neurons are not chosen again
+    measured = torch.cat([budget._probe.measured[name] for name in budget._scope.names])
+    assert measured[first | second].all()  # what was trained has moved and is measured
+    assert not torch.equal(second, third)
+
+
+def test_a_neuron_that_stops_moving_keeps_its_velocity_and_one_never_moved_is_unmeasured() -> None:
+    """Two channels of a 1x1 conv: both turn in the first epoch, only the first in the second, the second never
+    again; a third channel never moves at all."""
+    conv = nn.Conv2d(2, 3, 1, bias=False)
+    x = torch.randn(4, 2, 2, 2)
+    probe = VelocityProbe({"c": conv}, mu=0.5)
+    probe.measure([conv], conv, [x])
+    for rows in ([0, 1], [0]):
+        with torch.no_grad():
+            conv.weight[rows] = conv.weight[rows].flip(1)
+        probe.measure([conv], conv, [x])
+        if rows == [0, 1]:
+            after_first = probe.velocity["c"].clone()
+    assert probe.measured["c"].tolist() == [True, True, False]
+    assert probe.velocity["c"][1] == after_first[1] != 0  # not decayed by the epoch it stood still
+    assert probe.velocity["c"][2] == 0 and probe.flat_velocity(["c"])[2].isnan()
+    assert velocity_order(probe.flat_velocity(["c"]), torch.ones(3, dtype=torch.int64))[0] == 2  # tried first
+    copy = VelocityProbe({"c": conv}, mu=0.5)
+    copy.load_state_dict(probe.state_dict(), [conv])
+    assert torch.equal(copy.measured["c"], probe.measured["c"])
+
+
 def test_the_probe_memory_option_holds_in_bytes_and_bad_values_are_refused(tmp_path: Path) -> None:
     for bad, message in [(0.0, "probe_memory"), (1.5, "probe_memory"), (True, "probe_memory"),
                          ("lots", "looks like"), ({"probe_batch": 0}, "probe_batch")]:

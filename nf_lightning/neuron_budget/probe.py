@@ -17,6 +17,15 @@ a group of its channels at a time. Each pass stops after its group's last layer.
 Fewer bytes cost more, shorter, passes; the result is the same (sums of
 per-sample, per-channel cosines).
 
+A channel whose output on the probe set is bit for bit what it was an epoch
+earlier was not moved by training (its filter, its inputs and its BatchNorm all
+stayed frozen): it gives no evidence, so its ``phi``, ``delta`` and velocity stay
+as they were instead of decaying to zero, and a channel never moved is not
+measured yet (:attr:`~VelocityProbe.measured`; NaN in
+:meth:`~VelocityProbe.flat_velocity`, which the velocity policy tries first).
+Without this, a selection that freezes everything else would see only its own
+neurons move and choose them again in every epoch.
+
 ``keep(..., off_device=True)`` puts the copied rows of partly trained convs, the
 bulk of the copy, off the training device: in host memory when that is an
 accelerator, else in an unlinked temporary file, memory-mapped (the kernel may
@@ -77,6 +86,7 @@ class VelocityProbe:
         self.phi: dict[str, Tensor] = {}
         self.delta: dict[str, Tensor] = {}
         self.velocity: dict[str, Tensor] = {}
+        self.measured: dict[str, Tensor] = {}
         self.snapshot: list[Kept] = []
         self.batch_bytes = 0
 
@@ -121,6 +131,7 @@ class VelocityProbe:
         if not self.snapshot:
             raise RuntimeError("VelocityProbe.compare needs a kept state: call keep() first")
         sums: dict[str, Tensor] = {}
+        moved: dict[str, Tensor] = {}
         counts = dict.fromkeys(self.layers, 0)
         self.batch_bytes = 0
         limit = None if max_bytes is None else max_bytes - self.kept_bytes - self.swap_bytes
@@ -131,8 +142,8 @@ class VelocityProbe:
                 micro, groups = _plan(calls, len(x), limit)
                 for chunk in x.split(micro):
                     for group, last in groups:
-                        self._compare_group(forward, chunk, group, last, sums, counts)
-        self._update(sums, counts)
+                        self._compare_group(forward, chunk, group, last, sums, moved, counts)
+        self._update(sums, moved, counts)
         self.passes += 1
 
     def measure(self, modules: Sequence[nn.Module], forward: Callable[[Tensor], Any], inputs: Iterable[Tensor],
@@ -145,11 +156,12 @@ class VelocityProbe:
         self.keep(modules)
 
     def flat_velocity(self, names: Sequence[str]) -> Tensor:
-        return torch.cat([self.velocity[name] for name in names])
+        """The velocity of the layers ``names``, one after another, NaN where it is not measured yet."""
+        return torch.cat([self.velocity[name].masked_fill(~self.measured[name], float("nan")) for name in names])
 
     def state_dict(self) -> dict[str, Any]:
         return {"passes": self.passes, "phi": dict(self.phi), "delta": dict(self.delta),
-                "velocity": dict(self.velocity),
+                "velocity": dict(self.velocity), "measured": dict(self.measured),
                 "snapshot": [(k.rows.cpu() if k.rows is not None else None, k.tensor.cpu()) for k in self.snapshot],
                 "batch_bytes": self.batch_bytes}
 
@@ -158,6 +170,7 @@ class VelocityProbe:
         (``off_device`` as in :meth:`keep`)."""
         self.passes, self.batch_bytes = int(state["passes"]), int(state["batch_bytes"])
         self.phi, self.delta, self.velocity = dict(state["phi"]), dict(state["delta"]), dict(state["velocity"])
+        self.measured = dict(state["measured"])
         slots = changeable(modules, off_device)
         saved = state["snapshot"]
         if len(slots) != len(saved) or any((k.rows is None) != (rows is None) or k.tensor.shape != t.shape
@@ -183,7 +196,7 @@ class VelocityProbe:
         return calls
 
     def _compare_group(self, forward: Callable[[Tensor], Any], x: Tensor, group: dict[str, slice], last: int,
-                       sums: dict[str, Tensor], counts: dict[str, int]) -> None:
+                       sums: dict[str, Tensor], moved: dict[str, Tensor], counts: dict[str, int]) -> None:
         """The old and the new pass over ``x`` up to call ``last``, comparing the layers (and their channels)
         in ``group``."""
         recorded: dict[str, list[Tensor]] = {}
@@ -198,9 +211,11 @@ class VelocityProbe:
                 if state["old"]:
                     recorded.setdefault(name, []).append(out if whole else out.clone())  # not a view of it all
                 else:
-                    cosine = channel_cosine(recorded[name].pop(0), out).double().sum(0)
+                    old = recorded[name].pop(0)
                     total = sums.setdefault(name, output.new_zeros(output.shape[1], dtype=torch.float64))
-                    total[channels] += cosine
+                    total[channels] += channel_cosine(old, out).double().sum(0)
+                    changed = moved.setdefault(name, output.new_zeros(output.shape[1], dtype=torch.bool))
+                    changed[channels] |= (old != out).any(2).any(0)
                     counts[name] += len(out) if whole or channels.start == 0 else 0
             if state["call"] == last:
                 raise _GroupDone
@@ -218,16 +233,21 @@ class VelocityProbe:
             for handle in handles:
                 handle.remove()
 
-    def _update(self, sums: dict[str, Tensor], counts: dict[str, int]) -> None:
+    def _update(self, sums: dict[str, Tensor], moved: dict[str, Tensor], counts: dict[str, int]) -> None:
+        """One step of the recursion for the channels whose output moved; the others keep what they had."""
         for name in self.layers:
             if not counts[name]:
                 raise ValueError(f"layer {name} gave no output in the probe pass")
             phi = (sums[name] / counts[name]).float()
             ones, zeros = torch.ones_like(phi), torch.zeros_like(phi)
-            self.delta[name], self.velocity[name] = velocity_step(
+            delta, velocity = velocity_step(
                 phi, self.phi.get(name, ones), self.velocity.get(name, zeros), self.delta.get(name, zeros),
                 self.mu, self.recursion)
-            self.phi[name] = phi
+            changed = moved[name].to(phi.device)
+            self.phi[name] = torch.where(changed, phi, self.phi.get(name, ones))
+            self.delta[name] = torch.where(changed, delta, self.delta.get(name, zeros))
+            self.velocity[name] = torch.where(changed, velocity, self.velocity.get(name, zeros))
+            self.measured[name] = changed | self.measured.get(name, torch.zeros_like(changed))
 
 
 @dataclass(frozen=True)

@@ -132,14 +132,25 @@ def fill_budget(order: Tensor, costs: Tensor, budget: int) -> Tensor:
     return selected
 
 
-def velocity_order(velocity: Tensor, costs: Tensor) -> Tensor:
+def velocity_order(velocity: Tensor, costs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Neurons by decreasing ``|velocity| / cost``; ties keep the neurons' own order.
+
+    A NaN velocity marks a neuron nothing is known of yet (its output has not
+    moved since the probe began). Such neurons come first, as NEq trains every
+    neuron until its velocity is measured: in a random order from ``generator``,
+    else in their own order.
 
     >>> velocity_order(torch.tensor([0.1, -0.4, 0.2]), torch.tensor([1, 2, 1])).tolist()  # 0.1, 0.2, 0.2
     [1, 2, 0]
+    >>> velocity_order(torch.tensor([0.1, float("nan"), 0.2]), torch.tensor([1, 2, 1])).tolist()
+    [1, 2, 0]
     """
     score = velocity.abs().double() / costs.double()
-    return torch.sort(-score, stable=True).indices
+    unknown = score.isnan().nonzero().flatten()
+    if generator is not None:
+        unknown = unknown[torch.randperm(len(unknown), generator=generator)]
+    known = torch.sort(-score.nan_to_num(nan=0.0), stable=True).indices
+    return torch.cat([unknown, known[~score[known].isnan()]])
 
 
 def random_order(num_neurons: int, generator: torch.Generator) -> Tensor:

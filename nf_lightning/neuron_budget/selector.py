@@ -68,7 +68,7 @@ class Selector:
         elif policy == "velocity":
             if velocity is None:
                 raise ValueError("the velocity policy needs a velocity")
-            order = velocity_order(velocity, neuron_costs(layers))
+            order = velocity_order(velocity, neuron_costs(layers), self.generator)
         else:
             raise ValueError(f"unknown policy {policy!r}")
         return self._fill(order, layers, costs, reserve)
