@@ -311,6 +311,22 @@ def test_summary_of_hand_made_runs() -> None:
     assert result["test_images"] == [10_000] and result["exits"]["unit"] == 1
 
 
+def test_the_head_start_compares_the_deployed_units_block_with_scratch_at_the_same_accuracy() -> None:
+    records = hand_made_records()
+    for r in records:
+        if r["spec"]["method"] == "neuroflux":
+            r["results"]["polish"] = {"unit": 1, "epochs": 2, "batch_size": 32, "val_before": 0.62, "val_after": 0.65,
+                                      "kept": True, "seconds": 10.0}  # fmt: skip
+    result = summary.summarize(records, METHODS, seeds=2)
+    # unit 1's block ended at 31 s (34 s) at 62 %; scratch's unit 1 first reached 62 % at 25 s
+    assert result["head_start"] == [
+        {"seed": 0, "unit": 1, "ready_seconds": 31.0, "val": 0.62, "scratch_seconds": 25.0},
+        {"seed": 1, "unit": 1, "ready_seconds": 34.0, "val": 0.62, "scratch_seconds": 25.0},
+    ]
+    assert "seed 1: unit 1 at 34 s with 62.0 %, scratch at 25 s" in report.markdown_table(benchmark_summary(result))
+    assert summary.summarize(hand_made_records(), METHODS, seeds=2)["head_start"] == []  # no polish, nothing to say
+
+
 def benchmark_summary(results: dict | None = None) -> dict:
     settings = {"preset": "test", "model": "vgg11", "width": 0.25, "data": "tiny_imagenet", "train_subset": 0,
                 "val_subset": 0, "test_subset": 0, "seeds": 2, "lrs": [0.05, 0.1], "bp_epochs": 3, "nf_epochs": 2,

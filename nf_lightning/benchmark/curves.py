@@ -155,3 +155,20 @@ def block_convergence(
         ]
         out.append(convergence(own))
     return out
+
+
+def unit_ready(history: Sequence[Mapping[str, Any]], unit: int) -> tuple[float, float] | None:
+    """``(seconds, accuracy)`` of ``unit``'s exit when the block that trained it ended; ``None`` if none did.
+
+    >>> history = [{"seconds": 1.0, "block": 0, "neuroflux/acc_exit_0": 0.3},
+    ...            {"seconds": 2.0, "block": 1, "neuroflux/acc_exit_0": 0.3, "neuroflux/acc_exit_1": 0.4},
+    ...            {"seconds": 3.0, "block": 1, "neuroflux/acc_exit_0": 0.3, "neuroflux/acc_exit_1": 0.5},
+    ...            {"seconds": 4.0, "block": 2, "neuroflux/acc_exit_1": 0.5, "neuroflux/acc_exit_2": 0.45}]
+    >>> unit_ready(history, 1)
+    (3.0, 0.5)
+    """
+    own = [r for r in history if r.get("block") is not None and unit in exit_accuracies(r)]
+    if not own:
+        return None
+    last = [r for r in own if r["block"] == own[0]["block"]][-1]
+    return float(last["seconds"]), exit_accuracies(last)[unit]

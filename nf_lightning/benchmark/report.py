@@ -236,4 +236,13 @@ def _exit_lines(summary: Mapping[str, Any]) -> list[str]:
             f"{pct(polish['val_after'])} %, test {pct(polish['blockwise_test_acc'])} -> {pct(polish['test_acc'])} %, "
             f"kept in {polish['kept']}/{len(polish['units'])} seeds, {seconds(polish['seconds'])} s."
         )
+    ahead = [h for h in results.get("head_start") or [] if h["scratch_seconds"] is not None]
+    if ahead:
+        lines.append(
+            "What the block-wise phase bought (the block holding the deployed unit ended, its exit's validation then; "
+            "when `scratch_exit`, the same unit by BP, first reached it): "
+            + "; ".join(f"seed {h['seed']}: unit {h['unit']} at {h['ready_seconds']:.0f} s with "
+                        f"{100 * h['val']:.1f} %, scratch at {h['scratch_seconds']:.0f} s" for h in ahead)
+            + "."
+        )
     return ["", *lines] if lines else []

@@ -18,7 +18,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nf_lightning.benchmark.baselines import depth_search_seed
-from nf_lightning.benchmark.curves import accuracy_at, block_convergence, convergence, crossing, raw_curve
+from nf_lightning.benchmark.curves import (
+    accuracy_at,
+    block_convergence,
+    convergence,
+    crossing,
+    raw_curve,
+    time_to_target,
+    unit_ready,
+)
 from nf_lightning.benchmark.plan import Known, rates_of
 from nf_lightning.benchmark.presets import LOCAL, TARGET_MARGIN
 from nf_lightning.benchmark.stats import mean_std, mean_time_to_target, per_seed_speedups, speedup
@@ -70,6 +78,8 @@ def run_row(record: Mapping[str, Any], target: float | None = None) -> dict[str,
     )
     if row["plan_blocks"]:
         row["blocks_converged"] = [c["converged"] for c in block_convergence(history, row["plan_blocks"])]
+    if row["polish"]:
+        row["unit_ready"] = unit_ready(history, row["polish"]["unit"])
     if target is not None:
         index = crossing(curve, target)
         row["crossing_validation"] = None if index is None else _history_index(history, curve[index][0])
@@ -158,6 +168,7 @@ def summarize(
         "methods": stats,
         "speedups": speedups,
         "exits": exit_choices(ok.get("neuroflux", []), target),
+        "head_start": head_start(ok.get("neuroflux", []), ok.get("scratch_exit", [])),
         "test_images": sorted({r["test_images"] for r in rows if r.get("test_images")}),
         "reused": list(reused),
         "commits": sorted({str(r["provenance"]["code"].get("commit")) for r in rows if r.get("provenance")}),
@@ -300,3 +311,24 @@ def exit_choices(nf_runs: Sequence[Mapping[str, Any]], target: float | None) -> 
         "test_acc": mean_std(c["test_acc"] for c in per_seed),
         "per_seed": per_seed,
     }
+
+
+def head_start(nf_runs: Sequence[Mapping[str, Any]], scratch_runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per seed, when NeuroFlux's block that trained the deployed unit ended, its exit's validation accuracy then,
+    and when ``scratch_exit`` (the same unit by BP) first reached that accuracy: what the block-wise phase bought.
+
+    >>> nf = [{"seed": 0, "polish": {"unit": 1}, "unit_ready": (50.0, 0.6)}]
+    >>> scratch = [{"seed": 0, "unit": 1, "curve": [(20.0, 0.5), (40.0, 0.61)]}]
+    >>> head_start(nf, scratch)
+    [{'seed': 0, 'unit': 1, 'ready_seconds': 50.0, 'val': 0.6, 'scratch_seconds': 40.0}]
+    """
+    out = []
+    for run in nf_runs:
+        ready = run.get("unit_ready")
+        if not ready:
+            continue
+        unit = run["polish"]["unit"]
+        same = next((s for s in scratch_runs if s["seed"] == run["seed"] and s["unit"] == unit), None)
+        out.append({"seed": run["seed"], "unit": unit, "ready_seconds": ready[0], "val": ready[1],
+                    "scratch_seconds": time_to_target(same["curve"], ready[1]) if same else None})  # fmt: skip
+    return out
