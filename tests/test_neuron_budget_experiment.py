@@ -59,6 +59,28 @@ def test_the_preset_nearer_the_paper_pretrains_on_more_images_and_fine_tunes_the
     assert all(Path(r["out"]).parent == tmp_path / "more_pretraining" / "rows" for r in runs)
 
 
+README_PARAGRAPH = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import neuron_budget
+print(neuron_budget.readme_paragraph(json.loads(open(sys.argv[2]).read())))
+"""
+
+
+def test_the_readme_paragraph_is_what_the_committed_summary_gives_with_the_byte_budgets() -> None:
+    summary_path = EXPERIMENTS / "results" / "neuron_budget" / "full" / "summary.json"
+    done = subprocess.run([sys.executable, "-c", README_PARAGRAPH, str(EXPERIMENTS), str(summary_path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    paragraph = done.stdout.strip()
+    assert paragraph in (EXPERIMENTS.parent / "README.md").read_text()  # regenerated after the summary changed
+    summary = json.loads(summary_path.read_text())
+    for model in ("mobilenetv2", "resnet18"):
+        rows = [r for r in summary["accuracy"] if r["model"] == model and r["budget"] in ("48MB", "8MB")]
+        best = max(rows, key=lambda r: r["test_acc_mean"])
+        assert f"{model} at {best['budget']}: {best['policy']} {100 * best['test_acc_mean']:.1f} %" in paragraph
+
+
 @pytest.mark.slow
 def test_the_quick_preset_writes_its_rows_and_summary_where_it_is_told(tmp_path: Path,
                                                                         shared_datasets_dir: Path) -> None:
