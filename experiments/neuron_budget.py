@@ -582,6 +582,10 @@ def _between(path: Path, marker: str, body: str) -> None:
     path.write_text(f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}")
 
 
+COLORS = {"velocity": "tab:blue", "random": "tab:orange", "sparse_update": "tab:green"}  # a policy, one colour
+LINES = {"always": "-", "range": "--", "frozen": ":"}  # a norm setting, one line style
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
     try:
         import matplotlib
@@ -600,15 +604,17 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             points = sorted((r["budget"], r["test_acc_mean"], r["test_acc_std"]) for r in fractions
                             if (r["policy"], r["norm"]) == (policy, norm))
             xs, ys, es = zip(*points)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=policy if norm == "always" else f"{policy}, {norm}")
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=COLORS.get(policy), linestyle=LINES.get(norm),
+                        label=policy if norm == "always" else f"{policy}, {norm}")
         for r in rows:
             if r["policy"] == "full":
                 ax.axhline(r["test_acc_mean"], color="black", linestyle="--", label="full")
         ax.set_title(f"{model} w{width}")
         ax.set_xlabel("budget (fraction of conv parameters)")
         ax.set_ylabel("test accuracy, classes 5-9")
-        ax.legend()
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()  # the same lines on every panel: one legend below
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize="small")
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 5), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
