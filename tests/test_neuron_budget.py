@@ -30,6 +30,7 @@ from nf_lightning.neuron_budget import selection as selection_module
 from nf_lightning.neuron_budget import selector as selector_module
 from nf_lightning.neuron_budget.callback import NeuronUpdateBudget
 from nf_lightning.neuron_budget.kept_state import selected_row_bytes
+from nf_lightning.neuron_budget.partial import make_partial
 from nf_lightning.neuron_budget.pretrained import load_pretrained
 from nf_lightning.neuron_budget.probe import VelocityProbe
 from nf_lightning.neuron_budget.selection import (
@@ -443,23 +444,30 @@ def test_velocity_under_frozen_statistics_tries_the_neurons_it_knows_nothing_of_
     assert not torch.equal(second, third)
 
 
-def test_a_neuron_that_stops_moving_keeps_its_velocity_and_one_never_moved_is_unmeasured() -> None:
-    """Two channels of a 1x1 conv: both turn in the first epoch, only the first in the second, the second never
-    again; a third channel never moves at all."""
-    conv = nn.Conv2d(2, 3, 1, bias=False)
+def test_a_neuron_that_stops_moving_keeps_its_velocity_and_one_that_neither_trained_nor_moved_is_unmeasured() -> None:
+    """A grouped 1x1 conv: channels 0-1 read input 0, channels 2-3 input 1, which is all zeros (a dead input).
+    Epoch 1 trains channels 0-2, epoch 2 channel 0 alone; channel 3 never trains."""
+    conv = nn.Conv2d(2, 4, 1, groups=2, bias=False)
     x = torch.randn(4, 2, 2, 2)
+    x[:, 1] = 0
     probe = VelocityProbe({"c": conv}, mu=0.5)
-    probe.measure([conv], conv, [x])
-    for rows in ([0, 1], [0]):
-        with torch.no_grad():
-            conv.weight[rows] = conv.weight[rows].flip(1)
+    epochs = [[0, 1, 2], [0], [0]]  # each epoch's selection
+    make_partial(conv, torch.tensor(epochs[0]))
+    probe.measure([conv], conv, [x])  # the first call keeps the selected rows
+    velocities = []
+    for epoch, rows in enumerate(epochs[:2]):
+        with torch.no_grad():  # the epoch's training turns the selected filters
+            conv.weight_selected.mul_(-0.5).add_(0.3)
+        conv.sync_rows()
+        make_partial(conv, torch.tensor(epochs[epoch + 1]))  # the next selection, then compare and keep
         probe.measure([conv], conv, [x])
-        if rows == [0, 1]:
-            after_first = probe.velocity["c"].clone()
-    assert probe.measured["c"].tolist() == [True, True, False]
-    assert probe.velocity["c"][1] == after_first[1] != 0  # not decayed by the epoch it stood still
-    assert probe.velocity["c"][2] == 0 and probe.flat_velocity(["c"])[2].isnan()
-    assert velocity_order(probe.flat_velocity(["c"]), torch.ones(3, dtype=torch.int64))[0] == 2  # tried first
+        velocities.append(probe.velocity["c"].clone())
+    assert probe.measured["c"].tolist() == [True, True, True, False]
+    assert velocities[1][1] == velocities[0][1] != 0  # channel 1 stood still in epoch 2: not decayed
+    assert velocities[0][2].abs() < 1e-6  # trained, yet its output cannot move: measured, velocity 0
+    assert probe.velocity["c"][3] == 0 and probe.flat_velocity(["c"])[3].isnan()
+    order = velocity_order(probe.flat_velocity(["c"]), torch.ones(4, dtype=torch.int64))
+    assert order[0] == 3 and order[-1] == 2  # the unmeasured channel first, the dead one last
     copy = VelocityProbe({"c": conv}, mu=0.5)
     copy.load_state_dict(probe.state_dict(), [conv])
     assert torch.equal(copy.measured["c"], probe.measured["c"])

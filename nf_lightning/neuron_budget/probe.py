@@ -17,14 +17,16 @@ a group of its channels at a time. Each pass stops after its group's last layer.
 Fewer bytes cost more, shorter, passes; the result is the same (sums of
 per-sample, per-channel cosines).
 
-A channel whose output on the probe set is bit for bit what it was an epoch
-earlier was not moved by training (its filter, its inputs and its BatchNorm all
-stayed frozen): it gives no evidence, so its ``phi``, ``delta`` and velocity stay
-as they were instead of decaying to zero, and a channel never moved is not
+A channel that did not train over the epoch and whose output on the probe set
+is bit for bit what it was (its filter, its inputs and its BatchNorm all stayed
+frozen) gives no evidence: its ``phi``, ``delta`` and velocity stay as they were
+instead of decaying to zero, and a channel that never trained nor moved is not
 measured yet (:attr:`~VelocityProbe.measured`; NaN in
 :meth:`~VelocityProbe.flat_velocity`, which the velocity policy tries first).
 Without this, a selection that freezes everything else would see only its own
-neurons move and choose them again in every epoch.
+neurons move and choose them again in every epoch. A channel that trained is
+measured even if its output did not move (a dead input, say): its velocity is
+then about zero, and it is not tried again first.
 
 ``keep(..., off_device=True)`` puts the copied rows of partly trained convs, the
 bulk of the copy, off the training device: in host memory when that is an
@@ -74,6 +76,7 @@ class VelocityProbe:
     does both. :attr:`kept_bytes` is the copy (on the device between probes);
     :attr:`peak_bytes` adds the rows swapped in and the outputs held during the
     last comparison; :attr:`off_device_bytes` is the part of the copy kept off the device.
+    :attr:`measured` says, per channel, whether it has trained or moved since the probe began.
     """
 
     def __init__(self, layers: Mapping[str, nn.Module], mu: float = 0.5, recursion: str = "paper") -> None:
@@ -234,7 +237,8 @@ class VelocityProbe:
                 handle.remove()
 
     def _update(self, sums: dict[str, Tensor], moved: dict[str, Tensor], counts: dict[str, int]) -> None:
-        """One step of the recursion for the channels whose output moved; the others keep what they had."""
+        """One step of the recursion for the channels that trained or whose output moved; the others keep
+        what they had."""
         for name in self.layers:
             if not counts[name]:
                 raise ValueError(f"layer {name} gave no output in the probe pass")
@@ -243,11 +247,20 @@ class VelocityProbe:
             delta, velocity = velocity_step(
                 phi, self.phi.get(name, ones), self.velocity.get(name, zeros), self.delta.get(name, zeros),
                 self.mu, self.recursion)
-            changed = moved[name].to(phi.device)
+            changed = moved[name].to(phi.device) | self._trained(name, len(phi), phi.device)
             self.phi[name] = torch.where(changed, phi, self.phi.get(name, ones))
             self.delta[name] = torch.where(changed, delta, self.delta.get(name, zeros))
             self.velocity[name] = torch.where(changed, velocity, self.velocity.get(name, zeros))
             self.measured[name] = changed | self.measured.get(name, torch.zeros_like(changed))
+
+
+    def _trained(self, name: str, channels: int, device: torch.device) -> Tensor:
+        """Which output channels of layer ``name`` trained since the copy was kept (the copy holds their rows)."""
+        trained = torch.zeros(channels, dtype=torch.bool, device=device)
+        for k in self.snapshot:
+            if k.module is self.layers[name] and k.name == "weight":
+                trained[k.rows.to(device) if k.rows is not None else slice(None)] = True
+        return trained
 
 
 @dataclass(frozen=True)
