@@ -81,6 +81,30 @@ def test_the_readme_paragraph_is_what_the_committed_summary_gives_with_the_byte_
         assert f"{model} at {best['budget']}: {best['policy']} {100 * best['test_acc_mean']:.1f} %" in paragraph
 
 
+SUMMARIZE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import neuron_budget
+from pathlib import Path
+summary = neuron_budget.summarize("quick", results=Path(sys.argv[2]), work=Path(sys.argv[2]) / "work")
+print(json.dumps(summary["rows_by_commit"]))
+"""
+
+
+def test_the_summary_counts_its_rows_by_the_commit_that_ran_them(tmp_path: Path) -> None:
+    rows = tmp_path / "quick" / "rows"
+    rows.mkdir(parents=True)
+    row = {"kind": "accuracy", "model": "resnet18", "width": 0.125, "policy": "random", "budget": 0.1, "norm": "always",
+           "step_seconds": 0.1, "steps_timed": 3, "train_seconds": 1.0, "updated_fraction": [0.1], "test_acc": 0.5}
+    for seed, code in enumerate([{"commit": "a" * 40}, {"commit": "a" * 40}, None]):
+        (rows / f"acc_resnet18_w0.125_random_0.1_s{seed}.json").write_text(json.dumps({**row, "seed": seed, "code": code}))
+    done = subprocess.run([sys.executable, "-c", SUMMARIZE, str(EXPERIMENTS), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"a" * 40: 2, "unrecorded": 1}
+    assert f"- rows by code commit: `{'a' * 10}` 2, `unrecorded` 1" in (tmp_path / "quick" / "summary.md").read_text()
+
+
 @pytest.mark.slow
 def test_the_quick_preset_writes_its_rows_and_summary_where_it_is_told(tmp_path: Path,
                                                                         shared_datasets_dir: Path) -> None:
@@ -93,6 +117,7 @@ def test_the_quick_preset_writes_its_rows_and_summary_where_it_is_told(tmp_path:
                           cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = sorted((results / "quick" / "rows").glob("acc_*.json"))
+    assert all(json.loads(row.read_text())["code"]["commit"] for row in rows)  # each run records its commit
     assert len(rows) == len(accuracy_tasks("quick", results)) == 2 * (1 + 3 * 2 * 2 + 3 * 2)
     summary = json.loads((results / "quick" / "summary.json").read_text())
     table = summary["accuracy"]
