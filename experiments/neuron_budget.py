@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 from nf_lightning.benchmark.provenance import code_identity  # noqa: E402
 from nf_lightning.core.exits.selection import loader_accuracy  # noqa: E402
+from nf_lightning.neuron_budget.budget import parse_bytes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
@@ -483,8 +484,6 @@ def _order(model: str, width: float, policy: str, budget: float | str, norm: str
     """Model, policy, then fractions of the parameters before byte budgets (by bytes), then norm."""
     import neuron_budget_memory as memory
 
-    from nf_lightning.neuron_budget.budget import parse_bytes
-
     in_bytes = isinstance(budget, str)
     return model, width, policy, in_bytes, parse_bytes(budget) if in_bytes else budget, memory.NORMS.index(norm)
 
@@ -560,7 +559,7 @@ def byte_budget_sentence(summary: dict[str, Any]) -> str:
     parts = []
     for model in sorted({r["model"] for r in summary["accuracy"] if isinstance(r["budget"], str)}):
         rows = [r for r in summary["accuracy"] if r["model"] == model and isinstance(r["budget"], str)]
-        budget = max((r["budget"] for r in rows), key=_bytes)
+        budget = max((r["budget"] for r in rows), key=parse_bytes)
         best = max((r for r in rows if r["budget"] == budget), key=lambda r: r["test_acc_mean"])
         peak = peaks.get((model, best["policy"], budget))
         if model not in full or peak is None:
@@ -571,12 +570,6 @@ def byte_budget_sentence(summary: dict[str, Any]) -> str:
         return ""
     return (f"Byte budgets (`norm=\"frozen\"`, the best policy at the larger budget, batch {batch}): "
             + "; ".join(parts) + ".")
-
-
-def _bytes(label: str) -> int:
-    from nf_lightning.neuron_budget.budget import parse_bytes
-
-    return parse_bytes(label)
 
 
 def _between(path: Path, marker: str, body: str) -> None:

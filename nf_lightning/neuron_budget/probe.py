@@ -239,6 +239,7 @@ class VelocityProbe:
     def _update(self, sums: dict[str, Tensor], moved: dict[str, Tensor], counts: dict[str, int]) -> None:
         """One step of the recursion for the channels that trained or whose output moved; the others keep
         what they had."""
+        trained = {k.module: k.rows for k in self.snapshot if k.name == "weight"}  # kept rows: those that trained
         for name in self.layers:
             if not counts[name]:
                 raise ValueError(f"layer {name} gave no output in the probe pass")
@@ -247,20 +248,14 @@ class VelocityProbe:
             delta, velocity = velocity_step(
                 phi, self.phi.get(name, ones), self.velocity.get(name, zeros), self.delta.get(name, zeros),
                 self.mu, self.recursion)
-            changed = moved[name].to(phi.device) | self._trained(name, len(phi), phi.device)
+            changed = moved[name].to(phi.device)
+            if self.layers[name] in trained:  # a frozen conv's weight is not kept
+                rows = trained[self.layers[name]]
+                changed[rows.to(phi.device) if rows is not None else slice(None)] = True
             self.phi[name] = torch.where(changed, phi, self.phi.get(name, ones))
             self.delta[name] = torch.where(changed, delta, self.delta.get(name, zeros))
             self.velocity[name] = torch.where(changed, velocity, self.velocity.get(name, zeros))
             self.measured[name] = changed | self.measured.get(name, torch.zeros_like(changed))
-
-
-    def _trained(self, name: str, channels: int, device: torch.device) -> Tensor:
-        """Which output channels of layer ``name`` trained since the copy was kept (the copy holds their rows)."""
-        trained = torch.zeros(channels, dtype=torch.bool, device=device)
-        for k in self.snapshot:
-            if k.module is self.layers[name] and k.name == "weight":
-                trained[k.rows.to(device) if k.rows is not None else slice(None)] = True
-        return trained
 
 
 @dataclass(frozen=True)

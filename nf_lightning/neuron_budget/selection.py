@@ -135,8 +135,8 @@ def fill_budget(order: Tensor, costs: Tensor, budget: int) -> Tensor:
 def velocity_order(velocity: Tensor, costs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Neurons by decreasing ``|velocity| / cost``; ties keep the neurons' own order.
 
-    A NaN velocity marks a neuron nothing is known of yet (its output has not
-    moved since the probe began). Such neurons come first, as NEq trains every
+    A NaN velocity marks a neuron nothing is known of yet (it has neither
+    trained nor moved since the probe began). Such neurons come first, as NEq trains every
     neuron until its velocity is measured: in a random order from ``generator``,
     else in their own order.
 
