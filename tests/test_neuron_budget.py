@@ -473,6 +473,37 @@ def test_a_neuron_that_stops_moving_keeps_its_velocity_and_one_that_neither_trai
     assert torch.equal(copy.measured["c"], probe.measured["c"])
 
 
+class StepPeaks(pl.Callback):
+    """The budget's measured first step of each epoch (listed after the budget, which measures it)."""
+
+    def __init__(self, budget: NeuronUpdateBudget) -> None:
+        self.budget, self.peaks = budget, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.peaks.append(self.budget.step_peak)
+
+
+@pytest.mark.parametrize("budget_arg, first_epoch", [(0.1, "full"), ("60KB", "random")])
+def test_the_probe_holds_a_tenth_of_the_next_step_whatever_selection_it_makes(
+        tmp_path: Path, budget_arg: float | str, first_epoch: str) -> None:
+    """The probe that chooses the next selection runs before that selection's step is measured; with a fraction
+    budget, after velocity's first epoch has trained every neuron (a large step). It holds a tenth of inference's
+    peak with the weights counted once, which no step is under, so it stays within a tenth of the next step."""
+    budget = NeuronUpdateBudget("velocity", budget=budget_arg, first_epoch=first_epoch, norm="frozen",
+                                probe_size=64, probe_batch=16)
+    peaks = StepPeaks(budget)
+    fit(tmp_path, [budget, peaks], max_epochs=2, module=ClassifierModule(Net(width=16), num_classes=4, lr=0.05))
+    first, second = peaks.peaks
+    inference = budget.probe_memory.inference_peak
+    assert [h["policy"] for h in budget.history] == [first_epoch, "velocity"]
+    assert inference < min(first, second)
+    if first_epoch == "full":
+        assert second < 0.7 * first  # the velocity selection's step is much smaller than the one measured
+    probe = budget.history[1]["probe_bytes"]  # the comparison that chose epoch 1's selection
+    assert 0.05 * second < probe <= 0.1 * inference < 0.1 * second, (probe, inference, second)
+
+
 def test_the_probe_memory_option_holds_in_bytes_and_bad_values_are_refused(tmp_path: Path) -> None:
     for bad, message in [(0.0, "probe_memory"), (1.5, "probe_memory"), (True, "probe_memory"),
                          ("lots", "looks like"), ({"probe_batch": 0}, "probe_batch")]:

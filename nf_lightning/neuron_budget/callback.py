@@ -22,11 +22,12 @@ from torch import Tensor
 
 from nf_lightning.core.memory.enforcement import BudgetGuard
 from nf_lightning.core.memory.meter import meter_for
+from nf_lightning.core.train.batches import batch_tensors, split_batch
 from nf_lightning.lightning.run_access import neuroflux_run
 from nf_lightning.neuron_budget.budget import NeuronBytes, parse_bytes, state_tensors, trace_layers
 from nf_lightning.neuron_budget.kept_state import fixed_copy_bytes, selected_row_bytes
 from nf_lightning.neuron_budget.probe import VelocityProbe
-from nf_lightning.neuron_budget.probe_memory import ProbeMemory
+from nf_lightning.neuron_budget.probe_memory import ProbeMemory, inference_peak
 from nf_lightning.neuron_budget.scope import Scope, first_inputs, probe_forward, probe_inputs
 from nf_lightning.neuron_budget.selection import (
     FIRST_EPOCH_POLICIES,
@@ -74,8 +75,10 @@ class NeuronUpdateBudget(pl.Callback):
     **Velocity's probe** (:class:`~nf_lightning.neuron_budget.probe.VelocityProbe`)
     keeps a copy of what the epoch's selection can change (its rows, the other
     trained parameters, the buffers), not recorded outputs. Between epochs it
-    compares old and new outputs within ``probe_memory``: a fraction of the
-    training step's peak, measured on the epoch's first step, or bytes.
+    compares old and new outputs within ``probe_memory``: bytes, or a fraction
+    of the least a step can hold, inference's peak at the training batch (the
+    weights counted once) or the epoch's first step if smaller; so within it of
+    the next step too, whatever that selection is.
     ``neuron_budget/probe_bytes`` logs its peak on the device (the copy there,
     the rows it swaps in, the outputs it holds). ``probe_copy`` says where the
     copy of the selected rows lives: ``"device"``; ``"off_device"``, host
@@ -92,7 +95,7 @@ class NeuronUpdateBudget(pl.Callback):
         mu: velocity momentum. recursion: ``"paper"`` or ``"public_code"``.
         probe_size: probe samples from the validation data (a count, or a fraction of the training set).
         probe: the probe inputs themselves. probe_batch: the largest batch of a probe pass.
-        probe_memory: the probe's bytes at most, a fraction of the step's measured peak or bytes (``"256KB"``);
+        probe_memory: the probe's bytes at most, a fraction of the least step (see above) or bytes (``"256KB"``);
             it takes smaller batches, fewer layers and fewer channels a pass to fit.
         probe_copy: where the copy of the selected rows lives: ``"auto"``, ``"device"`` or ``"off_device"``.
         norm: ``"always"`` (every norm layer trains, the paper's method), ``"range"`` (those from the
@@ -159,7 +162,7 @@ class NeuronUpdateBudget(pl.Callback):
 
     @property
     def step_peak(self) -> int | None:
-        """The training step's measured peak, which a fractional ``probe_memory`` is a fraction of."""
+        """The epoch's first training step's measured peak (``probe_memory`` is a fraction of it at most)."""
         return self.probe_memory.step_peak
 
     @property
@@ -218,14 +221,17 @@ class NeuronUpdateBudget(pl.Callback):
                              batch_idx: int) -> None:
         self._ensure_applied(trainer)
         if self.guard is not None:
-            tracked = [pl_module, *trainer.optimizers, *self._probe_tensors(), *_tensors(batch)]
+            tracked = [pl_module, *trainer.optimizers, *self._probe_tensors(), *batch_tensors(batch)]
             self._window = contextlib.ExitStack()
             metered = self.guard.next_batch()
             step = self.guard.unit_step(0, 0, trainer.global_step, tracked, trainer.optimizers[0], metered)
             self._before_update = self._window.enter_context(step)
         elif batch_idx == 0 and self._probe is not None and neuroflux_run(trainer) is None:
+            if self.probe_memory.inference_peak is None:  # the least any selection's step holds: weights once
+                rows = selected_row_bytes(self._scope.roots)  # (a selected row is in its buffer and its parameter)
+                self.probe_memory.inference_peak = inference_peak(pl_module, split_batch(batch)[0]) - rows
             self._step_meter = meter_for(pl_module.device)  # the step the probe's bytes are a fraction of
-            self._step_meter.track(pl_module, *trainer.optimizers, *self._probe_tensors(), *_tensors(batch))
+            self._step_meter.track(pl_module, *trainer.optimizers, *self._probe_tensors(), *batch_tensors(batch))
             self._window = contextlib.ExitStack()
             self._window.enter_context(self._step_meter)
 
@@ -268,7 +274,7 @@ class NeuronUpdateBudget(pl.Callback):
             "layers": self._scope.names if self._scope else [], "masks": [m.clone() for m in self._masks],
             "selector": self.selector.state_dict(), "selected_by": self._selected_by,
             "epoch_done": self._epoch_done, "probe": self._probe.state_dict() if self._probe else None,
-            "step_peak": self.step_peak,
+            "step_peak": self.step_peak, "inference_peak": self.probe_memory.inference_peak,
             "history": list(self.history),
         }
 
@@ -277,6 +283,7 @@ class NeuronUpdateBudget(pl.Callback):
             raise ValueError(f"NeuronUpdateBudget state version {state_dict.get('version')!r} is not supported")
         self._restored = dict(state_dict)
         self.probe_memory.step_peak = state_dict["step_peak"]
+        self.probe_memory.inference_peak = state_dict.get("inference_peak")
         self.history = list(state_dict["history"])
 
     # ------------------------------------------------------------------ internals
@@ -343,6 +350,7 @@ class NeuronUpdateBudget(pl.Callback):
         tensors = max((state_tensors(opt) for opt in trainer.optimizers), default=2)
         tensors += int(self.policy == "velocity")  # the probe's copy of the selected rows
         self._costs = NeuronBytes(trace_layers(pl_module, x[:1]), convs, len(x), self.norm, tensors)
+        self.probe_memory.inference_peak = meter.peak_bytes
         self.guard = BudgetGuard(pl_module.device, meter.peak_bytes + self.budget_bytes, full_steps=5, sample_every=1)
 
     def _compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -389,12 +397,3 @@ def _run_guard(trainer: pl.Trainer) -> BudgetGuard | None:
     run = neuroflux_run(trainer)
     return run.step.guard if run is not None else None
 
-
-def _tensors(batch: Any) -> list[Tensor]:
-    if isinstance(batch, Tensor):
-        return [batch]
-    if isinstance(batch, (list, tuple)):
-        return [t for item in batch for t in _tensors(item)]
-    if isinstance(batch, dict):
-        return [t for item in batch.values() for t in _tensors(item)]
-    return []

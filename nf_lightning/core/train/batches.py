@@ -141,6 +141,19 @@ def batch_size_of(batch: Any) -> int | None:
     return _leading_size(batch)
 
 
+def batch_tensors(batch: Any) -> list[Tensor]:
+    """Every tensor in ``batch``, through tuples, lists and dicts.
+
+    >>> import torch
+    >>> [t.shape[0] for t in batch_tensors({"image": torch.zeros(3, 2), "meta": [torch.zeros(1), "tag"]})]
+    [3, 1]
+    """
+    if isinstance(batch, Tensor):
+        return [batch]
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    return [t for item in values for t in batch_tensors(item)]
+
+
 def _leading_size(batch: Any) -> int | None:
     if isinstance(batch, Tensor):
         return len(batch) if batch.dim() > 0 else None
