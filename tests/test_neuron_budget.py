@@ -504,6 +504,27 @@ def test_the_probe_holds_a_tenth_of_the_next_step_whatever_selection_it_makes(
     assert 0.05 * second < probe <= 0.1 * inference < 0.1 * second, (probe, inference, second)
 
 
+def test_the_probe_reports_what_its_comparison_held_not_the_next_copy_with_its_outputs() -> None:
+    """The probe's peak is its comparison's (the copy then, a row set aside, the outputs) or the copy kept
+    after it; the next selection's larger copy never existed beside the comparison's outputs."""
+    conv = nn.Conv2d(3, 8, 3, bias=False)
+    x = torch.randn(4, 3, 6, 6)
+    make_partial(conv, torch.tensor([0]))
+    probe = VelocityProbe({"c": conv}, mu=0.5)
+    probe.measure([conv], conv, [x])  # keeps one row
+    small = probe.kept_bytes
+    with torch.no_grad():
+        conv.weight_selected.add_(0.1)
+    probe.compare([conv], conv, [x])
+    compared = probe.peak_bytes
+    assert compared == small + probe.swap_bytes + probe.batch_bytes and probe.batch_bytes > 0
+    conv.sync_rows()
+    make_partial(conv, torch.arange(8))  # the next selection: every row
+    probe.keep([conv])
+    assert probe.kept_bytes > small and probe.peak_bytes == max(compared, probe.kept_bytes)
+    assert probe.peak_bytes < probe.kept_bytes + probe.batch_bytes
+
+
 def test_the_probe_memory_option_holds_in_bytes_and_bad_values_are_refused(tmp_path: Path) -> None:
     for bad, message in [(0.0, "probe_memory"), (1.5, "probe_memory"), (True, "probe_memory"),
                          ("lots", "looks like"), ({"probe_batch": 0}, "probe_batch")]:

@@ -74,8 +74,9 @@ class VelocityProbe:
     :meth:`compare` runs the forward function on each probe batch with the kept
     state and with the current one, and updates the velocity; :meth:`measure`
     does both. :attr:`kept_bytes` is the copy (on the device between probes);
-    :attr:`peak_bytes` adds the rows swapped in and the outputs held during the
-    last comparison; :attr:`off_device_bytes` is the part of the copy kept off the device.
+    :attr:`peak_bytes` is the most it held on the device: in the last comparison
+    the copy then, a row set aside and the outputs, or the copy kept since if that
+    is more; :attr:`off_device_bytes` is the part of the copy kept off the device.
     :attr:`measured` says, per channel, whether it has trained or moved since the probe began.
     """
 
@@ -92,6 +93,7 @@ class VelocityProbe:
         self.measured: dict[str, Tensor] = {}
         self.snapshot: list[Kept] = []
         self.batch_bytes = 0
+        self.compared_bytes = 0
 
     @property
     def kept_bytes(self) -> int:
@@ -110,7 +112,7 @@ class VelocityProbe:
 
     @property
     def peak_bytes(self) -> int:
-        return self.kept_bytes + self.swap_bytes + self.batch_bytes
+        return max(self.compared_bytes, self.kept_bytes)
 
     def tensors(self) -> list[Tensor]:
         """The kept copy on the training device, for a memory meter to count."""
@@ -119,6 +121,7 @@ class VelocityProbe:
     def keep(self, modules: Sequence[nn.Module], off_device: bool = False) -> None:
         """Copy what training can change from now on (the comparison's old state); ``off_device`` copies the
         selected rows straight off the device, one row at a time."""
+        self.snapshot = []  # the old copy goes before the new one is made: never both at once
         self.snapshot = changeable(modules, off_device)
 
     def compare(self, modules: Sequence[nn.Module], forward: Callable[[Tensor], Any], inputs: Iterable[Tensor],
@@ -147,6 +150,7 @@ class VelocityProbe:
                     for group, last in groups:
                         self._compare_group(forward, chunk, group, last, sums, moved, counts)
         self._update(sums, moved, counts)
+        self.compared_bytes = self.kept_bytes + self.swap_bytes + self.batch_bytes
         self.passes += 1
 
     def measure(self, modules: Sequence[nn.Module], forward: Callable[[Tensor], Any], inputs: Iterable[Tensor],
@@ -166,12 +170,13 @@ class VelocityProbe:
         return {"passes": self.passes, "phi": dict(self.phi), "delta": dict(self.delta),
                 "velocity": dict(self.velocity), "measured": dict(self.measured),
                 "snapshot": [(k.rows.cpu() if k.rows is not None else None, k.tensor.cpu()) for k in self.snapshot],
-                "batch_bytes": self.batch_bytes}
+                "batch_bytes": self.batch_bytes, "compared_bytes": self.compared_bytes}
 
     def load_state_dict(self, state: Mapping[str, Any], modules: Sequence[nn.Module], off_device: bool = False) -> None:
         """Restore a probe saved with the same modules in scope, selected as they were when it was saved
         (``off_device`` as in :meth:`keep`)."""
         self.passes, self.batch_bytes = int(state["passes"]), int(state["batch_bytes"])
+        self.compared_bytes = int(state.get("compared_bytes", 0))
         self.phi, self.delta, self.velocity = dict(state["phi"]), dict(state["delta"]), dict(state["velocity"])
         self.measured = dict(state["measured"])
         slots = changeable(modules, off_device)
