@@ -16,6 +16,7 @@ known from the shapes alone (:func:`trace_layers` records them on one sample):
 
 :func:`fill_bytes` fills a byte budget in a given neuron order with those
 marginal costs, skipping what does not fit (so it is not a prefix of the order);
+``NeuronBytes.neuron_bytes`` shares each layer's cost among its channels (velocity per byte);
 ``NeuronBytes.selection_bytes`` prices any selection; ``NeuronBytes.peak_bytes``
 simulates the step for its floor (add weights, buffers and batch).
 
@@ -236,6 +237,25 @@ class NeuronBytes:
     def selection_bytes(self, masks: Sequence[Tensor]) -> int:
         """:meth:`kept_bytes` of per-conv boolean channel masks."""
         return self.kept_bytes([int(mask.sum()) for mask in masks])
+
+    def neuron_bytes(self) -> Tensor:
+        """Per neuron (flat over the convs), its layer's bytes trained alone and whole, shared by its channels:
+        its row's share plus a share of the layer's kept input and of the layers the backward pass reaches.
+
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        >>> costs = NeuronBytes(trace_layers(net, torch.randn(1, 3, 8, 8)), [net[0], net[2]], 2, "always", 1)
+        >>> per = costs.neuron_bytes()   # a 3-channel input shared by 8 channels; an 8-channel one by 4
+        >>> per.shape, per[0].item(), per[-1].item()
+        (torch.Size([12]), 352.0, 1132.0)
+        """
+        none = self.kept_bytes([0] * len(self.convs))
+        per_layer = []
+        for i, conv in enumerate(self.convs):
+            whole = [conv.out_channels if j == i else 0 for j in range(len(self.convs))]
+            per_layer.append((self.kept_bytes(whole) - none) / conv.out_channels)
+        sizes = torch.tensor([conv.out_channels for conv in self.convs])
+        return torch.repeat_interleave(torch.tensor(per_layer, dtype=torch.float64), sizes)
 
     def _params(self, counts: Sequence[int]) -> int:
         return sum(k * _row_params(conv) for k, conv in zip(counts, self.convs)) * self.per_param + self._fixed

@@ -8,7 +8,8 @@ classifiers are not neurons. The pieces are pure PyTorch (no Lightning):
   stays within a parameter budget (the reference code's rule: stop at the first
   that does not fit); :mod:`nf_lightning.neuron_budget.budget` fills a budget in
   bytes, where a layer's first neuron also pays for the activations it keeps.
-- :func:`velocity_order` ranks by ``|v| / cost``; :func:`random_order` is a fresh
+- :func:`velocity_order` ranks by ``|v| / cost`` (:func:`velocity_per_byte_order`
+  by ``|v| / bytes`` for a byte budget); :func:`random_order` is a fresh
   permutation; :func:`sparse_update_masks` is Lin et al.'s static scheme.
 - :func:`velocity_step` is NEq's recursion. The papers (NEq and the budgeted
   version) write ``v_t = delta_t - mu * v_(t-1)``; the public code of the
@@ -151,6 +152,25 @@ def velocity_order(velocity: Tensor, costs: Tensor, generator: torch.Generator |
         unknown = unknown[torch.randperm(len(unknown), generator=generator)]
     known = torch.sort(-score.nan_to_num(nan=0.0), stable=True).indices
     return torch.cat([unknown, known[~score[known].isnan()]])
+
+
+def velocity_per_byte_order(velocity: Tensor, neuron_bytes: Tensor, generator: torch.Generator) -> Tensor:
+    """Neurons by decreasing ``|velocity| / bytes`` (a byte budget's order), ties in a random order.
+
+    A neuron nothing is known of yet (NaN) counts as fast as the fastest known
+    one: it is tried where it is cheap, not wherever it is (exploring a layer
+    whose input fills the budget would leave it nearly empty). Nothing known:
+    the cheapest first.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> velocity_per_byte_order(torch.tensor([0.1, float("nan"), 0.4]), torch.tensor([1.0, 2.0, 8.0]), g).tolist()
+    [1, 0, 2]
+    """
+    speed = velocity.abs().double()
+    fastest = speed.nan_to_num(nan=0.0).max() if bool((~speed.isnan()).any()) else torch.tensor(1.0)
+    score = speed.nan_to_num(nan=float(fastest)) / neuron_bytes.double()
+    shuffled = torch.randperm(len(score), generator=generator)
+    return shuffled[torch.sort(-score[shuffled], stable=True).indices]
 
 
 def random_order(num_neurons: int, generator: torch.Generator) -> Tensor:

@@ -33,6 +33,7 @@ from nf_lightning.neuron_budget.selection import (
     sparse_update_masks,
     split_by_layer,
     velocity_order,
+    velocity_per_byte_order,
 )
 
 
@@ -68,7 +69,10 @@ class Selector:
         elif policy == "velocity":
             if velocity is None:
                 raise ValueError("the velocity policy needs a velocity")
-            order = velocity_order(velocity, neuron_costs(layers), self.generator)
+            if self.fraction is None and costs is not None:
+                order = velocity_per_byte_order(velocity, costs.neuron_bytes(), self.generator)
+            else:
+                order = velocity_order(velocity, neuron_costs(layers), self.generator)
         else:
             raise ValueError(f"unknown policy {policy!r}")
         return self._fill(order, layers, costs, reserve)
