@@ -24,6 +24,7 @@ from nf_lightning.lightning.classifier import ClassifierModule
 from nf_lightning.lightning.peak_memory import PeakMemoryMonitor
 from nf_lightning.models import create
 from nf_lightning.neuron_budget import callback as callback_module
+from nf_lightning.neuron_budget import kept_state as kept_state_module
 from nf_lightning.neuron_budget import probe as probe_module
 from nf_lightning.neuron_budget import scope as scope_module
 from nf_lightning.neuron_budget import selection as selection_module
@@ -247,7 +248,11 @@ def test_a_bounded_probe_keeps_the_selected_rows_and_gives_the_same_velocity_wit
     assert all(conv.bias is None for conv in convs.values())
     assert whole.kept_bytes == rows * 4 + index + sum(t.numel() * t.element_size() for t in others + buffers)
     assert not any(k.module is first for k in whole.snapshot)  # a frozen conv's weight cannot change: not kept
-    assert 0 < whole.swap_bytes == max(c.weight[0].numel() for c, m in masks.items() if m.any()) * 4  # one row
+    # rows are exchanged a run at a time: unbounded, a whole layer's (its rows and their copy); bounded, within a
+    # sixteenth of what the bound leaves after the copy, one row at the least
+    one_row = max(c.weight[0].numel() for c, m in masks.items() if m.any()) * 4
+    largest = max(int(m.sum()) * c.weight[0].numel() for c, m in masks.items()) * 4
+    assert whole.swap_bytes == 2 * largest and one_row <= bounded.swap_bytes < whole.swap_bytes
     training.release()
 
 
@@ -523,6 +528,31 @@ def test_the_probe_reports_what_its_comparison_held_not_the_next_copy_with_its_o
     probe.keep([conv])
     assert probe.kept_bytes > small and probe.peak_bytes == max(compared, probe.kept_bytes)
     assert probe.peak_bytes < probe.kept_bytes + probe.batch_bytes
+
+
+def test_the_probe_exchanges_only_the_rows_a_pass_reads_a_run_at_a_time_and_restores_them_bit_for_bit() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    for conv in (net[0], net[2]):
+        make_partial(conv, torch.arange(0, 8, 2))
+    probe = VelocityProbe({"a": net[0], "b": net[2]})
+    probe.keep([net])
+    rows = [k for k in probe.snapshot if k.rows is not None]
+    calls = probe._calls(net, torch.randn(1, 3, 5, 5))
+    assert {id(k.module) for k in probe._read_by(calls, 0) if k.rows is not None} == {id(net[0])}
+    assert len(probe._read_by(calls, 1)) == len(probe.snapshot)  # a pass to the last conv reads every row
+    with torch.no_grad():
+        for conv in (net[0], net[2]):
+            conv.weight.add_(1.0)  # an epoch moved the selected rows (and, here, the others too)
+            conv.bias.add_(1.0)
+    kept = [k.tensor.clone() for k in rows]
+    current = [getattr(k.module, k.name).clone() for k in rows]
+    for aside in (0, 3 * 2 * rows[0].tensor[0].numel() * 4, 10**9):  # one row, three rows, all at a time
+        with kept_state_module.swapped_state(probe.snapshot, aside):
+            for k, old, now in zip(rows, kept, current):
+                assert torch.equal(getattr(k.module, k.name)[k.rows], old)  # the kept rows in place
+                assert torch.equal(getattr(k.module, k.name)[1::2], now[1::2])  # the others untouched
+        assert all(torch.equal(getattr(k.module, k.name), now) for k, now in zip(rows, current))
+        assert all(torch.equal(k.tensor, old) for k, old in zip(rows, kept))
 
 
 def test_the_probe_memory_option_holds_in_bytes_and_bad_values_are_refused(tmp_path: Path) -> None:

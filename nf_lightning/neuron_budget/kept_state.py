@@ -3,7 +3,7 @@
 :func:`changeable` copies, from the modules in scope, a partly trained conv's
 selected rows, the parameters that require a gradient and the buffers (on the
 device, or the rows off it); :func:`swapped_state` puts that copy in place of
-the current state for a forward pass, exchanging rows in place one at a time.
+the current state for a forward pass, exchanging rows in place a few at a time.
 
 Example:
     >>> import torch
@@ -129,9 +129,10 @@ def nbytes(t: Tensor) -> int:
 
 
 @contextlib.contextmanager
-def swapped_state(snapshot: Sequence[Kept]) -> Iterator[None]:
+def swapped_state(snapshot: Sequence[Kept], aside: int = 0) -> Iterator[None]:
     """The kept tensors in place of the current ones for the block: whole tensors by reference, rows by
-    exchanging their contents in place, one row at a time (so no second copy of the rows exists)."""
+    exchanging their contents in place, as many rows at a time as ``aside`` bytes hold (the rows set aside and
+    their kept copies brought onto the device; one row at the least), so no second copy of all rows exists."""
     whole = []
     for k in snapshot:
         store = k.module._parameters if k.name in k.module._parameters else k.module._buffers
@@ -139,7 +140,7 @@ def swapped_state(snapshot: Sequence[Kept]) -> Iterator[None]:
             whole.append((store, k.name, store[k.name]))
             store[k.name] = k.tensor
         else:
-            _exchange_rows(store[k.name], k.rows, k.tensor)
+            _exchange_rows(store[k.name], k.rows, k.tensor, aside)
     try:
         yield
     finally:
@@ -148,13 +149,19 @@ def swapped_state(snapshot: Sequence[Kept]) -> Iterator[None]:
         for k in snapshot:
             if k.rows is not None:
                 store = k.module._parameters if k.name in k.module._parameters else k.module._buffers
-                _exchange_rows(store[k.name], k.rows, k.tensor)
+                _exchange_rows(store[k.name], k.rows, k.tensor, aside)
 
 
-def _exchange_rows(target: Tensor, rows: Tensor, kept: Tensor) -> None:
-    """Swap ``target[rows[i]]`` and ``kept[i]`` for every ``i``, in place."""
+def _exchange_rows(target: Tensor, rows: Tensor, kept: Tensor, aside: int) -> None:
+    """Swap ``target[rows[i]]`` and ``kept[i]`` for every ``i``, in place, a run of rows within ``aside`` bytes
+    at a time."""
+    if not len(rows):
+        return
+    run = max(1, aside // (2 * nbytes(kept[0])))
+    index = rows.to(target.device)
     with torch.no_grad():
-        for i, row in enumerate(rows.tolist()):
-            current = target[row].clone()
-            target[row].copy_(kept[i])
-            kept[i].copy_(current)
+        for start in range(0, len(index), run):
+            part = index[start:start + run]
+            current = target.index_select(0, part)
+            target.index_copy_(0, part, kept[start:start + run].to(target.device))
+            kept[start:start + run].copy_(current)

@@ -31,7 +31,7 @@ then about zero, and it is not tried again first.
 ``keep(..., off_device=True)`` puts the copied rows of partly trained convs, the
 bulk of the copy, off the training device: in host memory when that is an
 accelerator, else in an unlinked temporary file, memory-mapped (the kernel may
-page it out); they are exchanged one row at a time all the same.
+page it out); they are exchanged a run of rows at a time all the same.
 
 Example:
     >>> import torch
@@ -94,6 +94,7 @@ class VelocityProbe:
         self.snapshot: list[Kept] = []
         self.batch_bytes = 0
         self.compared_bytes = 0
+        self._aside = 0
 
     @property
     def kept_bytes(self) -> int:
@@ -107,8 +108,18 @@ class VelocityProbe:
 
     @property
     def swap_bytes(self) -> int:
-        """The one row at a time that exchanging kept and current rows in place sets aside."""
-        return max((nbytes(k.tensor[0]) for k in self.snapshot if k.rows is not None and len(k.rows)), default=0)
+        """What exchanging kept and current rows in place sets aside: in the last comparison, a sixteenth of
+        what its bound left after the copy (without a bound, all of a layer's rows and their copy); one row at
+        the least, which is also the figure before any comparison."""
+        row = max((nbytes(k.tensor[0]) for k in self.snapshot if k.rows is not None and len(k.rows)), default=0)
+        return max(row, self._aside)
+
+    def _set_aside(self, max_bytes: int | None) -> int:
+        """The bytes the next comparison exchanges rows within (see :attr:`swap_bytes`)."""
+        rows = [nbytes(k.tensor) for k in self.snapshot if k.rows is not None and len(k.rows)]
+        free = max_bytes - self.kept_bytes if max_bytes is not None else None
+        self._aside = 0 if not rows else 2 * max(rows) if free is None else max(0, free) // 16
+        return self.swap_bytes
 
     @property
     def peak_bytes(self) -> int:
@@ -140,15 +151,18 @@ class VelocityProbe:
         moved: dict[str, Tensor] = {}
         counts = dict.fromkeys(self.layers, 0)
         self.batch_bytes = 0
-        limit = None if max_bytes is None else max_bytes - self.kept_bytes - self.swap_bytes
+        aside = self._set_aside(max_bytes)
+        limit = None if max_bytes is None else max_bytes - self.kept_bytes - aside
         calls: list[_Call] | None = None
+        read: dict[int, list[Kept]] = {}
         with _eval_no_grad(modules):
             for x in inputs:
                 calls = calls if calls is not None else self._calls(forward, x[:1])  # the same for every batch
                 micro, groups = _plan(calls, len(x), limit)
                 for chunk in x.split(micro):
                     for group, last in groups:
-                        self._compare_group(forward, chunk, group, last, sums, moved, counts)
+                        kept = read.setdefault(last, self._read_by(calls, last))
+                        self._compare_group(forward, chunk, group, last, kept, sums, moved, counts)
         self._update(sums, moved, counts)
         self.compared_bytes = self.kept_bytes + self.swap_bytes + self.batch_bytes
         self.passes += 1
@@ -203,10 +217,17 @@ class VelocityProbe:
                 handle.remove()
         return calls
 
+    def _read_by(self, calls: Sequence[_Call], last: int) -> list[Kept]:
+        """The kept tensors a pass that stops after call ``last`` reads: every whole one (put in place by
+        reference), and the rows of the convs called by then; the others' rows are not read, not exchanged."""
+        called = {id(self.layers[call.name]) for call in calls[: last + 1]}
+        return [k for k in self.snapshot if k.rows is None or id(k.module) in called]
+
     def _compare_group(self, forward: Callable[[Tensor], Any], x: Tensor, group: dict[str, slice], last: int,
-                       sums: dict[str, Tensor], moved: dict[str, Tensor], counts: dict[str, int]) -> None:
-        """The old and the new pass over ``x`` up to call ``last``, comparing the layers (and their channels)
-        in ``group``."""
+                       kept: Sequence[Kept], sums: dict[str, Tensor], moved: dict[str, Tensor],
+                       counts: dict[str, int]) -> None:
+        """The old (``kept`` in place) and the new pass over ``x`` up to call ``last``, comparing the layers (and
+        their channels) in ``group``."""
         recorded: dict[str, list[Tensor]] = {}
         state = {"old": True, "call": -1}
 
@@ -230,7 +251,7 @@ class VelocityProbe:
 
         handles = [m.register_forward_hook(lambda _m, _i, out, n=name: hook(n, out)) for name, m in self.layers.items()]
         try:
-            with swapped_state(self.snapshot), contextlib.suppress(_GroupDone):
+            with swapped_state(kept, self.swap_bytes), contextlib.suppress(_GroupDone):
                 forward(x)
             self.batch_bytes = max(self.batch_bytes, sum(nbytes(t) for ts in recorded.values() for t in ts))
             state.update(old=False, call=-1)
