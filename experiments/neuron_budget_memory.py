@@ -64,6 +64,7 @@ def measure(task: dict[str, Any], preset: Any, helpers: Any) -> dict[str, Any]:
 
     from nf_lightning.models import create
     from nf_lightning.neuron_budget.callback import NeuronUpdateBudget
+    from nf_lightning.neuron_budget.probe_memory import inference_peak
 
     pl.seed_everything(task["seed"], workers=True)
     data = helpers.datasets(preset, task["data_dir"], "finetune")
@@ -72,7 +73,7 @@ def measure(task: dict[str, Any], preset: Any, helpers: Any) -> dict[str, Any]:
     helpers.new_head(net, task["seed"])
     train = helpers.loader(data["train"], task["batch"], True)
     x, y = next(iter(train))
-    inference = inference_peak(net, x)
+    inference = inference_peak(net, x)  # eval mode, no gradients, tracked meter
     update = None
     if task["policy"] != "full":
         update = NeuronUpdateBudget(task["policy"], task["budget"], first_epoch=preset.first_epoch,
@@ -123,20 +124,6 @@ class MeterStep:
                     self.peak_bytes, self._meter = self._meter.peak_bytes, None
 
         return _MeterStep()
-
-
-def inference_peak(net: nn.Module, x: torch.Tensor) -> int:
-    """The tracked meter's peak of an eval-mode forward pass without gradients (weights and batch included)."""
-    from nf_lightning.core.memory.meter import TrackedMemoryMeter
-
-    meter = TrackedMemoryMeter("cpu")
-    meter.track(net, x)
-    training = net.training
-    net.eval()
-    with meter, torch.no_grad():
-        net(x)
-    net.train(training)
-    return meter.peak_bytes
 
 
 def floor_bytes(net: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: dict[str, torch.Tensor], norm: str,

@@ -162,7 +162,7 @@ class VelocityProbe:
                 for chunk in x.split(micro):
                     for group, last in groups:
                         kept = read.setdefault(last, self._read_by(calls, last))
-                        self._compare_group(forward, chunk, group, last, kept, sums, moved, counts)
+                        self._compare_group(forward, chunk, group, last, kept, aside, sums, moved, counts)
         self._update(sums, moved, counts)
         self.compared_bytes = self.kept_bytes + self.swap_bytes + self.batch_bytes
         self.passes += 1
@@ -224,10 +224,10 @@ class VelocityProbe:
         return [k for k in self.snapshot if k.rows is None or id(k.module) in called]
 
     def _compare_group(self, forward: Callable[[Tensor], Any], x: Tensor, group: dict[str, slice], last: int,
-                       kept: Sequence[Kept], sums: dict[str, Tensor], moved: dict[str, Tensor],
+                       kept: Sequence[Kept], aside: int, sums: dict[str, Tensor], moved: dict[str, Tensor],
                        counts: dict[str, int]) -> None:
-        """The old (``kept`` in place) and the new pass over ``x`` up to call ``last``, comparing the layers (and
-        their channels) in ``group``."""
+        """The old (``kept`` in place, its rows exchanged within ``aside`` bytes) and the new pass over ``x`` up to
+        call ``last``, comparing the layers (and their channels) in ``group``."""
         recorded: dict[str, list[Tensor]] = {}
         state = {"old": True, "call": -1}
 
@@ -251,7 +251,7 @@ class VelocityProbe:
 
         handles = [m.register_forward_hook(lambda _m, _i, out, n=name: hook(n, out)) for name, m in self.layers.items()]
         try:
-            with swapped_state(kept, self.swap_bytes), contextlib.suppress(_GroupDone):
+            with swapped_state(kept, aside), contextlib.suppress(_GroupDone):
                 forward(x)
             self.batch_bytes = max(self.batch_bytes, sum(nbytes(t) for ts in recorded.values() for t in ts))
             state.update(old=False, call=-1)
