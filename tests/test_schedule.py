@@ -17,6 +17,7 @@ from nf_lightning.core.plan.training_plan import TrainingPlan
 from nf_lightning.core.exits.aux_heads import build_exits
 from nf_lightning.core.options import NeuroFluxOptions
 from nf_lightning.core.plan.training_plan import expand_epochs
+from nf_lightning.core.train.block_progress import BlockProgress
 from nf_lightning.core.train.run import BlockwiseRun, DataSources
 from nf_lightning.core.train.schedule import BlockSchedule, Patience, cosine_factor
 
@@ -141,8 +142,57 @@ def test_patience_ends_a_block_whose_exits_stopped_improving(tmp_path: Path) -> 
     assert events == ["continue", "next_block", "continue"]
     assert run.progress.ended_blocks[0] == {
         "block": 0, "epochs": 2, "horizon": 50, "steps": 12, "reason": "patience",
-        "best_accuracy": run.progress.ended_blocks[0]["best_accuracy"], "annealed_from": None,
+        "best_accuracy": run.progress.ended_blocks[0]["best_accuracy"], "reference": None, "annealed_from": None,
     }
+
+
+def test_a_deeper_block_that_never_beats_the_deployed_exit_ends_after_its_patience_unannealed() -> None:
+    settings = {"epochs": 50, "patience": 2, "anneal_epochs": 2}
+    ends = {}
+    for reference in ("own", "deployed"):
+        progress = BlockProgress(BlockSchedule(**settings, patience_reference=reference))
+        progress.end_block(0, "horizon")
+        progress.next_block(deployed_accuracy=0.6)
+        reasons = []
+        for epoch, accuracy in enumerate((0.50, 0.55, 0.58, 0.58, 0.58, 0.58, 0.58, 0.58)):
+            progress.begin_epoch(block=1, steps=10)
+            verdict = progress.verdict(block=1, accuracy=accuracy, steps_per_epoch=10, decays=True)
+            progress.close_epoch(epoch, verdict)
+            reasons.append(verdict.reason)
+            if verdict.reason:
+                break
+        ends[reference] = reasons
+    assert ends["deployed"] == [None, "below_deployed"]  # 0.50 and 0.55 never beat the deployed 0.6
+    assert ends["own"] == [None] * 6 + ["patience"]  # gains until 0.58, 2 epochs stale, 2 annealing
+
+    beats = BlockProgress(BlockSchedule(**settings, patience_reference="deployed"))
+    beats.next_block(deployed_accuracy=0.6)
+    for epoch, accuracy in enumerate((0.61, 0.61, 0.61)):  # beat it once, then stalled: anneals as usual
+        beats.begin_epoch(block=1, steps=10)
+        verdict = beats.verdict(block=1, accuracy=accuracy, steps_per_epoch=10, decays=True)
+        beats.close_epoch(epoch, verdict)
+    assert verdict.reason is None and beats.anneal is not None
+    with pytest.raises(ValueError, match="patience_reference"):
+        BlockSchedule(patience_reference="best")
+
+
+def test_the_deployed_reference_is_the_deployed_exits_accuracy_and_survives_a_resume(tmp_path: Path) -> None:
+    # a gain of 0.5 over the deployed exit is out of reach, so block 1 ends after its patience, unannealed
+    options = NeuroFluxOptions(epochs_per_block=(2, 50), block_patience=2, block_min_delta=0.5,
+                               block_anneal_epochs=2, patience_reference="deployed")
+    run, _ = tiny_run(tmp_path, options)
+    run.start()
+    assert [train_epoch(run, epoch) for epoch in range(2)] == ["continue", "next_block"]
+    deployed = run.records[run.deploy_unit].accuracy
+    assert run.progress.reference == deployed > 0.5
+    assert train_epoch(run, 2) == "continue"
+    state = run.state_dict()
+    assert state["reference"] == deployed
+    assert train_epoch(run, 3) == "done"
+    assert run.progress.ended_blocks[1]["reason"] == "below_deployed" and run.progress.ended_blocks[1]["epochs"] == 2
+    own, _ = tiny_run(tmp_path / "own", options.replace(patience_reference="own"))
+    own.start()
+    assert [train_epoch(own, epoch) for epoch in range(4)][-1] == "continue"  # its first epoch was a gain: it goes on
 
 
 def test_a_block_that_stalls_mid_horizon_anneals_its_rate_to_zero_then_ends(tmp_path: Path) -> None:

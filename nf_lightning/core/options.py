@@ -68,6 +68,9 @@ class NeuroFluxOptions:
             ``block_min_delta`` for this many epochs; None trains every horizon to its end.
         block_anneal_epochs: a block that stops improving before its horizon first decays
             its rate from where it is to zero over this many epochs, then ends (0: at once).
+        patience_reference: ``"own"``: ``block_patience`` counts epochs without a gain over
+            the block's own best exit. ``"deployed"``: a block must also beat the exit deployed
+            when it started; one that has not for ``block_patience`` epochs ends at once, unannealed.
         feature_augment: random flips and shifted crops of cached activations, so blocks
             after the first see fresh views every epoch: ``"flip_crop"``, ``"flip"``,
             ``"crop"`` or ``"none"``.
@@ -100,6 +103,7 @@ class NeuroFluxOptions:
     block_patience: int | None = 2
     block_min_delta: float = 0.0
     block_anneal_epochs: int = 2
+    patience_reference: str = "own"
     feature_augment: str = "none"
     meter_full_steps: int = FULL_STEPS
     meter_sample_every: int = SAMPLE_EVERY
@@ -143,6 +147,7 @@ class NeuroFluxOptions:
             patience=self.block_patience,
             min_delta=self.block_min_delta,
             anneal_epochs=self.block_anneal_epochs,
+            patience_reference=self.patience_reference,
             decay=self.lr_decay,
             lr_scaling=self.lr_scaling,
         )

@@ -43,6 +43,7 @@ class BlockProgress:
         self.horizon: int | None = None  # epochs the active block trains at most, fixed when it starts
         self.block_step = 0
         self.patience = Patience(schedule.patience, schedule.min_delta)
+        self.reference: float | None = None  # the deployed exit's accuracy the active block must beat, if any
         self.anneal: dict[str, float] | None = None  # the block stalled: its rate falls to zero, then it ends
         self.ended_blocks: list[dict[str, Any]] = []  # how each block ended: epochs, reason, best accuracy
         self.last_epoch = -1
@@ -85,6 +86,8 @@ class BlockProgress:
         A block ends at its horizon (``"horizon"``), or once its exits stopped
         improving for ``patience`` epochs after ``min_epochs`` (``"patience"``);
         with NeuroFlux's own decay (``decays``) it first anneals its rate to zero.
+        A block that had to beat the deployed exit (:meth:`next_block`) and never
+        did ends without annealing (``"below_deployed"``).
         Nothing changes until :meth:`close_epoch` takes the verdict.
         """
         epochs = self.epochs_in_block + 1
@@ -96,7 +99,9 @@ class BlockProgress:
         if reason is None and anneal is not None and epochs >= anneal["start"] + anneal["epochs"]:
             reason = "patience"
         elif reason is None and anneal is None and stalled and epochs >= self.schedule.min_epochs:
-            if decays and self.schedule.anneal_epochs > 0:  # anneal first: the rate is still high here
+            if self.reference is not None and patience.best <= self.reference:
+                reason = "below_deployed"
+            elif decays and self.schedule.anneal_epochs > 0:  # anneal first: the rate is still high here
                 length = min(self.schedule.anneal_epochs, horizon - epochs)
                 anneal = {"start": epochs, "epochs": length, "factor": cosine_factor(epochs / horizon)}
             else:
@@ -112,13 +117,18 @@ class BlockProgress:
         """Record how ``block`` ended and start the next one from nothing."""
         self.ended_blocks.append(
             {"block": block, "epochs": self.epochs_in_block, "horizon": self.horizon, "steps": self.block_step,
-             "reason": reason, "best_accuracy": self.patience.best,
+             "reason": reason, "best_accuracy": self.patience.best, "reference": self.reference,
              "annealed_from": self.anneal["start"] if self.anneal is not None else None}
         )  # fmt: skip
 
-    def next_block(self) -> None:
+    def next_block(self, deployed_accuracy: float | None = None) -> None:
+        """Start the next block from nothing; with ``patience_reference="deployed"`` its exits must beat
+        ``deployed_accuracy`` (the deployed exit's) for an epoch to count as improving."""
         self.epochs_in_block, self.horizon, self.block_step, self.anneal = 0, None, 0, None
-        self.patience = Patience(self.schedule.patience, self.schedule.min_delta)
+        deployed = self.schedule.patience_reference == "deployed" and deployed_accuracy is not None
+        self.reference = deployed_accuracy if deployed else None
+        self.patience = Patience(self.schedule.patience, self.schedule.min_delta,
+                                 best=deployed_accuracy if deployed else -1.0)  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -127,6 +137,7 @@ class BlockProgress:
             "block_step": self.block_step,
             "patience": {"best": self.patience.best, "stale": self.patience.stale},
             "anneal": self.anneal,
+            "reference": self.reference,
             "ended_blocks": list(self.ended_blocks),
             "last_epoch": self.last_epoch,
         }
@@ -137,5 +148,6 @@ class BlockProgress:
         self.block_step = int(state["block_step"])
         self.patience = Patience(self.schedule.patience, self.schedule.min_delta, **state["patience"])
         self.anneal = state.get("anneal")
+        self.reference = state.get("reference")
         self.ended_blocks = list(state["ended_blocks"])
         self.last_epoch = int(state["last_epoch"])

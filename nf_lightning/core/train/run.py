@@ -356,7 +356,7 @@ class BlockwiseRun:
         if last:
             self.finished = True
             return DONE
-        self.progress.next_block()
+        self.progress.next_block(self.records[self.deploy_unit].accuracy if self.records else None)
         self.step.guard.restart()  # a new batch size: meter it in full again
         self._enter(self.active_block + 1)
         return NEXT_BLOCK

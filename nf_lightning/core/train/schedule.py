@@ -28,6 +28,8 @@ from typing import Any
 
 DECAYS = ("cosine", "none")
 LR_SCALINGS = ("linear", "sqrt", "none")
+PATIENCE_REFERENCES = ("own", "deployed")
+"""What a block's exits must beat for an epoch to count as improving: their own best, or also the deployed exit."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,10 @@ class BlockSchedule:
         anneal_epochs: epochs over which a block that stopped improving before its horizon
             decays its rate to zero before it ends (0: it ends at once; only with ``decay="cosine"``
             and no scheduler of the user's).
+        patience_reference: ``"own"``: an epoch improves when the block's best exit beats its own
+            best so far. ``"deployed"``: a block after the first must also beat the exit deployed
+            when it started; one that has not after ``patience`` epochs ends at once, without
+            annealing (none of its exits would be deployed).
     """
 
     epochs: int | tuple[int, ...] = 1
@@ -59,6 +65,7 @@ class BlockSchedule:
     decay: str = "cosine"
     lr_scaling: str = "linear"
     anneal_epochs: int = 2
+    patience_reference: str = "own"
 
     def __post_init__(self) -> None:
         epochs = (self.epochs,) if isinstance(self.epochs, int) else tuple(self.epochs)
@@ -74,6 +81,10 @@ class BlockSchedule:
             raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
         if self.lr_scaling not in LR_SCALINGS:
             raise ValueError(f"lr_scaling must be one of {LR_SCALINGS}, got {self.lr_scaling!r}")
+        if self.patience_reference not in PATIENCE_REFERENCES:
+            raise ValueError(
+                f"patience_reference must be one of {PATIENCE_REFERENCES}, got {self.patience_reference!r}"
+            )
         if not isinstance(self.epochs, int):
             object.__setattr__(self, "epochs", tuple(int(e) for e in self.epochs))
 
