@@ -107,6 +107,34 @@ def test_a_polish_reports_its_warm_up_and_batchnorm_settings(trained: tuple) -> 
     assert (report.batchnorm, report.warmup, report.epochs) == ("frozen", 0.3, 1)
 
 
+class FirstBatches(pl.Callback):
+    """The images of each epoch's first training batch, and the datamodule's ``augment`` at every batch."""
+
+    def __init__(self) -> None:
+        self.images: list[torch.Tensor] = []
+        self.augment: set[bool] = set()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: tuple, index: int) -> None:
+        self.augment.add(trainer.datamodule.augment)
+        if index == 0:
+            self.images.append(batch[0].clone())
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_polish_without_augmentation_trains_on_the_images_the_cache_held(trained: tuple, augment: bool) -> None:
+    exit_model, dm = trained
+    clean = torch.stack([image for image, _ in dm.train_dataset(augment=False)])
+    seen = FirstBatches()
+    _, report = polish_exit(exit_model, dm, MemoryBudget.parse(BUDGET), **RECIPE, epochs=1, lr=0.05, augment=augment,
+                            callbacks=[seen], trainer_options={"accelerator": "cpu", "enable_progress_bar": False})
+    batch = seen.images[0]
+    matches = [(clean == image).flatten(1).all(1).any().item() for image in batch]  # an exact un-augmented image
+    assert report.augment is augment and seen.augment == {augment} and dm.augment is True  # restored after
+    assert all(matches) if not augment else not all(matches)
+    with pytest.raises(ValueError, match="augment=False needs a datamodule with an `augment` attribute"):
+        polish_exit(exit_model, object(), MemoryBudget.parse(BUDGET), **RECIPE, epochs=1, lr=0.05, augment=False)
+
+
 def test_polish_refuses_a_budget_below_one_sample_and_bad_epochs(trained: tuple) -> None:
     exit_model, dm = trained
     with pytest.raises(BudgetTooSmall, match="deployed exit"):

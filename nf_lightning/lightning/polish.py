@@ -16,7 +16,9 @@ batch size. :func:`polish_exit` fine-tunes it end to end for a few epochs:
 - every step is held to the budget by
   :class:`~nf_lightning.lightning.backprop.BudgetedBackpropStrategy` (the
   guard NeuroFlux's unit steps run under);
-- the data is the datamodule's, augmented as block 0 saw it;
+- the data is the datamodule's, augmented as block 0 saw it (``augment=True``), or
+  un-augmented as the cache fed every later block (``augment=False``: its
+  ``augment`` attribute is switched off for the polish and back after);
 - the polished weights are kept only if their validation accuracy is at
   least the exit's own; otherwise the exit comes back unchanged.
 
@@ -61,6 +63,7 @@ class PolishReport:
     lr: float
     warmup: float
     batchnorm: str
+    augment: bool
     predicted_peak_bytes: int
     measured_peak_bytes: int | None
     val_before: float
@@ -85,6 +88,7 @@ def polish_exit(
     nesterov: bool = True,
     warmup: float = 0.0,
     batchnorm: str = "train",
+    augment: bool = True,
     batch_limit: int = BATCH_LIMIT,
     callbacks: Sequence[pl.Callback] = (),
     trainer_options: dict[str, Any] | None = None,
@@ -103,14 +107,20 @@ def polish_exit(
         warmup: fraction of the polish's steps with a linear warm-up first (0: full rate at once).
         batchnorm: ``"train"`` (statistics follow the batches) or ``"frozen"`` (the statistics it
             came with stay; for low rates: at the recipe's it diverged, ``experiments/README.md``).
+        augment: train on the datamodule's augmented batches (True) or on un-augmented ones (False:
+            the datamodule needs an ``augment`` attribute, as every ``nf_lightning.data`` module has).
         callbacks: more callbacks for the polish's Trainer (a ``ValidationHistory`` keeps
             its clock, so a history spans the run and its polish).
         trainer_options: more ``pl.Trainer`` arguments (``accelerator``, ``logger``...).
 
     Raises:
         BudgetTooSmall: if BP through the exit does not fit at batch 1.
+        ValueError: for settings it cannot use, or ``augment=False`` with a datamodule that cannot switch it off.
     """
     check_settings(epochs, lr, warmup, batchnorm)
+    if not augment and not hasattr(datamodule, "augment"):
+        raise ValueError(f"augment=False needs a datamodule with an `augment` attribute that its training loader "
+                         f"follows (every nf_lightning.data module has one); {type(datamodule).__name__} has none")
     start = time.perf_counter()
     original = copy.deepcopy(exit_model).cpu()
     budget = MemoryBudget.parse(budget)
@@ -122,14 +132,14 @@ def polish_exit(
     module.hparams.lr = sized.lr
     strategy = BudgetedBackpropStrategy(memory_budget=budget)
     trainer = _trainer(strategy, epochs, batchnorm, callbacks, trainer_options)
-    val_before = _fit_at_batch(trainer, module, datamodule, sized.batch_size, original)
+    val_before = _fit_at_batch(trainer, module, datamodule, sized.batch_size, augment, original)
     polished = module.net.cpu().eval()
     val_after = _accuracy(datamodule, polished)
     kept = val_after >= val_before
     report = PolishReport(
         epochs=epochs, batch_size=sized.batch_size, lr=module.hparams.lr, warmup=warmup, batchnorm=batchnorm,
-        predicted_peak_bytes=sized.predicted_peak, measured_peak_bytes=strategy.guard.peak, val_before=val_before,
-        val_after=val_after, kept=kept, seconds=time.perf_counter() - start,
+        augment=augment, predicted_peak_bytes=sized.predicted_peak, measured_peak_bytes=strategy.guard.peak,
+        val_before=val_before, val_after=val_after, kept=kept, seconds=time.perf_counter() - start,
     )  # fmt: skip
     return (polished if kept else original.eval()), report
 
@@ -169,7 +179,7 @@ class FrozenBatchNormStatistics(pl.Callback):
                 module.eval()
 
 
-def check_settings(epochs: int, lr: float, warmup: float = 0.0, batchnorm: str = "train") -> None:
+def check_settings(epochs: int, lr: float, warmup: float = 0.0, batchnorm: str = "train", augment: bool = True) -> None:
     """Refuse polish settings :func:`polish_exit` cannot use, before anything trains.
 
     Example:
@@ -185,20 +195,25 @@ def check_settings(epochs: int, lr: float, warmup: float = 0.0, batchnorm: str =
         raise ValueError(f"lr must be positive, got {lr!r}")
     if batchnorm not in BATCHNORM:
         raise ValueError(f"batchnorm must be one of {BATCHNORM}, got {batchnorm!r}")
+    if not isinstance(augment, bool):
+        raise ValueError(f"augment must be true or false, got {augment!r}")
 
 
 def _fit_at_batch(
-    trainer: pl.Trainer, module: ClassifierModule, datamodule: Any, batch: int, original: nn.Module
+    trainer: pl.Trainer, module: ClassifierModule, datamodule: Any, batch: int, augment: bool, original: nn.Module
 ) -> float:
-    """Fit ``module`` at ``batch`` (the data module's own batch size comes back after); ``original``'s
-    validation accuracy before."""
-    saved_batch = datamodule.batch_size
+    """Fit ``module`` at ``batch``, augmented or not (the data module's own batch size and augmentation come
+    back after); ``original``'s validation accuracy before."""
+    saved = {"batch_size": datamodule.batch_size, **({} if augment else {"augment": datamodule.augment})}
     datamodule.batch_size = batch
+    if not augment:
+        datamodule.augment = False
     try:
         val_before = _accuracy(datamodule, original)
         trainer.fit(module, datamodule=datamodule)
     finally:
-        datamodule.batch_size = saved_batch
+        for name, value in saved.items():
+            setattr(datamodule, name, value)
     return val_before
 
 
