@@ -41,10 +41,10 @@ import argparse
 import collections
 import json
 import os
+import signal
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -421,12 +421,20 @@ def run_all(preset_name: str, data_dir: str | None, jobs: int, part: str, result
             row = finetune(task)
             print(f"[{i + 1}/{len(fine)}] {_label(task)}: {_brief(row)}", flush=True)
     else:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            for task, result in zip(pre, pool.map(pretrain, pre)):
-                print("pretrain", task["model"], result, flush=True)
-            for i, (task, row) in enumerate(zip(fine, pool.map(finetune, fine))):
-                print(f"[{i + 1}/{len(fine)}] {_label(task)}: {_brief(row)}", flush=True)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that `kill` reaches the workers too
+        try:
+            with get_context("spawn").Pool(jobs) as pool:  # leaving the block, however, terminates the workers
+                for task, result in zip(pre, pool.imap(pretrain, pre)):
+                    print("pretrain", task["model"], result, flush=True)
+                for i, (task, row) in enumerate(zip(fine, pool.imap(finetune, fine))):
+                    print(f"[{i + 1}/{len(fine)}] {_label(task)}: {_brief(row)}", flush=True)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     summarize(preset_name, {part: time.perf_counter() - start}, results, work)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _label(task: dict[str, Any]) -> str:

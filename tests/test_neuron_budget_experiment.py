@@ -129,3 +129,40 @@ def test_the_quick_preset_writes_its_rows_and_summary_where_it_is_told(tmp_path:
     assert "| velocity | 4MB | frozen |" in text and "| velocity | 10% | frozen |" in text
     assert sorted(p.name for p in (work / "quick").glob("*.pt")) == ["mobilenetv2_w0.25.pt", "resnet18_w0.125.pt"]
     assert {path: path.stat().st_mtime_ns for path in committed.rglob("*")} == before  # the committed ones untouched
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields.get("PPid", "0")) == pid:
+            found.add(int(status.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the process table from /proc")
+def test_a_terminated_run_takes_its_worker_processes_with_it(tmp_path: Path, shared_datasets_dir: Path) -> None:
+    import signal
+    import time
+
+    argv = ["--preset", "quick", "--part", "accuracy", "--jobs", "2", "--results", str(tmp_path / "results"),
+            "--work", str(tmp_path / "work"), "--data-dir", str(shared_datasets_dir)]  # fmt: skip
+    run = subprocess.Popen([sys.executable, str(SCRIPT), *argv], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _children(run.pid)) < 2 and time.monotonic() < deadline:  # the pool's two workers
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the pool's workers never started"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) != 0
+        deadline = time.monotonic() + 30
+        while (alive := {p for p in workers if Path(f"/proc/{p}").exists()}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, f"workers {sorted(alive)} outlived the terminated run"
+    finally:
+        run.kill()
