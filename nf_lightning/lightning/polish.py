@@ -86,9 +86,7 @@ def polish_exit(
     momentum: float | None = None,
     weight_decay: float | None = None,
     nesterov: bool = True,
-    warmup: float = 0.0,
-    batchnorm: str = "train",
-    augment: bool = True,
+    warmup: float = 0.0, batchnorm: str = "train", augment: bool = True,
     batch_limit: int = BATCH_LIMIT,
     callbacks: Sequence[pl.Callback] = (),
     trainer_options: dict[str, Any] | None = None,
@@ -107,20 +105,15 @@ def polish_exit(
         warmup: fraction of the polish's steps with a linear warm-up first (0: full rate at once).
         batchnorm: ``"train"`` (statistics follow the batches) or ``"frozen"`` (the statistics it
             came with stay; for low rates: at the recipe's it diverged, ``experiments/README.md``).
-        augment: train on the datamodule's augmented batches (True) or on un-augmented ones (False:
-            the datamodule needs an ``augment`` attribute, as every ``nf_lightning.data`` module has).
+        augment: False trains on un-augmented batches (the datamodule's ``augment`` attribute, switched off).
         callbacks: more callbacks for the polish's Trainer (a ``ValidationHistory`` keeps
             its clock, so a history spans the run and its polish).
         trainer_options: more ``pl.Trainer`` arguments (``accelerator``, ``logger``...).
 
     Raises:
-        BudgetTooSmall: if BP through the exit does not fit at batch 1.
-        ValueError: for settings it cannot use, or ``augment=False`` with a datamodule that cannot switch it off.
+        BudgetTooSmall: if BP through the exit does not fit at batch 1 (ValueError: settings it cannot use).
     """
-    check_settings(epochs, lr, warmup, batchnorm)
-    if not augment and not hasattr(datamodule, "augment"):
-        raise ValueError(f"augment=False needs a datamodule with an `augment` attribute that its training loader "
-                         f"follows (every nf_lightning.data module has one); {type(datamodule).__name__} has none")
+    check_settings(epochs, lr, warmup, batchnorm, augment, datamodule)
     start = time.perf_counter()
     original = copy.deepcopy(exit_model).cpu()
     budget = MemoryBudget.parse(budget)
@@ -129,8 +122,7 @@ def polish_exit(
         module, tuple(datamodule.input_shape), budget, batch_limit, lr=lr, reference_batch=reference_batch,
         needed_by="backpropagation through the deployed exit (batch 1)",
     )  # fmt: skip
-    module.hparams.lr = sized.lr
-    strategy = BudgetedBackpropStrategy(memory_budget=budget)
+    module.hparams.lr, strategy = sized.lr, BudgetedBackpropStrategy(memory_budget=budget)
     trainer = _trainer(strategy, epochs, batchnorm, callbacks, trainer_options)
     val_before = _fit_at_batch(trainer, module, datamodule, sized.batch_size, augment, original)
     polished = module.net.cpu().eval()
@@ -179,8 +171,10 @@ class FrozenBatchNormStatistics(pl.Callback):
                 module.eval()
 
 
-def check_settings(epochs: int, lr: float, warmup: float = 0.0, batchnorm: str = "train", augment: bool = True) -> None:
-    """Refuse polish settings :func:`polish_exit` cannot use, before anything trains.
+def check_settings(
+    epochs: int, lr: float, warmup: float = 0.0, batchnorm: str = "train", augment: bool = True, datamodule: Any = None
+) -> None:
+    """Refuse polish settings :func:`polish_exit` cannot use (with ``datamodule``, on it), before anything trains.
 
     Example:
         >>> check_settings(2, 0.05, batchnorm="fixed")
@@ -197,6 +191,9 @@ def check_settings(epochs: int, lr: float, warmup: float = 0.0, batchnorm: str =
         raise ValueError(f"batchnorm must be one of {BATCHNORM}, got {batchnorm!r}")
     if not isinstance(augment, bool):
         raise ValueError(f"augment must be true or false, got {augment!r}")
+    if not augment and datamodule is not None and not hasattr(datamodule, "augment"):
+        raise ValueError(f"augment=False needs a datamodule with an `augment` attribute that its training loader "
+                         f"follows (every nf_lightning.data module has one); {type(datamodule).__name__} has none")
 
 
 def _fit_at_batch(
