@@ -86,7 +86,9 @@ def polish_exit(
     momentum: float | None = None,
     weight_decay: float | None = None,
     nesterov: bool = True,
-    warmup: float = 0.0, batchnorm: str = "train", augment: bool = True,
+    warmup: float = 0.0,
+    batchnorm: str = "train",
+    augment: bool = True,
     batch_limit: int = BATCH_LIMIT,
     callbacks: Sequence[pl.Callback] = (),
     trainer_options: dict[str, Any] | None = None,
@@ -106,12 +108,12 @@ def polish_exit(
         batchnorm: ``"train"`` (statistics follow the batches) or ``"frozen"`` (the statistics it
             came with stay; for low rates: at the recipe's it diverged, ``experiments/README.md``).
         augment: False trains on un-augmented batches (the datamodule's ``augment`` attribute, switched off).
-        callbacks: more callbacks for the polish's Trainer (a ``ValidationHistory`` keeps
-            its clock, so a history spans the run and its polish).
+        callbacks: more callbacks for the polish's Trainer (a ``ValidationHistory`` spans run and polish).
         trainer_options: more ``pl.Trainer`` arguments (``accelerator``, ``logger``...).
 
     Raises:
-        BudgetTooSmall: if BP through the exit does not fit at batch 1 (ValueError: settings it cannot use).
+        BudgetTooSmall: if BP through the exit does not fit at batch 1.
+        ValueError: for settings it cannot use (:func:`check_settings`).
     """
     check_settings(epochs, lr, warmup, batchnorm, augment, datamodule)
     start = time.perf_counter()
@@ -122,18 +124,17 @@ def polish_exit(
         module, tuple(datamodule.input_shape), budget, batch_limit, lr=lr, reference_batch=reference_batch,
         needed_by="backpropagation through the deployed exit (batch 1)",
     )  # fmt: skip
-    module.hparams.lr, strategy = sized.lr, BudgetedBackpropStrategy(memory_budget=budget)
-    trainer = _trainer(strategy, epochs, batchnorm, callbacks, trainer_options)
-    val_before = _fit_at_batch(trainer, module, datamodule, sized.batch_size, augment, original)
-    polished = module.net.cpu().eval()
-    val_after = _accuracy(datamodule, polished)
+    module.hparams.lr = sized.lr
+    trainer = _trainer(budget, epochs, batchnorm, callbacks, trainer_options)
+    overrides = {"batch_size": sized.batch_size, **({} if augment else {"augment": False})}
+    val_before, val_after = _fit_and_score(trainer, module, datamodule, overrides, original)
     kept = val_after >= val_before
     report = PolishReport(
         epochs=epochs, batch_size=sized.batch_size, lr=module.hparams.lr, warmup=warmup, batchnorm=batchnorm,
-        augment=augment, predicted_peak_bytes=sized.predicted_peak, measured_peak_bytes=strategy.guard.peak,
+        augment=augment, predicted_peak_bytes=sized.predicted_peak, measured_peak_bytes=trainer.strategy.guard.peak,
         val_before=val_before, val_after=val_after, kept=kept, seconds=time.perf_counter() - start,
     )  # fmt: skip
-    return (polished if kept else original.eval()), report
+    return (module.net if kept else original.eval()), report
 
 
 def _module(
@@ -148,12 +149,13 @@ def _module(
 
 
 def _trainer(
-    strategy: BudgetedBackpropStrategy, epochs: int, batchnorm: str, callbacks: Sequence[pl.Callback],
+    budget: MemoryBudget, epochs: int, batchnorm: str, callbacks: Sequence[pl.Callback],
     trainer_options: dict[str, Any] | None,
 ) -> pl.Trainer:
     options = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
                "num_sanity_val_steps": 0, **(trainer_options or {})}  # fmt: skip
     callbacks = [*([FrozenBatchNormStatistics()] if batchnorm == "frozen" else []), *callbacks]
+    strategy = BudgetedBackpropStrategy(memory_budget=budget)
     return pl.Trainer(strategy=strategy, max_epochs=epochs, callbacks=callbacks, **options)
 
 
@@ -196,22 +198,21 @@ def check_settings(
                          f"follows (every nf_lightning.data module has one); {type(datamodule).__name__} has none")
 
 
-def _fit_at_batch(
-    trainer: pl.Trainer, module: ClassifierModule, datamodule: Any, batch: int, augment: bool, original: nn.Module
-) -> float:
-    """Fit ``module`` at ``batch``, augmented or not (the data module's own batch size and augmentation come
-    back after); ``original``'s validation accuracy before."""
-    saved = {"batch_size": datamodule.batch_size, **({} if augment else {"augment": datamodule.augment})}
-    datamodule.batch_size = batch
-    if not augment:
-        datamodule.augment = False
+def _fit_and_score(
+    trainer: pl.Trainer, module: ClassifierModule, datamodule: Any, overrides: dict[str, Any], original: nn.Module
+) -> tuple[float, float]:
+    """Fit ``module`` with the datamodule's attributes set to ``overrides`` (its own values come back after);
+    the validation accuracy of ``original`` before and of the trained network after (in eval mode, on the CPU)."""
+    saved = {name: getattr(datamodule, name) for name in overrides}
+    for name, value in overrides.items():
+        setattr(datamodule, name, value)
     try:
         val_before = _accuracy(datamodule, original)
         trainer.fit(module, datamodule=datamodule)
     finally:
         for name, value in saved.items():
             setattr(datamodule, name, value)
-    return val_before
+    return val_before, _accuracy(datamodule, module.net)
 
 
 def _accuracy(datamodule: Any, model: nn.Module) -> float:
