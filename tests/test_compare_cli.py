@@ -100,3 +100,25 @@ def test_tiny_benchmark_end_to_end_with_every_baseline(tmp_path: Path, cifar: Pa
     """Every method the benchmark compares, BP with checkpointing included, in one invocation."""
     _, _, runs, _ = _tiny_benchmark(tmp_path, list(METHODS))
     assert runs["bp_ckpt_lr0.05_seed0"]["status"] == "ok"
+
+
+def test_the_ablation_table_puts_each_levers_summary_in_one_row_and_counts_the_tries(tmp_path: Path) -> None:
+    committed = json.loads((REPO / "experiments/results/compare/tiny_imagenet/summary.json").read_text())
+    levers = {"a_default": ([], []), "b_polish": (["polish.lr=0.02"], []), "c_scratch40": ([], ["epochs=40"])}
+    for hour, (name, (local, scratch)) in enumerate(levers.items()):
+        summary = json.loads(json.dumps(committed))
+        summary["settings"].update(local_set=local, scratch_set=scratch)
+        summary["provenance"]["started_at"] = f"2026-12-07T0{3 - hour}:00:00Z"  # listed oldest first: c, b, a
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    done = subprocess.run([sys.executable, "experiments/compare.py", "--ablation", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table = (tmp_path / "ablation.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| scratch_exit `epochs=40`", "| NeuroFlux `polish.lr=0.02`",
+                                                     "| none (the defaults)"]  # fmt: skip
+    # the committed TIN summary: 3 seeds, 288 s against scratch_exit's 243 s, 0.84x (1.04x, 1.45x, 0.52x), 2.76x BP
+    assert rows[1].split(" | ")[1:4] == ["3", "24.2", "288"] and "| 0.84x; 1.04x, 1.45x, 0.52x | 2.76x |" in rows[1]
+    # NeuroFlux tried 2 overrides x its 2 grid rates; scratch_exit 2 x 2 as well
+    assert "Configurations tried: NeuroFlux 4, scratch_exit 4" in table

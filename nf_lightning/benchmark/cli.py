@@ -69,11 +69,16 @@ def parse_args(argv: Sequence[str] | None, repo: Path) -> argparse.Namespace:
     parser.add_argument("--local-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="more nf-train overrides for NeuroFlux's runs only (an ablation's lever); their run "
                         "directories are tagged, so BP's runs of the same code in the same --work are reused")  # fmt: skip
+    parser.add_argument("--scratch-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="more nf-train overrides for scratch_exit's runs only (its tries, e.g. epochs=40), "
+                        "tagged as --local-set's")  # fmt: skip
     parser.add_argument("--out", type=Path, help="results directory (default experiments/results/compare/<preset>)")
     parser.add_argument("--work", type=Path, help="run directories (default experiments/out/compare/<preset>)")
     parser.add_argument("--readme", action="store_true",
                         help="only regenerate README.md's benchmark section from the committed CIFAR-10 (default "
                         "preset) and Tiny ImageNet-100 (tiny_imagenet preset) summaries")  # fmt: skip
+    parser.add_argument("--ablation", type=Path, metavar="DIR",
+                        help="only write DIR/ablation.md, one row per lever, from the summaries in DIR's folders")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -93,7 +98,8 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     if "scratch_exit" in methods and "neuroflux" not in methods:
         raise SystemExit("scratch_exit trains the exit NeuroFlux deployed: --methods must include neuroflux")
     keys = ("preset", "model", "width", "data", "train_subset", "val_subset", "test_subset", "data_seed",
-            "batch_limit", "bp_epochs", "nf_epochs", "polish_epochs", "lrs", "seeds", "jobs", "threads", "set", "local_set")  # fmt: skip
+            "batch_limit", "bp_epochs", "nf_epochs", "polish_epochs", "lrs", "seeds", "jobs", "threads", "set",
+            "local_set", "scratch_set")  # fmt: skip
     meter = {"full_steps": 0, "sample_every": 1} if args.meter_every_step else neuroflux_metering()
     pinned = {m: float(lr) for m, lr in (item.split("=", 1) for item in args.rate)}
     if set(pinned) - set(methods):
@@ -140,6 +146,11 @@ def main(argv: Sequence[str] | None, repo: Path) -> dict[str, Any]:
         paths = {data: repo / "experiments" / "results" / "compare" / preset / "summary.json"
                  for data, preset in README_SUMMARIES.items()}  # fmt: skip
         update_readme(paths, repo / "README.md", repo)
+        return {}
+    if args.ablation:
+        from nf_lightning.benchmark.ablation import write_ablation
+
+        print(f"[compare] wrote {write_ablation(args.ablation.resolve(), repo.resolve())}")
         return {}
     start, started_at, load_at_start = time.perf_counter(), utc_now(), list(os.getloadavg())
     settings = settings_of(args)

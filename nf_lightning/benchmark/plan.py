@@ -14,6 +14,8 @@ The order interleaves methods so a change in the machine's load hits all of them
 Overrides for the local-learning runs alone (``--local-set``, an ablation's lever) tag
 those runs' keys (:func:`local_tag`), so an ablation reuses the BP-trained runs of an
 earlier invocation of the same code and never takes another variant's NeuroFlux run.
+Overrides for ``scratch_exit`` alone (``--scratch-set``: its tries over epochs, as many as
+the levers NeuroFlux got) tag its runs the same way.
 
 Example:
     >>> known = Known(best={"bp": 0.1, "neuroflux": 0.1}, deployed={(0.1, 0): 3})
@@ -35,7 +37,7 @@ from nf_lightning.benchmark.presets import BP_LIKE, LOCAL, SCRATCH_LIKE, SNAPSHO
 @dataclass(frozen=True)
 class RunSpec:
     """One training run: a method at a rate and seed; ``unit`` is the exit's depth for scratch-trained exits;
-    ``tag`` names the local-learning overrides it ran with (:func:`local_tag`)."""
+    ``tag`` names the overrides given to its method alone (:func:`local_tag`)."""
 
     method: str
     lr: float
@@ -87,10 +89,11 @@ def rates_of(method: str, lrs: Sequence[float], pinned: Mapping[str, float] | No
 
 def planned_runs(
     methods: Sequence[str], lrs: Sequence[float], seeds: int, known: Known, units: int,
-    pinned: Mapping[str, float] | None = None, tag: str = "",
+    pinned: Mapping[str, float] | None = None, tag: str = "", scratch_tag: str = "",
 ) -> list[RunSpec]:
     """Every run that can be planned from ``known``, in the order they start (``units``: the network's units;
-    ``pinned``: methods trained at one given rate instead of the grid; ``tag``: of the local-learning runs).
+    ``pinned``: methods trained at one given rate instead of the grid; ``tag``, ``scratch_tag``: of the
+    local-learning runs and of ``scratch_exit``'s).
 
     >>> known = Known(best={"bp": 0.1}, target=0.5, crossed={(0, 0): False})
     >>> [s.key for s in planned_runs(["bp", "depth_search"], [0.1], 1, known, units=3)]
@@ -102,11 +105,13 @@ def planned_runs(
     runs = [RunSpec(m, lr, 0, tag=tags[m]) for lr in every for m in base if lr in rates_of(m, lrs, pinned)]
     nf_lr = known.best.get("neuroflux")
     if "scratch_exit" in methods and (nf_lr, 0) in known.deployed:
-        runs += [RunSpec("scratch_exit", lr, 0, known.deployed[(nf_lr, 0)]) for lr in rates_of("scratch_exit", lrs, pinned)]
+        runs += [RunSpec("scratch_exit", lr, 0, known.deployed[(nf_lr, 0)], scratch_tag)
+                 for lr in rates_of("scratch_exit", lrs, pinned)]  # fmt: skip
     for seed in range(1, seeds):
         runs += [RunSpec(m, known.best[m], seed, tag=tags[m]) for m in base if m in known.best]
         if "scratch_exit" in methods and "scratch_exit" in known.best and (nf_lr, seed) in known.deployed:
-            runs.append(RunSpec("scratch_exit", known.best["scratch_exit"], seed, known.deployed[(nf_lr, seed)]))
+            runs.append(RunSpec("scratch_exit", known.best["scratch_exit"], seed, known.deployed[(nf_lr, seed)],
+                                scratch_tag))
     depth_lr = known.best.get("scratch_exit" if "scratch_exit" in methods else "bp")
     if "depth_search" in methods and known.target is not None and depth_lr is not None:
         runs += [spec for seed in range(seeds) for spec in depth_search_runs(depth_lr, seed, known.crossed, units)]
@@ -158,6 +163,8 @@ def run_overrides(
     ]
     if spec.method in SCRATCH_LIKE:
         overrides += ["model._target_=nf_lightning.benchmark.baselines.exit_network", f"+model.unit={spec.unit}"]
+    if spec.method == "scratch_exit":
+        overrides += settings.get("scratch_set") or []
     if spec.method == "depth_search":
         if target is None:
             raise ValueError("a depth_search run needs the target it stops at")

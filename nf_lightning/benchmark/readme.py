@@ -122,11 +122,20 @@ def load_summary(path: Path) -> dict[str, Any]:
     return summary
 
 
+def shown_path(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when it lies there, else as given.
+
+    >>> shown_path(Path("/repo/experiments/x"), Path("/repo")), shown_path(Path("/tmp/x"), Path("/repo"))
+    ('experiments/x', '/tmp/x')
+    """
+    return path.resolve().relative_to(root).as_posix() if path.resolve().is_relative_to(root) else str(path)
+
+
 def update_readme(summary_paths: Mapping[str, Path], readme: Path, root: Path) -> None:
     """Regenerate ``readme``'s section from ``{data set label: summary.json}`` (paths shown relative to ``root``)."""
     summaries, missing = {}, {}
     for data, path in summary_paths.items():
-        shown = path.resolve().relative_to(root).as_posix() if path.resolve().is_relative_to(root) else str(path)
+        shown = shown_path(path, root)
         if path.exists() or len(missing) == len(summary_paths) - 1:  # at least one data set, or load_summary says why
             summaries[data] = (load_summary(path), shown)
         else:

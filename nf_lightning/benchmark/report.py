@@ -81,9 +81,9 @@ def settings_line(summary: Mapping[str, Any]) -> str:
 
 
 def _extra(settings: Mapping[str, Any]) -> str:
-    """The command line's extra overrides, if any: for every run, and for NeuroFlux's alone."""
-    parts = [f"{who} `{' '.join(settings[key])}`" for key, who in (("set", "every run"), ("local_set", "NeuroFlux only"))
-             if settings.get(key)]  # fmt: skip
+    """The command line's extra overrides, if any: for every run, NeuroFlux's alone, ``scratch_exit``'s alone."""
+    whose = (("set", "every run"), ("local_set", "NeuroFlux only"), ("scratch_set", "scratch exit only"))
+    parts = [f"{who} `{' '.join(settings[key])}`" for key, who in whose if settings.get(key)]
     return f"; more overrides: {', '.join(parts)}" if parts else ""
 
 

@@ -56,7 +56,8 @@ def run_all(
         if changed:  # plan again only when a run finished or was reused: the loop stays light on the clock
             known = known_from(list(records.values()), settings)
             planned = planned_runs(methods, settings["lrs"], settings["seeds"], known, units, settings.get("pinned"),
-                                   local_tag(settings.get("local_set") or []))  # fmt: skip
+                                   local_tag(settings.get("local_set") or []),
+                                   local_tag(settings.get("scratch_set") or []))  # fmt: skip
             changed = False
         pending = [s for s in planned if s.key not in records and s.key not in running]
         found = {s.key: reusable(work / "runs" / s.key, run_overrides(s, settings, budget, known.target), code)
