@@ -464,3 +464,32 @@ def test_nothing_below_the_benchmark_imports_it() -> None:
         names = {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
         names |= {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
         assert not {n for n in names if n.split(".")[0] in scripts}, path
+
+
+def test_the_probes_test_pass_is_off_the_runs_clock(tmp_path: Path, shared_datasets_dir: Path,
+                                                    data_cache_dir: Path) -> None:  # fmt: skip
+    """The probe scores the 10,000 test images inside ``fit``; a polish timed after it must not count that."""
+    import time
+
+    import lightning.pytorch as pl
+
+    from nf_lightning import data
+    from nf_lightning.benchmark.presets import PROBE_FILE
+    from nf_lightning.benchmark.probe import BenchmarkProbe
+    from nf_lightning.lightning.classifier import ClassifierModule
+    from nf_lightning.lightning.history import ValidationHistory
+
+    class SetupClock(pl.Callback):  # started with the history's clock, never stopped
+        def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+            self.start = time.perf_counter()
+
+    dm = data.create("cifar10_folder", data_dir=shared_datasets_dir, train_subset=100, val_subset=50, seed=0)
+    history, clock = ValidationHistory(), SetupClock()
+    trainer = pl.Trainer(max_epochs=1, callbacks=[history, BenchmarkProbe(), clock], logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(ClassifierModule(exit_network("vgg11", num_classes=10, unit=0, width_mult=0.125), 10), datamodule=dm)
+    stopped = (time.perf_counter() - clock.start) - history.elapsed
+    probe = json.loads((tmp_path / PROBE_FILE).read_text())
+    assert probe["test_off_clock"] and probe["test_images"] == 10_000
+    assert stopped >= 0.9 * probe["test_seconds"] > 0.1  # the history's clock stood still through the test pass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 
 from nf_lightning.benchmark.presets import ACCURACY_EPSILON, PROBE_FILE
+from nf_lightning.lightning.history import ValidationHistory
 
 SNAPSHOT_INDEX = "index.json"
 
@@ -34,7 +36,8 @@ class BenchmarkProbe(pl.Callback):
       happens between epochs (NeuroFlux's cache writes) are left out, and the
       optimizer steps per block (one entry for BP), counted as they run;
     - the test split: the trained model scored after ``fit`` (eval mode,
-      ``no_grad``, outside the budget). BP: the final model. Local learning:
+      ``no_grad``, outside the budget, with the run's :class:`ValidationHistory`
+      clock stopped: a polish that follows is timed without it). BP: the final model. Local learning:
       every exit in one pass (``unit``/``accuracy`` are the exit the run
       selected), so an exit chosen later has its test accuracy too. ``subset`` > 0
       scores every k-th test image only; ``test_images`` says how many were scored.
@@ -69,12 +72,16 @@ class BenchmarkProbe(pl.Callback):
         start = time.perf_counter()
         run = getattr(trainer.strategy, "run", None)
         guard = getattr(trainer.strategy, "guard", None) or getattr(run, "guard", None)
+        history = next((c for c in trainer.callbacks if isinstance(c, ValidationHistory)), None)
+        with history.paused() if history is not None else nullcontext():
+            tested = self._score_test_split(trainer, pl_module)
         out: dict[str, Any] = {
             "metered_steps": guard.metered_steps if guard is not None else None,
             "train_loop_seconds": self.train_loop_seconds,
             "steps": [self.steps.get(b, 0) for b in range(max(self.steps, default=-1) + 1)],
             "parameters": sum(p.numel() for p in pl_module.parameters()),
-            **self._score_test_split(trainer, pl_module),
+            **tested,
+            "test_off_clock": history is not None,
         }
         out["test_seconds"] = time.perf_counter() - start
         (Path(trainer.default_root_dir) / PROBE_FILE).write_text(json.dumps(out, indent=2))
