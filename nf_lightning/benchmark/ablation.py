@@ -57,7 +57,9 @@ def ablation_row(summary: Mapping[str, Any], shown: str) -> str:
     speedups = results["speedups"]
     versus = speedups.get("scratch_exit")
     per_seed = ", ".join(format_speedup(s) for s in versus["per_seed"]) if versus else "-"
-    units = [str(s["unit"]) for s in (results.get("exits") or {}).get("per_seed", [])]
+    nf_lr = results["lrs"].get("neuroflux")
+    units = [str(r["deployed_unit"]) for r in sorted(results["runs"], key=lambda r: r["seed"])
+             if r["method"] == "neuroflux" and r["lr"] == nf_lr and r["status"] == "ok"]  # fmt: skip
     loads = [r["provenance"]["load"]["mean"] for r in results["runs"]
              if r["method"] in ("neuroflux", "scratch_exit") and (r.get("provenance") or {}).get("load")]  # fmt: skip
     load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
