@@ -120,6 +120,6 @@ def test_the_ablation_table_puts_each_levers_summary_in_one_row_and_counts_the_t
                                                      "| none (the defaults)"]  # fmt: skip
     # the committed TIN summary: 3 seeds, 288 s against scratch_exit's 243 s, 0.84x (1.04x, 1.45x, 0.52x), 2.76x BP
     assert rows[1].split(" | ")[1:5] == ["3", "24.2", "288", "3, 3, 2"]
-    assert "| 0.84x; 1.04x, 1.45x, 0.52x | 2.76x |" in rows[1]
+    assert "| 0.84x; 1.04x, 1.45x, 0.52x | 2.76x | 0.05 / 0.05 |" in rows[1]
     # NeuroFlux tried 2 overrides x its 2 grid rates; scratch_exit 2 x 2 as well
     assert "Configurations tried: NeuroFlux 4, scratch_exit 4" in table

@@ -26,7 +26,8 @@ from nf_lightning.benchmark.stats import format_speedup
 TABLE_FILE = "ablation.md"
 HEADER = (
     "| lever | seeds | target % | NeuroFlux s to target | deployed units | NeuroFlux test % | scratch_exit s | "
-    "scratch_exit test % | vs scratch_exit (ratio of means; per seed) | vs BP | load | summary |"
+    "scratch_exit test % | vs scratch_exit (ratio of means; per seed) | vs BP | rates (NeuroFlux / scratch_exit) | "
+    "load | summary |"
 )
 
 
@@ -67,7 +68,12 @@ def ablation_row(summary: Mapping[str, Any], shown: str) -> str:
             f"{seconds(nf['time_to_target'])} | {', '.join(units) or '-'} | {pct(nf['test_acc'])} | "
             f"{seconds(scratch.get('time_to_target'))} | {pct(scratch.get('test_acc'))} | "
             f"{format_speedup(versus and versus['ratio_of_means'])}; {per_seed} | "
-            f"{format_speedup((speedups.get('bp') or {}).get('ratio_of_means'))} | {load} | `{shown}` |")  # fmt: skip
+            f"{format_speedup((speedups.get('bp') or {}).get('ratio_of_means'))} | {_rate(nf_lr)} / "
+            f"{_rate(results['lrs'].get('scratch_exit'))} | {load} | `{shown}` |")  # fmt: skip
+
+
+def _rate(lr: float | None) -> str:
+    return "-" if lr is None else f"{lr:g}"
 
 
 def ablation_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
