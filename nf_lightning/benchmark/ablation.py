@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nf_lightning.benchmark.readme import load_summary, shown_path
-from nf_lightning.benchmark.report import pct, seconds
+from nf_lightning.benchmark.report import override_parts, pct, seconds
 from nf_lightning.benchmark.stats import format_speedup
 
 TABLE_FILE = "ablation.md"
@@ -33,8 +33,7 @@ HEADER = (
 
 def lever_of(settings: Mapping[str, Any]) -> str:
     """The row's lever: the overrides given to NeuroFlux or ``scratch_exit`` alone (``none`` for the defaults)."""
-    parts = [f"{who} `{' '.join(settings[key])}`" for key, who in (("local_set", "NeuroFlux"),
-                                                                  ("scratch_set", "scratch_exit")) if settings.get(key)]
+    parts = override_parts(settings, (("local_set", "NeuroFlux"), ("scratch_set", "scratch_exit")))
     return "; ".join(parts) or "none (the defaults)"
 
 
@@ -95,10 +94,11 @@ def ablation_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
 
 def write_ablation(directory: Path, root: Path) -> Path:
     """Write ``directory/ablation.md`` from every ``directory/*/summary.json`` (oldest first); its path."""
-    paths = sorted(directory.glob("*/summary.json"), key=lambda p: load_summary(p)["provenance"]["started_at"])
-    if not paths:
+    loaded = [(p, load_summary(p)) for p in directory.glob("*/summary.json")]
+    if not loaded:
         raise SystemExit(f"no lever summaries under {directory}: run compare.py with --local-set and --out there")
-    summaries = {shown_path(p.parent, root): load_summary(p) for p in paths}
+    loaded.sort(key=lambda item: item[1]["provenance"]["started_at"])
+    summaries = {shown_path(p.parent, root): summary for p, summary in loaded}
     out = directory / TABLE_FILE
     out.write_text(f"# Ablation rows (issue 21)\n\n{ablation_table(summaries)}")
     return out

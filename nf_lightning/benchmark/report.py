@@ -80,10 +80,19 @@ def settings_line(summary: Mapping[str, Any]) -> str:
     )
 
 
+def override_parts(settings: Mapping[str, Any], whose: Sequence[tuple[str, str]]) -> list[str]:
+    """``who `overrides``` for each ``(settings key, who)`` whose overrides are not empty.
+
+    >>> override_parts({"set": [], "local_set": ["a=1", "b=2"]}, (("set", "all"), ("local_set", "NeuroFlux")))
+    ['NeuroFlux `a=1 b=2`']
+    """
+    return [f"{who} `{' '.join(settings[key])}`" for key, who in whose if settings.get(key)]
+
+
 def _extra(settings: Mapping[str, Any]) -> str:
     """The command line's extra overrides, if any: for every run, NeuroFlux's alone, ``scratch_exit``'s alone."""
-    whose = (("set", "every run"), ("local_set", "NeuroFlux only"), ("scratch_set", "scratch exit only"))
-    parts = [f"{who} `{' '.join(settings[key])}`" for key, who in whose if settings.get(key)]
+    parts = override_parts(settings, (("set", "every run"), ("local_set", "NeuroFlux only"),
+                                      ("scratch_set", "scratch exit only")))  # fmt: skip
     return f"; more overrides: {', '.join(parts)}" if parts else ""
 
 
