@@ -174,6 +174,19 @@ def test_nf_train_multirun_writes_one_result_per_run(tmp_path: Path, cifar: Path
             assert (path.parent / "export" / "exit.json").is_file() == (result["method"] == "neuroflux")
 
 
+def test_train_seconds_is_one_clock_that_the_probes_test_pass_does_not_run_on(tmp_path: Path, cifar: Path) -> None:
+    """For every method: the profiling before ``fit`` plus the history's clock, which the benchmark's probe stops
+    while it scores the test split after the last validation (BP runs counted that pass until it was one clock)."""
+    from nf_lightning.benchmark.presets import PROBE_FILE
+
+    probe = "+callbacks.probe._target_=nf_lightning.benchmark.probe.BenchmarkProbe"
+    results = run(compose_config("train", [*TINY, "method=bp", "epochs=1", probe]), tmp_path)
+    tested = json.loads((tmp_path / PROBE_FILE).read_text())
+    last_validation = results["before_fit_seconds"] + results["history"][-1]["seconds"]
+    assert tested["test_images"] == 10_000 and tested["test_seconds"] > 0.2
+    assert 0 <= results["train_seconds"] - last_validation < 0.5 * tested["test_seconds"]
+
+
 def test_a_killed_nf_train_run_resumes_with_one_command(tmp_path: Path, cifar: Path) -> None:
     """SIGKILL at the start of epoch 2 (after epoch 1's checkpoint), then `nf-train resume=<run dir>`."""
     run_dir = tmp_path / "run"

@@ -32,17 +32,6 @@ from nf_lightning.benchmark.presets import LOCAL, TARGET_MARGIN
 from nf_lightning.benchmark.stats import mean_std, mean_time_to_target, per_seed_speedups, speedup
 
 
-def _test_seconds_counted(results: Mapping[str, Any], probe: Mapping[str, Any]) -> float:
-    """The probe's test pass time inside ``results["train_seconds"]``: it runs in ``fit``, so a run's own clock
-    has it, but a polished run's time is the history's, which the probe stops for it (``test_off_clock``).
-
-    >>> probe = {"test_seconds": 5.0, "test_off_clock": True}
-    >>> _test_seconds_counted({"polish": {"kept": True}}, probe), _test_seconds_counted({"polish": None}, probe)
-    (0.0, 5.0)
-    """
-    return 0.0 if results.get("polish") and probe.get("test_off_clock") else probe.get("test_seconds", 0.0)
-
-
 def run_row(record: Mapping[str, Any], target: float | None = None) -> dict[str, Any]:
     """What the summary keeps of one run's ``record.json`` (``status`` ``ok``, ``cannot_run`` or ``failed``)."""
     spec = record["spec"]
@@ -72,7 +61,7 @@ def run_row(record: Mapping[str, Any], target: float | None = None) -> dict[str,
         deployed_unit=exit_.get("unit"),
         exit_test_accuracies=probe.get("exit_accuracies"),
         total_seconds=curve[-1][0] if curve else None,  # on the curves' clock: until the final model was validated
-        wall_seconds=results["train_seconds"] - _test_seconds_counted(results, probe),
+        wall_seconds=results["train_seconds"],
         last_seconds=curve[-1][0] if curve else results["train_seconds"],  # no validation: its whole time
         measured_peak_bytes=_max_peak(results),
         predicted_peak_bytes=results.get("predicted_peak_bytes"),
