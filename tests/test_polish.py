@@ -14,13 +14,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from nf_lightning import NeuroFluxStrategy, data, models
 from nf_lightning.cli.common import compose_config
 from nf_lightning.cli.train import POLISHED_PROGRAM_FILE, POLISHED_STATE_FILE, resume, run
+from nf_lightning.core.memory.budget import MemoryBudget
 from nf_lightning.core.plan.partitioner import BudgetTooSmall
 from nf_lightning.lightning.classifier import ClassifierModule
 from nf_lightning.lightning.polish import FrozenBatchNormStatistics, polish_exit
-from nf_lightning.core.memory.budget import MemoryBudget
 
 RECIPE = {"reference_batch": 128, "momentum": 0.9, "weight_decay": 5e-4}  # the polish takes the whole recipe
 BUDGET = 6_000_000
+CPU = {"accelerator": "cpu", "enable_progress_bar": False}
 TINY = ["model=vgg11", "model.width_mult=0.125", "data.train_subset=1000", "data.val_subset=200", "epochs=2",
         "batch_limit=64", "trainer.enable_progress_bar=false"]  # fmt: skip
 
@@ -107,6 +108,45 @@ def test_a_polish_reports_its_warm_up_and_batchnorm_settings(trained: tuple) -> 
     assert (report.batchnorm, report.warmup, report.epochs) == ("frozen", 0.3, 1)
 
 
+class TrainedState(pl.Callback):
+    """The trained network's state at the end of fit, whether or not the polish keeps it."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.state = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
+
+
+def test_a_polish_with_frozen_units_keeps_them_as_they_were_and_fits_a_larger_batch(trained: tuple) -> None:
+    exit_model, dm = trained
+    reports, states = [], []
+    for freeze in (0, 1):
+        seen = TrainedState()
+        polished, report = polish_exit(exit_model, dm, MemoryBudget.parse(BUDGET), **RECIPE, epochs=1, lr=0.05,
+                                       freeze_units=freeze, callbacks=[seen], trainer_options=CPU)  # fmt: skip
+        reports.append(report)
+        states.append(seen.state)
+        assert all(p.requires_grad for p in polished.parameters())  # it comes back trainable
+    original = exit_model.state_dict()
+    for freeze, state in enumerate(states):
+        unit0 = [k for k in state if k.startswith("units.0.")]
+        later = [k for k in state if k.startswith("units.1.") and k.endswith("weight")]
+        assert unit0 and later
+        assert all(torch.equal(state[k], original[k]) for k in unit0) == bool(freeze)  # weights and statistics
+        assert not any(torch.equal(state[k], original[k]) for k in later)  # the rest trained either way
+    assert reports[1].freeze_units == 1 and reports[1].batch_size > reports[0].batch_size  # no activations kept
+    assert reports[1].measured_peak_bytes <= BUDGET
+
+
+def test_polish_refuses_freeze_units_it_cannot_apply(trained: tuple) -> None:
+    exit_model, dm = trained
+    for bad, message in ((-1, "non-negative integer"), (True, "non-negative integer"),
+                         (len(exit_model.units) + 1, f"has {len(exit_model.units)} units")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            polish_exit(exit_model, dm, MemoryBudget.parse(BUDGET), **RECIPE, epochs=1, lr=0.05, freeze_units=bad)
+    plain = torch.nn.Sequential(*exit_model.units, exit_model.head)
+    with pytest.raises(ValueError, match="has no `units` sequence"):
+        polish_exit(plain, dm, MemoryBudget.parse(BUDGET), **RECIPE, epochs=1, lr=0.05, freeze_units=1)
+
+
 class FirstBatches(pl.Callback):
     """The images of each epoch's first training batch, and the datamodule's ``augment`` at every batch."""
 
@@ -114,7 +154,9 @@ class FirstBatches(pl.Callback):
         self.images: list[torch.Tensor] = []
         self.augment: set[bool] = set()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: tuple, index: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: tuple, index: int
+    ) -> None:
         self.augment.add(trainer.datamodule.augment)
         if index == 0:
             self.images.append(batch[0].clone())
@@ -149,12 +191,12 @@ def test_nf_train_polishes_and_exports_the_exit(tmp_path: Path, shared_datasets_
                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("NF_DATA_DIR", str(shared_datasets_dir))
     monkeypatch.setenv("NF_CACHE_DIR", str(data_cache_dir))
-    settings = ["polish.lr=0.02", "polish.warmup=0.25", "polish.batchnorm=frozen"]
+    settings = ["polish.lr=0.02", "polish.warmup=0.25", "polish.batchnorm=frozen", "polish.freeze_units=1"]
     results = run(compose_config("train", [*TINY, "method=neuroflux", "budget=5MB", "polish_epochs=2", *settings]),
                   tmp_path)  # fmt: skip
     polish = json.loads((tmp_path / "results.json").read_text())["polish"]
     assert polish["unit"] == results["exit"]["unit"] and polish["epochs"] == 2
-    assert (polish["warmup"], polish["batchnorm"]) == (0.25, "frozen")
+    assert (polish["warmup"], polish["batchnorm"], polish["freeze_units"]) == (0.25, "frozen", 1)
     assert polish["lr"] == pytest.approx(0.02 * polish["batch_size"] / 128)
     assert polish["measured_peak_bytes"] <= results["budget_bytes"]
     polish_records = results["history"][-2:]  # the polish's validations, on the run's clock, after the blocks'
@@ -178,7 +220,8 @@ def test_nf_train_refuses_polish_it_cannot_do_before_training(tmp_path: Path) ->
     with pytest.raises(ValueError, match="polish_epochs needs the early_exit callback"):
         run(compose_config("train", [*TINY, "method=neuroflux", "polish_epochs=1", "~callbacks.early_exit"]), tmp_path)
     for bad, message in (("polish.batchnorm=fixed", "batchnorm must be one of"), ("polish.warmup=1.5", "lr_warmup"),
-                         ("polish.lr=0", "lr must be positive")):  # fmt: skip
+                         ("polish.lr=0", "lr must be positive"),
+                         ("polish.freeze_units=-1", "freeze_units must be a non-negative")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             run(compose_config("train", [*TINY, "method=neuroflux", "polish_epochs=1", bad]), tmp_path)
     assert not (tmp_path / "config.yaml").exists()  # refused before anything ran or was written

@@ -107,7 +107,7 @@ class ClassifierModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         optimizer = torch.optim.SGD(
-            self.parameters(),
+            [p for p in self.parameters() if p.requires_grad],  # frozen ones (the polish's freeze_units) stay out
             lr=hp.lr,
             momentum=hp.momentum,
             weight_decay=hp.weight_decay,

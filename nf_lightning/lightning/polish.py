@@ -13,6 +13,9 @@ batch size. :func:`polish_exit` fine-tunes it end to end for a few epochs:
 - BatchNorm either keeps adapting its statistics to the polish's batches
   (``batchnorm="train"``) or keeps those the block-wise run left and normalizes
   with them (``"frozen"``; its scale and shift still train);
+- the exit's first ``freeze_units`` units may stay as the run left them (weights
+  and statistics): no backward pass through them and none of their activations
+  held for one, so the epochs are cheaper and the batch the budget allows larger;
 - every step is held to the budget by
   :class:`~nf_lightning.lightning.backprop.BudgetedBackpropStrategy` (the
   guard NeuroFlux's unit steps run under);
@@ -64,6 +67,7 @@ class PolishReport:
     warmup: float
     batchnorm: str
     augment: bool
+    freeze_units: int
     predicted_peak_bytes: int
     measured_peak_bytes: int | None
     val_before: float
@@ -89,6 +93,7 @@ def polish_exit(
     warmup: float = 0.0,
     batchnorm: str = "train",
     augment: bool = True,
+    freeze_units: int = 0,
     batch_limit: int = BATCH_LIMIT,
     callbacks: Sequence[pl.Callback] = (),
     trainer_options: dict[str, Any] | None = None,
@@ -102,12 +107,11 @@ def polish_exit(
         budget: what every BP step must fit, as for the run (``"20MB"``, bytes or a ``MemoryBudget``).
         epochs: polish epochs (the cosine's horizon); at least 1.
         lr: SGD rate at ``reference_batch``, scaled linearly to the batch used.
-        momentum, weight_decay, nesterov: the rest of the SGD recipe (the app's ``optim``);
-            ``ClassifierModule``'s defaults where None.
+        momentum, weight_decay, nesterov: the rest of the SGD recipe (``ClassifierModule``'s where None).
         warmup: fraction of the polish's steps with a linear warm-up first (0: full rate at once).
-        batchnorm: ``"train"`` (statistics follow the batches) or ``"frozen"`` (the statistics it
-            came with stay; for low rates: at the recipe's it diverged, ``experiments/README.md``).
+        batchnorm: ``"train"`` (statistics follow the batches) or ``"frozen"`` (those it came with stay).
         augment: False trains on un-augmented batches (the datamodule's ``augment`` attribute, switched off).
+        freeze_units: the exit's first units (``ExitModel.units``) kept as they are, statistics too.
         callbacks: more callbacks for the polish's Trainer (a ``ValidationHistory`` spans run and polish).
         trainer_options: more ``pl.Trainer`` arguments (``accelerator``, ``logger``...).
 
@@ -115,37 +119,53 @@ def polish_exit(
         BudgetTooSmall: if BP through the exit does not fit at batch 1.
         ValueError: for settings it cannot use (:func:`check_settings`).
     """
-    check_settings(epochs, lr, warmup, batchnorm, augment, datamodule)
+    check_settings(epochs, lr, warmup, batchnorm, augment, datamodule, freeze_units)
     start = time.perf_counter()
     original = copy.deepcopy(exit_model).cpu()
     budget = MemoryBudget.parse(budget)
-    module = _module(exit_model, datamodule.num_classes, lr, warmup, momentum, weight_decay, nesterov)
-    sized = size_backprop_batch(
-        module, tuple(datamodule.input_shape), budget, batch_limit, lr=lr, reference_batch=reference_batch,
-        needed_by="backpropagation through the deployed exit (batch 1)",
-    )  # fmt: skip
+    module = _module(exit_model, datamodule.num_classes, lr, warmup, momentum, weight_decay, nesterov, freeze_units)
+    sized = size_backprop_batch(module, tuple(datamodule.input_shape), budget, batch_limit, lr=lr,
+                                reference_batch=reference_batch,
+                                needed_by="backpropagation through the deployed exit (batch 1)")  # fmt: skip
     module.hparams.lr = sized.lr
     trainer = _trainer(budget, epochs, batchnorm, callbacks, trainer_options)
     overrides = {"batch_size": sized.batch_size, **({} if augment else {"augment": False})}
     val_before, val_after = _fit_and_score(trainer, module, datamodule, overrides, original)
-    kept = val_after >= val_before
+    module.net.requires_grad_(True)  # frozen units come back trainable
     report = PolishReport(
         epochs=epochs, batch_size=sized.batch_size, lr=module.hparams.lr, warmup=warmup, batchnorm=batchnorm,
-        augment=augment, predicted_peak_bytes=sized.predicted_peak, measured_peak_bytes=trainer.strategy.guard.peak,
-        val_before=val_before, val_after=val_after, kept=kept, seconds=time.perf_counter() - start,
+        augment=augment, freeze_units=freeze_units, predicted_peak_bytes=sized.predicted_peak,
+        measured_peak_bytes=trainer.strategy.guard.peak, val_before=val_before, val_after=val_after,
+        kept=val_after >= val_before, seconds=time.perf_counter() - start,
     )  # fmt: skip
-    return (module.net if kept else original.eval()), report
+    return (module.net if report.kept else original.eval()), report
 
 
 def _module(
     exit_model: nn.Module, num_classes: int, lr: float, warmup: float, momentum: float | None,
-    weight_decay: float | None, nesterov: bool,
+    weight_decay: float | None, nesterov: bool, freeze_units: int,
 ) -> ClassifierModule:
-    """A copy of ``exit_model`` to train, cosine-decayed after ``warmup``; ``ClassifierModule``'s defaults
-    where ``momentum`` or ``weight_decay`` is None."""
+    """A copy of ``exit_model`` to train, cosine-decayed after ``warmup``, its first ``freeze_units`` units
+    frozen; ``ClassifierModule``'s defaults where ``momentum`` or ``weight_decay`` is None."""
     recipe = {k: v for k, v in {"momentum": momentum, "weight_decay": weight_decay}.items() if v is not None}
-    return ClassifierModule(copy.deepcopy(exit_model).train(), num_classes, lr=lr, nesterov=nesterov,
-                            lr_schedule="cosine", lr_warmup=warmup, **recipe)  # fmt: skip
+    net = copy.deepcopy(exit_model).train()
+    _freeze(net, freeze_units)
+    return ClassifierModule(net, num_classes, lr=lr, nesterov=nesterov, lr_schedule="cosine", lr_warmup=warmup,
+                            **recipe)  # fmt: skip
+
+
+def _freeze(net: nn.Module, count: int) -> None:
+    """Freeze the first ``count`` of ``net.units``: no gradients, and eval mode, which Lightning keeps
+    through fit and validation, so their BatchNorm statistics stay."""
+    if count == 0:
+        return
+    units = getattr(net, "units", None)
+    if not isinstance(units, nn.Sequential) or len(units) < count:
+        have = f"{len(units)} units" if isinstance(units, nn.Sequential) else "no `units` sequence"
+        raise ValueError(f"freeze_units={count} needs an exit with at least {count} units "
+                         f"(an ExitModel's `units`); this one has {have}")  # fmt: skip
+    for unit in list(units)[:count]:
+        unit.requires_grad_(False).eval()
 
 
 def _trainer(
@@ -174,7 +194,8 @@ class FrozenBatchNormStatistics(pl.Callback):
 
 
 def check_settings(
-    epochs: int, lr: float, warmup: float = 0.0, batchnorm: str = "train", augment: bool = True, datamodule: Any = None
+    epochs: int, lr: float, warmup: float = 0.0, batchnorm: str = "train", augment: bool = True,
+    datamodule: Any = None, freeze_units: int = 0,
 ) -> None:
     """Refuse polish settings :func:`polish_exit` cannot use (with ``datamodule``, on it), before anything trains.
 
@@ -193,6 +214,8 @@ def check_settings(
         raise ValueError(f"batchnorm must be one of {BATCHNORM}, got {batchnorm!r}")
     if not isinstance(augment, bool):
         raise ValueError(f"augment must be true or false, got {augment!r}")
+    if isinstance(freeze_units, bool) or not isinstance(freeze_units, int) or freeze_units < 0:
+        raise ValueError(f"freeze_units must be a non-negative integer, got {freeze_units!r}")
     if not augment and datamodule is not None and not hasattr(datamodule, "augment"):
         raise ValueError(f"augment=False needs a datamodule with an `augment` attribute that its training loader "
                          f"follows (every nf_lightning.data module has one); {type(datamodule).__name__} has none")
