@@ -125,5 +125,6 @@ def test_the_ablation_table_puts_each_levers_summary_in_one_row_and_counts_the_t
     # the committed TIN row: 3 seeds, 96 s against scratch_exit's 127 s, 1.32x (1.45x, 1.35x, 1.16x), 4.36x BP
     assert rows[1].split(" | ")[1:5] == ["3", "24.7", "96", "4, 2, 3"]
     assert "| 1.32x; 1.45x, 1.35x, 1.16x | 4.36x | 0.05 / 0.05 |" in rows[1]
+    assert rows[1].split(" | ")[-2] == committed["results"]["commits"][0][:7]  # the code each row ran
     # every method pinned to one rate: NeuroFlux tried its 2 overrides, scratch_exit its 2
     assert "Configurations tried: NeuroFlux 2, scratch_exit 2" in table

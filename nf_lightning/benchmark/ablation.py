@@ -27,7 +27,7 @@ TABLE_FILE = "ablation.md"
 HEADER = (
     "| lever | seeds | target % | NeuroFlux s to target | deployed units | NeuroFlux test % | scratch_exit s | "
     "scratch_exit test % | vs scratch_exit (ratio of means; per seed) | vs BP | rates (NeuroFlux / scratch_exit) | "
-    "load | summary |"
+    "load | code | summary |"
 )
 
 
@@ -68,7 +68,11 @@ def ablation_row(summary: Mapping[str, Any], shown: str) -> str:
             f"{seconds(scratch.get('time_to_target'))} | {pct(scratch.get('test_acc'))} | "
             f"{format_speedup(versus and versus['ratio_of_means'])}; {per_seed} | "
             f"{format_speedup((speedups.get('bp') or {}).get('ratio_of_means'))} | {_rate(nf_lr)} / "
-            f"{_rate(results['lrs'].get('scratch_exit'))} | {load} | `{shown}` |")  # fmt: skip
+            f"{_rate(results['lrs'].get('scratch_exit'))} | {load} | {_commits(results)} | `{shown}` |")  # fmt: skip
+
+
+def _commits(results: Mapping[str, Any]) -> str:
+    return ", ".join(sorted({c[:7] for c in results["commits"]}))
 
 
 def _rate(lr: float | None) -> str:
@@ -78,12 +82,11 @@ def _rate(lr: float | None) -> str:
 def ablation_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     """The Markdown table, rows in the order given (``{where the summary lies: summary}``), with the tries counted."""
     listed = list(summaries.values())
-    commits = sorted({c[:7] for s in listed for c in s["results"]["commits"]})
     lines = [
         f"Configurations tried: NeuroFlux {tries(listed, 'neuroflux')}, scratch_exit {tries(listed, 'scratch_exit')} "
-        f"(distinct overrides and rate). Code: {', '.join(commits)}. Speed-ups are scratch_exit's or BP's time to "
-        "the target over NeuroFlux's: under 1x, NeuroFlux is slower. Load: the 1-minute load average during "
-        "NeuroFlux's and scratch_exit's runs.",
+        "(distinct overrides and rate). Speed-ups are scratch_exit's or BP's time to the target over NeuroFlux's, "
+        "timed in the same invocation from the same code: under 1x, NeuroFlux is slower. Load: the 1-minute load "
+        "average during NeuroFlux's and scratch_exit's runs.",
         "",
         HEADER,
         "|" + " --- |" * (HEADER.count("|") - 1),
