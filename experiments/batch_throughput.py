@@ -87,7 +87,7 @@ def step_seconds(net: nn.Module, shape: Sequence[int], batch: int, classes: int,
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
-    rows = []
+    load_before, rows = os.getloadavg()[0], []
     for model in args.models:
         for name, (net, shape) in networks(model, args.width, args.exit_unit, args.classes).items():
             per_sample = [step_seconds(net, shape, batch, args.classes, device, args.min_seconds, args.repeats) / batch
@@ -98,8 +98,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": str(device), "threads": torch.get_num_threads(), "width": args.width,
             "input_shape": list(INPUT_SHAPE), "classes": args.classes, "batches": list(args.batches),
             "gain_from": args.gain_from, "min_seconds": args.min_seconds, "repeats": args.repeats,
-            "torch": torch.__version__,
-            "rows": rows}  # fmt: skip
+            "torch": torch.__version__, "load": [load_before, os.getloadavg()[0]], "rows": rows}  # fmt: skip
 
 
 def gain(row: dict[str, Any], batches: Sequence[int], small: int) -> float:
@@ -119,7 +118,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"One SGD step (forward, backward, update) of each network the benchmark trains, width "
         f"{summary['width']}, input {tuple(summary['input_shape'])}, {summary['classes']} classes; milliseconds "
-        f"per sample, median of {summary['repeats']} timings of at least {summary['min_seconds']} s each. "
+        f"per sample, median of {summary['repeats']} timings of at least {summary['min_seconds']} s each; "
+        f"1-minute load {summary['load'][0]:.1f} before, {summary['load'][1]:.1f} after. "
         f"Gain: the cost per sample at batch {small} (BP fits the benchmark's budget at batch 8) over that at "
         f"batch {max(batches)}.",
         "",

@@ -70,3 +70,17 @@ def test_the_velocity_probe_keeps_its_rows_in_host_memory_and_gives_the_same_vel
     assert moved and all(t.device.type == "cpu" for t in moved) and off.off_device_bytes > 0
     assert all(t.device.type == "cuda" for t in off.tensors())
     training.release()
+
+
+def test_batch_throughput_times_the_benchmarks_networks_on_the_gpu(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "batch_throughput.py"
+    done = subprocess.run([sys.executable, str(script), "--device", "cuda", "--models", "vgg11", "--batches", "8",
+                           "256", "--min-seconds", "0.05", "--repeats", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["device"] == "cuda" and all(min(r["per_sample_seconds"]) > 0 for r in summary["rows"])
