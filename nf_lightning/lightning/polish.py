@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -231,7 +232,9 @@ def _fit_and_score(
         setattr(datamodule, name, value)
     try:
         val_before = _accuracy(datamodule, original)
-        trainer.fit(module, datamodule=datamodule)
+        with warnings.catch_warnings():  # the frozen units (freeze_units) are the only ones in eval mode
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+            trainer.fit(module, datamodule=datamodule)
     finally:
         for name, value in saved.items():
             setattr(datamodule, name, value)
