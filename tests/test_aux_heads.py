@@ -117,3 +117,23 @@ def test_unknown_policy_lists_policies() -> None:
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(aux_heads).failed == 0
+
+
+def test_pooled_heads_convolve_at_most_4x4_with_the_adaptive_filters() -> None:
+    torch.manual_seed(0)
+    units = decompose(create("vgg11", width_mult=0.25)).units
+    pooled, adaptive = build_aux_heads(units, 10, policy="pooled"), build_aux_heads(units, 10)
+    assert aux_widths(units, policy="pooled") == aux_widths(units)
+    seen: list[tuple[int, int]] = []
+    hooks = [next(m for m in head if isinstance(m, nn.Conv2d)).register_forward_hook(
+        lambda module, args, out: seen.append(tuple(args[0].shape[-2:]))) for head in pooled]  # fmt: skip
+    x = torch.randn(2, 3, 32, 32)
+    for unit, head, plain in zip(units, pooled, adaptive, strict=False):
+        x = unit(x)
+        assert head(x).shape == (2, 10)
+        assert isinstance(head[0], nn.AdaptiveAvgPool2d) == (x.shape[-1] > 4)  # only where the output is larger
+        assert sum(p.numel() for p in head.parameters()) == sum(p.numel() for p in plain.parameters())
+    for hook in hooks:
+        hook.remove()
+    assert seen == [(min(h, 4), min(w, 4)) for _, h, w in unit_shapes(units)[:-1]] and (4, 4) in seen
+    assert seen[0] == (4, 4) and unit_shapes(units)[0][1:] == (16, 16)  # unit 0's head: 16x16 pooled to 4x4

@@ -202,6 +202,8 @@ def test_scratch_runs_are_bp_on_the_exit_and_depth_search_stops_at_the_target() 
     net = exit_network("vgg11", num_classes=10, unit=2, width_mult=0.25)
     full = exit_network("vgg11", num_classes=10, unit=7, width_mult=0.25)
     assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in full.parameters())
+    pooled = exit_network("vgg11", num_classes=10, unit=2, width_mult=0.25, aux="pooled")  # as NeuroFlux's aux
+    assert type(pooled.head[0]).__name__ == "AdaptiveAvgPool2d" != type(net.head[0]).__name__
     nf = compose_config("train", plan.run_overrides(plan.RunSpec("neuroflux", 0.05, 0), settings, "1MB"))
     assert "snapshots" in nf.callbacks and "snapshots" in nf.polish_callbacks
 

@@ -44,6 +44,20 @@ def test_plain_module_trains_and_blocks_respect_budget(tmp_path: Path) -> None:
     assert isinstance(t.callbacks[0], NeuroFluxHooks) and sum(isinstance(c, NeuroFluxHooks) for c in t.callbacks) == 1
 
 
+def test_pooled_heads_train_and_resume_with_the_run(tmp_path: Path) -> None:
+    train, val = loaders(n_train=64, n_val=32)
+    strategy = tight_strategy(tmp_path, aux="pooled")
+    t = trainer(tmp_path, strategy, max_epochs=1, enable_checkpointing=False)
+    t.fit(PlainClassifier(), train, val)
+    heads = strategy.run.exits[:-1]
+    assert strategy.plan.aux_policy == "pooled" and any(isinstance(h[0], torch.nn.AdaptiveAvgPool2d) for h in heads)
+    t.save_checkpoint(tmp_path / "one_epoch.ckpt")
+    resumed = tight_strategy(tmp_path, aux="pooled")
+    again = trainer(tmp_path, resumed, max_epochs=2, enable_checkpointing=False)
+    again.fit(PlainClassifier(), train, val, ckpt_path=tmp_path / "one_epoch.ckpt")
+    assert again.current_epoch == 2 and [type(h[0]) for h in resumed.run.exits[:-1]] == [type(h[0]) for h in heads]
+
+
 def test_a_listed_hooks_callback_is_used_as_is(tmp_path: Path) -> None:
     hooks = NeuroFluxHooks()
     train, val = loaders(n_train=64, n_val=32)

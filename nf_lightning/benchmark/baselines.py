@@ -23,22 +23,24 @@ from torch import nn
 
 
 def exit_network(
-    name: str, num_classes: int, unit: int, width_mult: float = 1.0, input_shape: Sequence[int] = (3, 32, 32)
+    name: str, num_classes: int, unit: int, width_mult: float = 1.0, input_shape: Sequence[int] = (3, 32, 32),
+    aux: str = "adaptive",
 ) -> nn.Module:
     """A freshly initialised exit of model ``name``: its units ``0..unit`` and unit ``unit``'s auxiliary head.
 
-    The heads are NeuroFlux's (``build_exits(..., "adaptive")``), so the network is
+    The heads are NeuroFlux's (``build_exits(..., aux)``, its ``aux`` policy), so the network is
     the one NeuroFlux deploys at that unit; the last unit's exit is the whole model.
-    A Hydra ``model`` target: ``model._target_=nf_lightning.benchmark.baselines.exit_network +model.unit=3``.
+    A Hydra ``model`` target: ``model._target_=nf_lightning.benchmark.baselines.exit_network +model.unit=3``
+    (``+model.aux=pooled`` for a NeuroFlux run with ``aux="pooled"``).
     """
     from nf_lightning import models
-    from nf_lightning.core.network.decompose import decompose
-    from nf_lightning.core.exits.selection import ExitModel
     from nf_lightning.core.exits.aux_heads import build_exits
+    from nf_lightning.core.exits.selection import ExitModel
+    from nf_lightning.core.network.decompose import decompose
 
     net = models.create(name, num_classes=num_classes, width_mult=width_mult)
     parts = decompose(net)
-    return ExitModel(parts.units, build_exits(parts, tuple(input_shape), "adaptive"), unit).train()
+    return ExitModel(parts.units, build_exits(parts, tuple(input_shape), aux), unit).train()
 
 
 def depth_search_seed(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ Example:
     >>> NeuroFluxOptions(aux="wide")
     Traceback (most recent call last):
     ...
-    ValueError: unknown aux policy 'wide'; choose one of ('adaptive', 'classic')
+    ValueError: unknown aux policy 'wide'; choose one of ('adaptive', 'classic', 'pooled')
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from nf_lightning.core.cache.format import SUPPORTED_DTYPES
+from nf_lightning.core.exits.aux_heads import POLICIES as AUX_POLICIES
 from nf_lightning.core.memory.enforcement import FULL_STEPS, SAMPLE_EVERY
 from nf_lightning.core.plan.partitioner import BATCH_LIMIT, RHO
 from nf_lightning.core.train.feature_augment import POLICIES as AUGMENT_POLICIES
 from nf_lightning.core.train.schedule import BlockSchedule
 
-AUX_POLICIES = ("adaptive", "classic")
 EVALUATE = ("exit", "full")
 
 
@@ -43,7 +43,8 @@ class NeuroFluxOptions:
             learning rate decays over it and it ends there at the latest.
         batch_limit: largest batch size any block uses (``B`` in Algorithm 1).
         rho: grouping threshold of Algorithm 1.
-        aux: ``"adaptive"`` (AAN, the paper's heads) or ``"classic"`` (256 filters).
+        aux: ``"adaptive"`` (AAN, the paper's heads), ``"classic"`` (256 filters) or ``"pooled"``
+            (AAN's filters on the unit's output averaged down to 4x4 first: cheaper heads on early units).
         single_block: all units as one block at one batch size (classic local learning).
         cache: write each finished block's outputs to disk and train the next block from
             them (§5.3). ``False`` runs every batch through the frozen units before the

@@ -9,6 +9,9 @@ Filter policies (§3):
   pool still gets the small head, as the paper treats the pool as following that
   layer: VGG-16 gets 32 filters for units 1-2 and 256 for the rest.
 - ``"classic"``: the same number of filters everywhere (256 in classic local learning).
+- ``"pooled"``: AAN's filters, but each head first averages its unit's output down to
+  ``POOLED_SIZE`` x ``POOLED_SIZE`` where it is larger, so no head convolves more than that:
+  cheaper heads on the early, high-resolution units, the same head where the output is that small.
 
 Unit widths are the units' output channels, all units counted.
 
@@ -16,8 +19,8 @@ Example:
     >>> from torch import nn
     >>> units = [nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, stride=2, padding=1),
     ...          nn.Conv2d(32, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)]
-    >>> aux_widths(units), aux_widths(units, policy="classic")
-    ([8, 8, 32], [256, 256, 256])
+    >>> aux_widths(units), aux_widths(units, policy="classic"), aux_widths(units, policy="pooled")
+    ([8, 8, 32], [256, 256, 256], [8, 8, 32])
     >>> [head[0].out_channels for head in build_aux_heads(units, num_classes=10)]
     [8, 8, 32]
 """
@@ -32,28 +35,37 @@ from torch.func import functional_call
 
 from nf_lightning.core.network.decompose import Decomposition
 
-POLICIES: tuple[str, ...] = ("adaptive", "classic")
+POLICIES: tuple[str, ...] = ("adaptive", "classic", "pooled")
+POOLED_SIZE = 4
+"""The ``"pooled"`` policy's head input: the unit's output averaged down to at most this height and width."""
 CIFAR_SHAPE: tuple[int, int, int] = (3, 32, 32)
 
 
 class AuxHead(nn.Sequential):
-    """``conv3x3 -> BN -> ReLU -> AdaptiveAvgPool2d(pool_size) -> flatten -> Linear``.
+    """``[AvgPool(input_pool) ->] conv3x3 -> BN -> ReLU -> AdaptiveAvgPool2d(pool_size) -> flatten -> Linear``.
 
     The adaptive pool fixes the Linear's input at ``filters * pool_size**2``,
-    whatever the unit's output resolution.
+    whatever the unit's output resolution; ``input_pool`` (the ``"pooled"`` policy)
+    averages the input down first, so the conv runs on that many positions.
 
     Example:
         >>> import torch
         >>> head = AuxHead(in_channels=64, filters=32, num_classes=10)
         >>> head(torch.randn(2, 64, 32, 32)).shape, head(torch.randn(2, 64, 3, 3)).shape
         (torch.Size([2, 10]), torch.Size([2, 10]))
+        >>> AuxHead(64, 32, 10, input_pool=4)[0]
+        AdaptiveAvgPool2d(output_size=4)
     """
 
-    def __init__(self, in_channels: int, filters: int, num_classes: int, pool_size: int = 2) -> None:
-        sizes = {"in_channels": in_channels, "filters": filters, "num_classes": num_classes, "pool_size": pool_size}
+    def __init__(
+        self, in_channels: int, filters: int, num_classes: int, pool_size: int = 2, input_pool: int | None = None
+    ) -> None:
+        sizes = {"in_channels": in_channels, "filters": filters, "num_classes": num_classes, "pool_size": pool_size,
+                 **({} if input_pool is None else {"input_pool": input_pool})}  # fmt: skip
         for name, value in sizes.items():
             _check_positive_int(name, value)
         super().__init__(
+            *([] if input_pool is None else [nn.AdaptiveAvgPool2d(input_pool)]),
             nn.Conv2d(in_channels, filters, 3, padding=1, bias=False),
             nn.BatchNorm2d(filters),
             nn.ReLU(inplace=True),
@@ -124,8 +136,14 @@ def build_aux_heads(
     shapes = unit_shapes(units, input_shape)
     widths = _widths(shapes, input_shape, policy, classic_filters)
     return nn.ModuleList(
-        AuxHead(channels, filters, num_classes) for (channels, _, _), filters in zip(shapes[:-1], widths, strict=True)
+        AuxHead(channels, filters, num_classes, input_pool=_input_pool(policy, height, width))
+        for (channels, height, width), filters in zip(shapes[:-1], widths, strict=True)
     )
+
+
+def _input_pool(policy: str, height: int, width: int) -> int | None:
+    """The ``"pooled"`` policy's input pool for a unit output of ``height`` x ``width`` (None: none needed)."""
+    return POOLED_SIZE if policy == "pooled" and max(height, width) > POOLED_SIZE else None
 
 
 def _widths(
