@@ -110,6 +110,16 @@ def test_the_crossing_is_the_deployable_exits_not_the_best_of_all_exits() -> Non
     assert row["time_to_target"] == 40.0 and row["crossing_validation"] == 3 and row["best_val"] == 0.66
 
 
+def test_a_run_row_carries_the_head_policy_its_run_trained_with() -> None:
+    """The bare-loop and throughput measurements rebuild the heads a run had: its plan's, or its exit's model's."""
+    nf = record("neuroflux", 0.05, 0, nf_history(), exits=EXITS)
+    assert summary.run_row(nf)["aux_policy"] is None  # a record from before the plan said (the default heads)
+    nf["results"]["plan"]["aux_policy"] = "pooled"
+    scratch = record("scratch_exit", 0.05, 0, history([(10.0, 0.5)]), unit=2)
+    scratch["results"]["model"] = {"name": "vgg11", "unit": 2, "aux": "pooled"}
+    assert summary.run_row(nf)["aux_policy"] == summary.run_row(scratch)["aux_policy"] == "pooled"
+
+
 def test_run_rows_failed_infeasible_and_bp_profiling_on_the_clock(tmp_path: Path) -> None:
     ok = summary.run_row(record("bp", 0.05, 0, history([(10.0, 0.5), (20.0, 0.6)]), before_fit=3.0), target=0.55)
     assert ok["status"] == "ok" and ok["curve"] == [(13.0, 0.5), (23.0, 0.6)] and ok["time_to_target"] == 23.0

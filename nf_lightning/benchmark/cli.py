@@ -122,7 +122,10 @@ def measure(settings: Mapping[str, Any], results: Mapping[str, Any], args: argpa
             out["overhead"][method] = {"error": repr(error)}
     if results.get("exits"):
         try:
-            out["throughput"] = measures.exit_throughput(settings, results["exits"]["unit"], args.throughput_repeats)
+            aux = next((r["aux_policy"] for r in results["runs"] if r["method"] in LOCAL and r.get("aux_policy")),
+                       "adaptive")  # the heads NeuroFlux's runs had  # fmt: skip
+            out["throughput"] = measures.exit_throughput(settings, results["exits"]["unit"], args.throughput_repeats,
+                                                         aux)  # fmt: skip
         except Exception as error:
             out["throughput"] = {"error": repr(error)}
     if any(m in LOCAL for m in results["methods"]) and results["target"] is not None:

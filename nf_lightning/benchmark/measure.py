@@ -116,24 +116,24 @@ def bare_step_seconds(
     step, at the block's batch; the mean over blocks weighted by their steps.
     """
     from nf_lightning.benchmark.baselines import exit_network
-    from nf_lightning.core.exits.aux_heads import unit_shapes
+    from nf_lightning.core.exits.aux_heads import build_exits, unit_shapes
     from nf_lightning.core.network.checkpointing import CheckpointedNetwork
     from nf_lightning.core.network.decompose import decompose
     from nf_lightning.core.train.local_learning import LocalBlock
-    from nf_lightning.core.exits.aux_heads import build_exits
 
     torch.manual_seed(0)
     shape = _input_shape(settings)
     if method in BP_LIKE:
         net = _network(settings)
         if run.get("unit") is not None:
-            net = exit_network(settings["model"], _classes(settings), run["unit"], settings["width"], shape)
+            net = exit_network(settings["model"], _classes(settings), run["unit"], settings["width"], shape,
+                               aux=run.get("aux_policy") or "adaptive")  # fmt: skip
         model = (CheckpointedNetwork(net) if method == "bp_ckpt" else net).train()
         (batch,) = run["batch_sizes"]
         seconds = _median_seconds(_bp_step(model, batch, shape), steps, warmup)
         return {"bare_step_seconds": seconds, "blocks": [{"batch": batch, "seconds": seconds}]}
     parts = decompose(_network(settings).train())
-    exits = build_exits(parts, shape, "classic" if method == "classic_ll" else "adaptive")
+    exits = build_exits(parts, shape, run.get("aux_policy") or ("classic" if method == "classic_ll" else "adaptive"))
     shapes = [shape, *unit_shapes(parts.units, shape)]
     blocks = []
     for block, batch, count in zip(run["plan_blocks"] or [], run["batch_sizes"], run["steps"] or []):
@@ -154,8 +154,9 @@ def bare_step_seconds(
     return {"bare_step_seconds": mean, "blocks": blocks}
 
 
-def exit_throughput(settings: Mapping[str, Any], unit: int, repeats: int) -> dict[str, Any]:
-    """Inference speed of the exit ``unit`` against the full network, batch 1 and 64, ``settings['threads']`` threads.
+def exit_throughput(settings: Mapping[str, Any], unit: int, repeats: int, aux: str = "adaptive") -> dict[str, Any]:
+    """Inference speed of the exit ``unit`` (heads of policy ``aux``) against the full network, batch 1 and 64,
+    ``settings['threads']`` threads.
 
     Speed depends on the operations, not on the weights, so the architecture is built afresh.
     """
@@ -164,7 +165,7 @@ def exit_throughput(settings: Mapping[str, Any], unit: int, repeats: int) -> dic
 
     shape = _input_shape(settings)
     net = _network(settings).eval()
-    exit_model = exit_network(settings["model"], _classes(settings), unit, settings["width"], shape).eval()
+    exit_model = exit_network(settings["model"], _classes(settings), unit, settings["width"], shape, aux=aux).eval()
     rows = compare_throughput(exit_model, net, shape, batch_sizes=(1, 64), warmup=5, repeats=repeats,
                               num_threads=settings["threads"])  # fmt: skip
     return {"unit": unit, "rows": rows}

@@ -73,6 +73,7 @@ def run_row(record: Mapping[str, Any], target: float | None = None) -> dict[str,
         blockwise_test_acc=probe.get("blockwise_accuracy", probe.get("accuracy")),
         full_parameters=exit_.get("full_parameters"),
         plan_blocks=(results.get("plan") or {}).get("blocks"),
+        aux_policy=(results.get("plan") or {}).get("aux_policy") or (results.get("model") or {}).get("aux"),
         curve=curve,
         **convergence(curve),
     )
