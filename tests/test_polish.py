@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -127,7 +128,7 @@ def test_a_polish_with_frozen_units_keeps_them_as_they_were_and_fits_a_larger_ba
         assert not [w for w in caught if "in eval mode" in str(w.message)]  # frozen on purpose: no warning
         reports.append(report)
         states.append(seen.state)
-        assert all(p.requires_grad for p in polished.parameters())  # it comes back trainable
+        assert all(p.requires_grad for p in polished.parameters())  # it comes back trainable, as it came
     original = exit_model.state_dict()
     for freeze, state in enumerate(states):
         unit0 = [k for k in state if k.startswith("units.0.")]
@@ -137,6 +138,17 @@ def test_a_polish_with_frozen_units_keeps_them_as_they_were_and_fits_a_larger_ba
         assert not any(torch.equal(state[k], original[k]) for k in later)  # the rest trained either way
     assert reports[1].freeze_units == 1 and reports[1].batch_size > reports[0].batch_size  # no activations kept
     assert reports[1].measured_peak_bytes <= BUDGET
+
+
+def test_a_polish_gives_back_the_trainable_flags_its_exit_came_with(trained: tuple) -> None:
+    exit_model, dm = trained
+    mine = copy.deepcopy(exit_model)
+    mine.units[1].requires_grad_(False)  # the user's own choice, which the polish must not undo
+    polished, report = polish_exit(mine, dm, MemoryBudget.parse(BUDGET), **RECIPE, epochs=3, lr=0.05, freeze_units=1,
+                                   trainer_options=CPU)  # fmt: skip
+    assert report.kept  # the trained copy came back (as in the first test: 3 epochs gain)
+    flags = {name.split(".")[1]: p.requires_grad for name, p in polished.named_parameters() if name.startswith("units")}
+    assert [unit for unit, trainable in flags.items() if not trainable] == ["1"]  # unit 0 thawed, unit 1 as it was
 
 
 def test_polish_refuses_freeze_units_it_cannot_apply(trained: tuple) -> None:

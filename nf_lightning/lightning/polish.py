@@ -132,7 +132,7 @@ def polish_exit(
     trainer = _trainer(budget, epochs, batchnorm, callbacks, trainer_options)
     overrides = {"batch_size": sized.batch_size, **({} if augment else {"augment": False})}
     val_before, val_after = _fit_and_score(trainer, module, datamodule, overrides, original)
-    module.net.requires_grad_(True)  # frozen units come back trainable
+    _thaw(module.net, exit_model)
     report = PolishReport(
         epochs=epochs, batch_size=sized.batch_size, lr=module.hparams.lr, warmup=warmup, batchnorm=batchnorm,
         augment=augment, freeze_units=freeze_units, predicted_peak_bytes=sized.predicted_peak,
@@ -167,6 +167,12 @@ def _freeze(net: nn.Module, count: int) -> None:
                          f"(an ExitModel's `units`); this one has {have}")  # fmt: skip
     for unit in list(units)[:count]:
         unit.requires_grad_(False).eval()
+
+
+def _thaw(net: nn.Module, like: nn.Module) -> None:
+    """Give ``net``'s parameters the ``requires_grad`` of ``like``'s (the exit it was copied from)."""
+    for parameter, original in zip(net.parameters(), like.parameters(), strict=True):
+        parameter.requires_grad_(original.requires_grad)
 
 
 def _trainer(
