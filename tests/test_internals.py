@@ -127,3 +127,39 @@ def test_has_val_dataloader_sees_every_way_fit_gets_validation_data(tmp_path) ->
         with pytest.raises(SystemExit):
             t.fit(model, *args)
     assert seen == [False, True, True]
+
+
+def test_an_eval_mode_submodule_stays_so_through_fit_and_only_lightnings_warning_is_quieted(tmp_path) -> None:
+    """The polish's frozen units: Lightning keeps their eval mode and warns about it in these words."""
+    import re
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Frozen(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.layer = torch.nn.BatchNorm1d(2).eval(), torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(self.stem(batch[0])).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("v", self.layer(self.stem(batch[0])).sum())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.layer.parameters(), lr=0.1)
+
+    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+    caught = []
+    for quiet in (False, True):
+        module = Frozen()
+        trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                             default_root_dir=tmp_path, enable_model_summary=False)  # fmt: skip
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with _internals.eval_mode_on_purpose() if quiet else warnings.catch_warnings():
+                trainer.fit(module, loader, loader)
+        caught.append([w for w in seen if re.search(_internals.EVAL_MODE_WARNING, str(w.message))])
+        assert not module.stem.training and module.layer.training  # kept through fit and two validations
+    assert caught[0] and not caught[1]

@@ -7,6 +7,9 @@ one fails loudly there instead of deep inside a training run.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -50,6 +53,22 @@ def reload_train_dataloader(trainer: pl.Trainer) -> None:
     setting NeuroFlux must not rewrite; dropping the loaded loader is what that setting does.
     """
     trainer.fit_loop._combined_loader = None
+
+
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+"""Lightning's warning, at ``fit``'s start, about submodules in eval mode (its text, not a promised API)."""
+
+
+@contextmanager
+def eval_mode_on_purpose() -> Iterator[None]:
+    """A ``fit`` whose eval-mode submodules are meant to be (frozen units): without Lightning's warning.
+
+    Lightning keeps a submodule's mode through ``fit`` and restores it after each validation
+    (undocumented behaviour the frozen units rely on, checked with the warning's text).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
+        yield
 
 
 class TrainerDevices:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -50,6 +49,7 @@ from torch import nn
 from nf_lightning.core.exits.selection import loader_accuracy
 from nf_lightning.core.memory.budget import MemoryBudget
 from nf_lightning.core.plan.partitioner import BATCH_LIMIT
+from nf_lightning.lightning._internals import eval_mode_on_purpose
 from nf_lightning.lightning.backprop import BudgetedBackpropStrategy
 from nf_lightning.lightning.backprop_batch import size_backprop_batch
 from nf_lightning.lightning.classifier import ClassifierModule, check_lr_warmup
@@ -157,7 +157,7 @@ def _module(
 
 def _freeze(net: nn.Module, count: int) -> None:
     """Freeze the first ``count`` of ``net.units``: no gradients, and eval mode, which Lightning keeps
-    through fit and validation, so their BatchNorm statistics stay."""
+    through fit and validation (``_internals.eval_mode_on_purpose``), so their BatchNorm statistics stay."""
     if count == 0:
         return
     units = getattr(net, "units", None)
@@ -238,8 +238,7 @@ def _fit_and_score(
         setattr(datamodule, name, value)
     try:
         val_before = _accuracy(datamodule, original)
-        with warnings.catch_warnings():  # the frozen units (freeze_units) are the only ones in eval mode
-            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        with eval_mode_on_purpose():  # the frozen units (freeze_units) are the only ones in eval mode
             trainer.fit(module, datamodule=datamodule)
     finally:
         for name, value in saved.items():
