@@ -122,8 +122,8 @@ def measure(settings: Mapping[str, Any], results: Mapping[str, Any], args: argpa
             out["overhead"][method] = {"error": repr(error)}
     if results.get("exits"):
         try:
-            aux = next((r["aux_policy"] for r in results["runs"] if r["method"] in LOCAL and r.get("aux_policy")),
-                       "adaptive")  # the heads NeuroFlux's runs had  # fmt: skip
+            aux = next((r["aux_policy"] for r in results["runs"] if r["method"] == "neuroflux" and r.get("aux_policy")),
+                       "adaptive")  # the heads NeuroFlux's runs had (the exits are NeuroFlux's)  # fmt: skip
             out["throughput"] = measures.exit_throughput(settings, results["exits"]["unit"], args.throughput_repeats,
                                                          aux)  # fmt: skip
         except Exception as error:
