@@ -190,8 +190,9 @@ class FrozenBatchNormStatistics(pl.Callback):
     """Keep every BatchNorm of the trained module in eval mode: it normalizes with its running statistics,
     which no training step changes; its affine weights still train.
 
-    Lightning puts the module back in training mode at every epoch's start and after every
-    validation, so this does it again before each training batch (cheap: a walk over the modules).
+    The module comes to ``fit`` in training mode, and its own code or a ``train()`` call may put it back
+    there (Lightning itself keeps each submodule's mode, ``_internals.eval_mode_on_purpose``), so this
+    does it before each training batch (cheap: a walk over the modules).
     """
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
