@@ -15,7 +15,8 @@ momentum) of each network the benchmark trains, at batch sizes 1 to 256:
     python experiments/batch_throughput.py --device cuda                      # where a GPU is lent
 
 Writes ``experiments/results/batch_throughput/<device>/summary.json``, ``summary.md`` and
-``per_sample.png``. Times are medians of ``--repeats`` timings of at least ``--min-seconds`` each.
+``per_sample.png``. Times are medians of ``--steps`` steps after ``--warmup`` (``measure.bp_step``, the
+benchmark's bare loop).
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from nf_lightning.benchmark.measure import bp_step, median_seconds
 from nf_lightning.core.exits.aux_heads import build_exits, unit_shapes
 from nf_lightning.core.exits.selection import ExitModel
 from nf_lightning.core.network.decompose import decompose
@@ -56,33 +56,10 @@ def networks(model: str, width: float, exit_unit: int, classes: int) -> dict[str
 
 
 def step_seconds(net: nn.Module, shape: Sequence[int], batch: int, classes: int, device: torch.device,
-                 min_seconds: float, repeats: int) -> float:  # fmt: skip
-    """Median wall time of one SGD step of ``net`` on a random batch."""
-    net = net.to(device).train()
-    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randn(batch, *shape, device=device)
-    y = torch.randint(0, classes, (batch,), device=device)
+                 steps: int, warmup: int) -> float:  # fmt: skip
+    """Median wall time of one SGD step of ``net`` on a random batch (the benchmark's bare-loop step)."""
     sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(net(x), y).backward()
-        optimizer.step()
-
-    for _ in range(3):
-        step()
-    timings = []
-    for _ in range(repeats):
-        sync()
-        start, steps = time.perf_counter(), 0
-        while steps < 3 or time.perf_counter() - start < min_seconds:
-            step()
-            steps += 1
-            if steps % 4 == 0:
-                sync()
-        sync()
-        timings.append((time.perf_counter() - start) / steps)
-    return statistics.median(timings)
+    return median_seconds(bp_step(net.to(device).train(), batch, shape, classes, device), steps, warmup, sync)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,14 +67,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     load_before, rows = os.getloadavg()[0], []
     for model in args.models:
         for name, (net, shape) in networks(model, args.width, args.exit_unit, args.classes).items():
-            per_sample = [step_seconds(net, shape, batch, args.classes, device, args.min_seconds, args.repeats) / batch
+            per_sample = [step_seconds(net, shape, batch, args.classes, device, args.steps, args.warmup) / batch
                           for batch in args.batches]  # fmt: skip
             rows.append({"model": model, "network": name, "per_sample_seconds": per_sample})
             costs = ", ".join(f"{b}: {1e3 * s:.3f}" for b, s in zip(args.batches, per_sample, strict=True))
             print(f"[batch_throughput] {model} {name}: {costs} ms/sample", flush=True)
     return {"device": str(device), "threads": torch.get_num_threads(), "width": args.width,
             "input_shape": list(INPUT_SHAPE), "classes": args.classes, "batches": list(args.batches),
-            "gain_from": args.gain_from, "min_seconds": args.min_seconds, "repeats": args.repeats,
+            "gain_from": args.gain_from, "steps": args.steps, "warmup": args.warmup,
             "torch": torch.__version__, "load": [load_before, os.getloadavg()[0]], "rows": rows}  # fmt: skip
 
 
@@ -118,7 +95,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"One SGD step (forward, backward, update) of each network the benchmark trains, width "
         f"{summary['width']}, input {tuple(summary['input_shape'])}, {summary['classes']} classes; milliseconds "
-        f"per sample, median of {summary['repeats']} timings of at least {summary['min_seconds']} s each; "
+        f"per sample, median of {summary['steps']} timed steps after {summary['warmup']} untimed (nf-train's SGD "
+        f"recipe, the benchmark's bare loop); "
         f"1-minute load {summary['load'][0]:.1f} before, {summary['load'][1]:.1f} after. "
         f"Gain: the cost per sample at batch {small} (BP fits the benchmark's budget at batch 8) over that at "
         f"batch {max(batches)}.",
@@ -156,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--gain-from", type=int, default=8, help="the gain column: this batch against the largest")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--min-seconds", type=float, default=0.3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per network and batch (the median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--out", type=Path, default=None, help="default: results/batch_throughput/<device>")
     args = parser.parse_args(argv)
     if args.gain_from not in args.batches or min(args.batches) < 1:

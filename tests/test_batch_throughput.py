@@ -12,7 +12,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "batch_throughput
 
 def test_batch_throughput_times_every_network_a_benchmark_run_trains(tmp_path: Path) -> None:
     command = [sys.executable, str(SCRIPT), "--models", "vgg11", "--width", "0.125", "--batches", "2", "8",
-               "--gain-from", "2", "--min-seconds", "0.01", "--repeats", "1", "--out", str(tmp_path)]  # fmt: skip
+               "--gain-from", "2", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
                           "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

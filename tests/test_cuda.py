@@ -79,7 +79,7 @@ def test_batch_throughput_times_the_benchmarks_networks_on_the_gpu(tmp_path: Pat
 
     script = Path(__file__).resolve().parents[1] / "experiments" / "batch_throughput.py"
     done = subprocess.run([sys.executable, str(script), "--device", "cuda", "--models", "vgg11", "--batches", "8",
-                           "256", "--min-seconds", "0.05", "--repeats", "1", "--out", str(tmp_path)],
+                           "256", "--steps", "5", "--warmup", "2", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -79,22 +79,29 @@ def _sgd(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
 
 
-def _median_seconds(step: Callable[[], None], steps: int, warmup: int) -> float:
+def median_seconds(step: Callable[[], None], steps: int, warmup: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of ``step`` over ``steps`` calls after ``warmup``; ``sync`` waits for the device
+    (``torch.cuda.synchronize`` on a GPU)."""
     for _ in range(warmup):
         step()
+    sync()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def _bp_step(model: torch.nn.Module, batch: int, shape: Sequence[int]) -> Callable[[], None]:
+def bp_step(
+    model: torch.nn.Module, batch: int, shape: Sequence[int], classes: int = 10, device: str | torch.device = "cpu"
+) -> Callable[[], None]:
+    """One SGD step of ``model`` (nf-train's recipe) on a fixed random batch on ``device``, as a callable."""
     import torch.nn.functional as F
 
     optimizer = _sgd(model.parameters())
-    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+    x, y = torch.randn(batch, *shape, device=device), torch.randint(0, classes, (batch,), device=device)
 
     def step() -> None:
         loss = F.cross_entropy(model(x), y)
@@ -130,7 +137,7 @@ def bare_step_seconds(
                                aux=run.get("aux_policy") or "adaptive")  # fmt: skip
         model = (CheckpointedNetwork(net) if method == "bp_ckpt" else net).train()
         (batch,) = run["batch_sizes"]
-        seconds = _median_seconds(_bp_step(model, batch, shape), steps, warmup)
+        seconds = median_seconds(bp_step(model, batch, shape), steps, warmup)
         return {"bare_step_seconds": seconds, "blocks": [{"batch": batch, "seconds": seconds}]}
     parts = decompose(_network(settings).train())
     exits = build_exits(parts, shape, run.get("aux_policy") or ("classic" if method == "classic_ll" else "adaptive"))
@@ -148,7 +155,7 @@ def bare_step_seconds(
             for index in range(len(local.units)):
                 h, _ = local.unit_step(index, h, y)
 
-        blocks.append({"units": units, "batch": batch, "steps": count, "seconds": _median_seconds(step, steps, warmup)})
+        blocks.append({"units": units, "batch": batch, "steps": count, "seconds": median_seconds(step, steps, warmup)})
     total = sum(b["steps"] for b in blocks)
     mean = sum(b["steps"] * b["seconds"] for b in blocks) / total if total else None
     return {"bare_step_seconds": mean, "blocks": blocks}
