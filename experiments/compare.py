@@ -6,7 +6,7 @@ outputs are described in ``experiments/README.md``):
     NF_DATA_DIR=../shared/datasets python experiments/compare.py --preset quick          # smoke run
     NF_DATA_DIR=../shared/datasets python experiments/compare.py                         # CIFAR-10, 3 seeds
     NF_DATA_DIR=../shared/datasets python experiments/compare.py --preset tiny_imagenet  # Tiny ImageNet-100
-    python experiments/compare.py --readme       # README section from both committed summaries
+    python experiments/compare.py --readme       # README section from the committed summaries
 """
 
 from __future__ import annotations

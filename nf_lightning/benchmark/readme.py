@@ -24,14 +24,26 @@ from nf_lightning.benchmark.stats import format_speedup
 
 
 def verdict(data: str, label: str, value: Mapping[str, Any] | None, gap: float | None) -> tuple[bool, str]:
-    """``(NeuroFlux lost, sentence)``: lost when it was slower to the target or ended below on test."""
+    """``(NeuroFlux lost, sentence)``: lost unless it was surely sooner to the target and not below on test.
+
+    A bound (a seed that never reached the target) that leaves both sides of 1x open is no win, and says so:
+
+    >>> verdict("TIN", "BP", {"value": 2.8, "bound": "<"}, 0.02)[0]
+    True
+    >>> verdict("TIN", "BP", {"value": 2.8, "bound": "<"}, 0.02)[1]
+    'on TIN against BP: <2.80x as fast to the target (at most: NeuroFlux missed the target in a seed), test +2.0 points'
+    """
     if value is None or value.get("value") is None:
         return True, f"on {data} against {label}: no time to the target to compare"
-    slower = value["value"] < 1.0 or value["bound"] == "<"
-    lost = slower or (gap is not None and gap < 0)
+    ratio, bound = value["value"], value["bound"]
+    slower = ratio < 1.0 if bound == "=" else (bound == "<" and ratio <= 1.0)
+    sooner = ratio >= 1.0 if bound == "=" else (bound == ">" and ratio >= 1.0)
+    lost = not sooner or (gap is not None and gap < 0)
     test = "" if gap is None else f", test {100 * gap:+.1f} points"
-    speed = f"{format_speedup(value)} as fast to the target{' (slower)' if slower else ''}"
-    return lost, f"on {data} against {label}: {speed}{test}"
+    open_bound = " (at most: NeuroFlux missed the target in a seed)" if bound == "<" else (
+        " (at least: the baseline missed the target in a seed)")
+    note = " (slower)" if slower else "" if sooner else open_bound
+    return lost, f"on {data} against {label}: {format_speedup(value)} as fast to the target{note}{test}"
 
 
 def opening(summaries: Mapping[str, Mapping[str, Any]]) -> str:
@@ -44,7 +56,7 @@ def opening(summaries: Mapping[str, Mapping[str, Any]]) -> str:
         for data, summary in summaries.items():
             results = summary["results"]
             nf_test = ((results["methods"].get("neuroflux") or {}).get("test_acc") or {}).get("mean")
-            for method in methods:
+            for method in (m for m in methods if m in results["methods"]):  # a method not run is not compared
                 test = ((results["methods"].get(method) or {}).get("test_acc") or {}).get("mean")
                 gap = None if nf_test is None or test is None else nf_test - test
                 value = (results["speedups"].get(method) or {}).get("ratio_of_means")
