@@ -163,3 +163,57 @@ def test_an_eval_mode_submodule_stays_so_through_fit_and_only_lightnings_warning
         caught.append([w for w in seen if re.search(_internals.EVAL_MODE_WARNING, str(w.message))])
         assert not module.stem.training and module.layer.training  # kept through fit and two validations
     assert caught[0] and not caught[1]
+
+
+def test_the_train_loader_can_be_loaded_before_the_fit_loop_does_and_is_not_loaded_again(tmp_path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    seen = {}
+
+    class Load(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            assert trainer.train_dataloader is None  # not loaded yet at this hook
+            seen["first"] = next(iter(_internals.loaded_train_dataloader(trainer)))[0]
+            seen["loaded"] = trainer.train_dataloader
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen["used"] = trainer.train_dataloader
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = DataLoader(TensorDataset(torch.arange(8.0).view(4, 2)), batch_size=2)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path, enable_model_summary=False, callbacks=[Load()])
+    trainer.fit(Tiny(), loader)
+    assert torch.equal(seen["first"], torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+    assert seen["loaded"] is not None and seen["used"] is seen["loaded"]  # the fit loop kept what was loaded
+
+
+def test_a_checkpoint_file_is_written_through_the_crash_drills_patch_target(tmp_path, monkeypatch) -> None:
+    owner, name = _internals.CHECKPOINT_WRITE
+    original, written = getattr(owner, name), []
+
+    def recording(checkpoint, path, *args, **kwargs):
+        written.append(str(path))
+        return original(checkpoint, path, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.strategy.connect(Tiny())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    assert written == [str(tmp_path / "a.ckpt")] and (tmp_path / "a.ckpt").is_file()

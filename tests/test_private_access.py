@@ -3,7 +3,9 @@
 An attribute whose name starts with one underscore belongs to the object's own
 class: it is read and written through ``self`` (or ``cls``) only. Lightning's
 private internals are the one exception, and they live in
-``nf_lightning/lightning/_internals.py`` alone (each checked by ``tests/test_internals.py``).
+``nf_lightning/lightning/_internals.py`` alone (each checked by ``tests/test_internals.py``): no other
+module imports a private name from Lightning, reaches the Trainer's loops or names a private attribute
+of something imported from Lightning (a patch target).
 Module-level private names (``module._helper``) are not attributes of an object
 and are not checked; dunder names (``__class__``) are public protocol.
 """
@@ -66,3 +68,52 @@ def test_no_module_reaches_into_another_objects_private_attributes() -> None:
         if not (path in REGISTRY_USERS and what.rpartition(".")[2] in MODULE_REGISTRIES)
     }
     assert sorted(found) == []
+
+
+LOOPS = {"fit_loop", "validate_loop", "test_loop", "predict_loop"}
+"""The Trainer's loops: Lightning's undocumented machinery, reached from ``_internals.py`` alone."""
+
+
+def lightning_internals(source: str) -> list[tuple[int, str]]:
+    """``(line, what)`` for each reach into Lightning's internals: a private name imported from it, a Trainer
+    loop, or a string naming a private attribute of something imported from Lightning (a patch target)."""
+    import importlib
+
+    tree = ast.parse(source)
+    found, imported = [], []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "lightning":
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                imported.append(getattr(module, alias.name, None))
+                if alias.name.startswith("_") or any(part.startswith("_") for part in node.module.split(".")):
+                    found.append((node.lineno, f"from {node.module} import {alias.name}"))
+        elif isinstance(node, ast.Attribute) and node.attr in LOOPS:
+            found.append((node.lineno, ast.unparse(node)))
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+            continue
+        private = node.value.startswith("_") and not node.value.startswith("__") and node.value.isidentifier()
+        if private and any(hasattr(obj, node.value) for obj in imported):
+            found.append((node.lineno, repr(node.value)))
+    return found
+
+
+def test_the_lightning_check_finds_private_imports_loops_and_patch_targets() -> None:
+    source = ("from lightning.fabric.plugins.io import torch_io\n"
+              "from lightning.pytorch.core.optimizer import _configure_optimizers\n"
+              "def f(trainer):\n    trainer.fit_loop.setup_data()\n"
+              "    return (torch_io, '_atomic_save'), '_mine', '__name__'\n")
+    assert lightning_internals(source) == [(2, "from lightning.pytorch.core.optimizer import _configure_optimizers"),
+                                           (4, "trainer.fit_loop"), (5, "'_atomic_save'")]  # not '_mine'  # fmt: skip
+
+
+def test_lightning_internals_are_reached_from_one_module() -> None:
+    found = {
+        f"{path.relative_to(PACKAGE.parent)}:{line}: {what}"
+        for path in PACKAGE.rglob("*.py")
+        if path not in ALLOWED_FILES
+        for line, what in lightning_internals(path.read_text())
+    }
+    assert sorted(found) == []
+    assert lightning_internals((PACKAGE / "lightning" / "_internals.py").read_text())  # the check sees them there

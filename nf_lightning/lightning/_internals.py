@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.io import torch_io
 from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.optim import Optimizer
@@ -44,6 +45,14 @@ def has_val_dataloader(trainer: pl.Trainer) -> bool:
     return trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined()
 
 
+def loaded_train_dataloader(trainer: pl.Trainer) -> Any:
+    """The training loader(s) ``fit`` uses, loaded by the fit loop now if it has not loaded them yet
+    (as at ``on_fit_start``), so ``trainer.train_dataloader`` is what the first epoch will iterate."""
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+    return trainer.train_dataloader
+
+
 def reload_train_dataloader(trainer: pl.Trainer) -> None:
     """Make the fit loop fetch (and pass through ``Strategy.process_dataloader``) its training loader
     again at the start of the next epoch, with its length, progress bar total and validation interval
@@ -53,6 +62,11 @@ def reload_train_dataloader(trainer: pl.Trainer) -> None:
     setting NeuroFlux must not rewrite; dropping the loaded loader is what that setting does.
     """
     trainer.fit_loop._combined_loader = None
+
+
+CHECKPOINT_WRITE: tuple[Any, str] = (torch_io, "_atomic_save")
+"""Where Lightning writes a checkpoint file to disk (``owner, name``): the crash drill
+(``nf_lightning.testing.faults``) patches it to kill a process while a checkpoint is being saved."""
 
 
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"

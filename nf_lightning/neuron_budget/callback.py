@@ -23,6 +23,7 @@ from torch import Tensor
 from nf_lightning.core.memory.enforcement import BudgetGuard
 from nf_lightning.core.memory.meter import meter_for
 from nf_lightning.core.train.batches import batch_tensors, split_batch
+from nf_lightning.lightning._internals import loaded_train_dataloader
 from nf_lightning.lightning.run_access import neuroflux_run
 from nf_lightning.neuron_budget.budget import NeuronBytes, parse_bytes, state_tensors, trace_layers
 from nf_lightning.neuron_budget.kept_state import fixed_copy_bytes, selected_row_bytes
@@ -341,7 +342,7 @@ class NeuronUpdateBudget(pl.Callback):
             return
         if neuroflux_run(trainer) is not None:
             raise ValueError("a byte budget is for ordinary training; under NeuroFlux give a fraction")
-        x = first_inputs(trainer).to(pl_module.device)
+        x = first_inputs(loaded_train_dataloader(trainer)).to(pl_module.device)
         meter = meter_for(pl_module.device)
         meter.track(pl_module, x)
         with meter, torch.no_grad():

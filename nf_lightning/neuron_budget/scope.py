@@ -88,18 +88,9 @@ def _device(module: nn.Module) -> torch.device:
     return next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
 
 
-def train_loader(trainer: Any) -> Any:
-    loader = trainer.train_dataloader
-    if loader is None:
-        trainer.fit_loop.setup_data()
-        loader = trainer.train_dataloader
-    return loader
-
-
-def first_inputs(trainer: Any) -> Tensor:
-    """The inputs of the first training batch (to size the step a byte budget is about)."""
-    batch = next(iter(train_loader(trainer)))
-    return split_batch(batch)[0]
+def first_inputs(loader: Any) -> Tensor:
+    """The inputs of ``loader``'s first batch (to size the step a byte budget is about)."""
+    return split_batch(next(iter(loader)))[0]
 
 
 def probe_inputs(trainer: Any, probe_size: int | float) -> Tensor:

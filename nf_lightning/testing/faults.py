@@ -25,13 +25,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.io import torch_io
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from nf_lightning.core.cache import writer as cache_writer
 from nf_lightning.core.exits import selection as exits
 from nf_lightning.core.train import local_learning
 from nf_lightning.core.train import run as core_run
+from nf_lightning.lightning._internals import CHECKPOINT_WRITE
 from nf_lightning.lightning.early_exit import EarlyExitSelector
 from nf_lightning.testing.demo import PlainClassifier, loaders, tight_strategy, trainer
 
@@ -45,7 +45,7 @@ TARGETS: dict[str, tuple[Any, str]] = {
     "mid_step": (local_learning.LocalBlock, "unit_step"),
     "mid_cache_write": (cache_writer.ActivationCacheWriter, "write"),
     "after_cache_commit": (cache_writer.ActivationCacheWriter, "commit"),
-    "mid_checkpoint": (torch_io, "_atomic_save"),
+    "mid_checkpoint": CHECKPOINT_WRITE,
     "mid_export": (exits, "export_program"),
 }
 for _owner, _name in TARGETS.values():
@@ -96,7 +96,7 @@ def inject(fault: str, killer: _Killer) -> None:
         _wrap(cache_writer.ActivationCacheWriter, "commit",
               lambda w, out: killer.call(1) if w.name == "block1-val" else None)  # fmt: skip
     elif fault == "mid_checkpoint":  # while the checkpoint of epoch 2 is being saved
-        _wrap(torch_io, "_atomic_save", lambda checkpoint, path: killer.call(1) if checkpoint.get("epoch") == 2
+        _wrap(*CHECKPOINT_WRITE, lambda checkpoint, path: killer.call(1) if checkpoint.get("epoch") == 2
               and str(path).endswith("last.ckpt") else None, True)  # fmt: skip
     elif fault == "mid_export":  # after training, while the selected exit is exported
         _wrap(exits, "export_program", lambda *_: killer.call(1), True)
