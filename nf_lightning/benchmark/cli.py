@@ -79,7 +79,7 @@ def parse_args(argv: Sequence[str] | None, repo: Path) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, help="run directories (default experiments/out/compare/<preset>)")
     parser.add_argument("--readme", action="store_true",
                         help="only regenerate README.md's benchmark section from the committed summaries of "
-                        "README_SUMMARIES (CIFAR-10, Tiny ImageNet-100, the latter with BP at 60 epochs)")  # fmt: skip
+                        "README_SUMMARIES (CIFAR-10; Tiny ImageNet-100, also with BP at 60 epochs)")  # fmt: skip
     parser.add_argument("--ablation", type=Path, metavar="DIR",
                         help="only write DIR/ablation.md, one row per lever, from the summaries in DIR's folders")
     args = parser.parse_args(argv)
