@@ -10,6 +10,27 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from nf_lightning.lightning import _internals
 
 
+class _Linear(pl.LightningModule):
+    """One linear layer whose training loss is its output's sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_a_linear_layer(loader, callback: pl.Callback, root) -> None:
+    """One quiet epoch of ``_Linear`` on ``loader``, with ``callback`` watching."""
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         default_root_dir=root, enable_model_summary=False, callbacks=[callback])  # fmt: skip
+    trainer.fit(_Linear(), loader)
+
+
 def test_optimizer_recipe_parsing_keeps_scheduler_interval() -> None:
     params = [torch.nn.Parameter(torch.zeros(2))]
     optimizer = torch.optim.SGD(params, lr=0.1)
@@ -90,21 +111,8 @@ def test_train_dataloader_is_reachable_before_the_fit_loop_loads_it(tmp_path) ->
         def setup(self, trainer, pl_module, stage):
             seen.append(_internals.train_dataloader_of(trainer))
 
-    class Tiny(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(2, 1)
-
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch[0]).sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     loader = DataLoader(TensorDataset(torch.zeros(4, 2)), batch_size=2)
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                         default_root_dir=tmp_path, enable_model_summary=False, callbacks=[Peek()])
-    trainer.fit(Tiny(), loader)
+    _fit_a_linear_layer(loader, Peek(), tmp_path)
     assert seen == [loader]
 
 
@@ -179,21 +187,8 @@ def test_the_train_loader_can_be_loaded_before_the_fit_loop_does_and_is_not_load
         def on_train_epoch_start(self, trainer, pl_module):
             seen["used"] = trainer.train_dataloader
 
-    class Tiny(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(2, 1)
-
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch[0]).sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     loader = DataLoader(TensorDataset(torch.arange(8.0).view(4, 2)), batch_size=2)
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                         default_root_dir=tmp_path, enable_model_summary=False, callbacks=[Load()])
-    trainer.fit(Tiny(), loader)
+    _fit_a_linear_layer(loader, Load(), tmp_path)
     assert torch.equal(seen["first"], torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
     assert seen["loaded"] is not None and seen["used"] is seen["loaded"]  # the fit loop kept what was loaded
 
