@@ -39,7 +39,7 @@ def close_process_group() -> None:
     Run at exit by every :class:`UnwrappedDDPStrategy`. Lightning closes the group at exit only
     for NCCL. A gloo group left open aborts a rank that exits straight after a collective while
     its peers still hold the group (``terminate called without an active exception``, exit
-    code -6), in about a third of such exits with torch 2.14.
+    code -6), in one such exit in three to one in twenty with torch 2.14, as the machine's load varies.
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
