@@ -239,22 +239,27 @@ def test_local_overrides_reach_neuroflux_alone_and_tag_its_runs_only() -> None:
     assert "NeuroFlux only `polish.warmup=0.1 exit.depth_patience=1`" in line
 
 
-def test_scratch_overrides_reach_scratch_exit_alone_and_tag_its_runs_only() -> None:
+def test_scratch_overrides_reach_the_scratch_trained_exits_alone_and_tag_their_runs_only() -> None:
     settings = {**settings_of(parse_args(["--preset", "quick", "--scratch-set", "epochs=40"], REPO)), "width": 0.25}
     tag = plan.local_tag(settings["scratch_set"])
-    known = plan.Known(best={"bp": 0.05, "neuroflux": 0.05, "scratch_exit": 0.05}, deployed={(0.05, 0): 3, (0.05, 1): 2})
-    keys = [s.key for s in plan.planned_runs(["bp", "neuroflux", "scratch_exit"], [0.05], 2, known, units=8,
-                                             scratch_tag=tag)]  # fmt: skip
+    known = plan.Known(best={"bp": 0.05, "neuroflux": 0.05, "scratch_exit": 0.05},
+                       deployed={(0.05, 0): 3, (0.05, 1): 2}, target=0.5, crossed={(0, 0): False})  # fmt: skip
+    keys = [s.key for s in plan.planned_runs(["bp", "neuroflux", "scratch_exit", "depth_search"], [0.05], 2, known,
+                                             units=8, scratch_tag=tag)]  # fmt: skip
     assert keys == ["bp_lr0.05_seed0", "neuroflux_lr0.05_seed0", f"scratch_exit_u3_lr0.05_seed0_{tag}",
-                    "bp_lr0.05_seed1", "neuroflux_lr0.05_seed1", f"scratch_exit_u2_lr0.05_seed1_{tag}"]
-    scratch = compose_config("train", plan.run_overrides(plan.RunSpec("scratch_exit", 0.05, 0, 3, tag), settings, "1MB"))
-    assert scratch.epochs == 40 and scratch.model.unit == 3
-    for method, unit in (("bp", None), ("depth_search", 1), ("neuroflux", None)):
-        cfg = compose_config("train", plan.run_overrides(plan.RunSpec(method, 0.05, 0, unit), settings, "1MB", 0.5))
-        assert cfg.epochs == (2 if method == "neuroflux" else 4)  # the quick preset's, not scratch_exit's 40
+                    "bp_lr0.05_seed1", "neuroflux_lr0.05_seed1", f"scratch_exit_u2_lr0.05_seed1_{tag}",
+                    f"depth_search_u0_lr0.05_seed0_{tag}", f"depth_search_u1_lr0.05_seed0_{tag}",
+                    f"depth_search_u0_lr0.05_seed1_{tag}"]  # fmt: skip
+    for method, unit in (("scratch_exit", 3), ("depth_search", 1)):  # exits trained by one recipe
+        spec = plan.RunSpec(method, 0.05, 0, unit, tag)
+        cfg = compose_config("train", plan.run_overrides(spec, settings, "1MB", 0.5))
+        assert cfg.epochs == 40 and cfg.model.unit == unit
+    for method in ("bp", "neuroflux"):
+        cfg = compose_config("train", plan.run_overrides(plan.RunSpec(method, 0.05, 0), settings, "1MB"))
+        assert cfg.epochs == (2 if method == "neuroflux" else 4)  # the quick preset's, not the exits' 40
     line = report.settings_line({"settings": settings, "budget": {"text": "1 MB", "rule": "given"},
                                  "results": {}, "machine": {"cpus": 2}})  # fmt: skip
-    assert "scratch exit only `epochs=40`" in line
+    assert "scratch-trained exits only `epochs=40`" in line
 
 
 def test_depth_search_sums_each_depths_time_until_one_crosses() -> None:

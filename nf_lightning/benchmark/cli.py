@@ -73,8 +73,8 @@ def parse_args(argv: Sequence[str] | None, repo: Path) -> argparse.Namespace:
                         help="more nf-train overrides for NeuroFlux's runs only (an ablation's lever); their run "
                         "directories are tagged, so BP's runs of the same code in the same --work are reused")  # fmt: skip
     parser.add_argument("--scratch-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="more nf-train overrides for scratch_exit's runs only (its tries, e.g. epochs=40), "
-                        "tagged as --local-set's")  # fmt: skip
+                        help="more nf-train overrides for the scratch-trained exits only (scratch_exit's tries, e.g. "
+                        "epochs=40; the depth search's exits follow the same recipe), tagged as --local-set's")  # fmt: skip
     parser.add_argument("--out", type=Path, help="results directory (default experiments/results/compare/<preset>)")
     parser.add_argument("--work", type=Path, help="run directories (default experiments/out/compare/<preset>)")
     parser.add_argument("--readme", action="store_true",

@@ -14,8 +14,9 @@ The order interleaves methods so a change in the machine's load hits all of them
 Overrides for the local-learning runs alone (``--local-set``, an ablation's lever) tag
 those runs' keys (:func:`local_tag`), so an ablation reuses the BP-trained runs of an
 earlier invocation of the same code and never takes another variant's NeuroFlux run.
-Overrides for ``scratch_exit`` alone (``--scratch-set``: its tries over epochs, as many as
-the levers NeuroFlux got) tag its runs the same way.
+Overrides for the scratch-trained exits alone (``--scratch-set``: ``scratch_exit``'s tries over
+epochs, as many as the levers NeuroFlux got) tag their runs the same way; the depth search trains
+its exits by the same recipe, as it does at ``scratch_exit``'s rate.
 
 Example:
     >>> known = Known(best={"bp": 0.1, "neuroflux": 0.1}, deployed={(0.1, 0): 3})
@@ -25,11 +26,10 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import hashlib
 
 from nf_lightning.benchmark.presets import BP_LIKE, LOCAL, SCRATCH_LIKE, SNAPSHOT_DIR
 
@@ -93,7 +93,7 @@ def planned_runs(
 ) -> list[RunSpec]:
     """Every run that can be planned from ``known``, in the order they start (``units``: the network's units;
     ``pinned``: methods trained at one given rate instead of the grid; ``tag``, ``scratch_tag``: of the
-    local-learning runs and of ``scratch_exit``'s).
+    local-learning runs and of the scratch-trained exits').
 
     >>> known = Known(best={"bp": 0.1}, target=0.5, crossed={(0, 0): False})
     >>> [s.key for s in planned_runs(["bp", "depth_search"], [0.1], 1, known, units=3)]
@@ -114,19 +114,23 @@ def planned_runs(
                                 scratch_tag))
     depth_lr = known.best.get("scratch_exit" if "scratch_exit" in methods else "bp")
     if "depth_search" in methods and known.target is not None and depth_lr is not None:
-        runs += [spec for seed in range(seeds) for spec in depth_search_runs(depth_lr, seed, known.crossed, units)]
+        runs += [spec for seed in range(seeds)
+                 for spec in depth_search_runs(depth_lr, seed, known.crossed, units, scratch_tag)]  # fmt: skip
     return runs
 
 
-def depth_search_runs(lr: float, seed: int, crossed: Mapping[tuple[int, int], bool], units: int) -> list[RunSpec]:
-    """Depth 0, 1, ... of one seed, up to the first that crossed the target (or the one not yet run).
+def depth_search_runs(
+    lr: float, seed: int, crossed: Mapping[tuple[int, int], bool], units: int, tag: str = ""
+) -> list[RunSpec]:
+    """Depth 0, 1, ... of one seed, up to the first that crossed the target (or the one not yet run);
+    ``tag`` names the scratch-trained exits' own overrides.
 
     >>> [s.unit for s in depth_search_runs(0.1, 0, {(0, 0): False, (0, 1): True}, units=5)]
     [0, 1]
     """
     runs = []
     for unit in range(units):
-        runs.append(RunSpec("depth_search", lr, seed, unit))
+        runs.append(RunSpec("depth_search", lr, seed, unit, tag))
         if crossed.get((seed, unit)) is not False:
             break
     return runs
@@ -163,7 +167,7 @@ def run_overrides(
     ]
     if spec.method in SCRATCH_LIKE:
         overrides += ["model._target_=nf_lightning.benchmark.baselines.exit_network", f"+model.unit={spec.unit}"]
-    if spec.method == "scratch_exit":
+    if spec.method in SCRATCH_LIKE:
         overrides += settings.get("scratch_set") or []
     if spec.method == "depth_search":
         if target is None:

@@ -90,9 +90,9 @@ def override_parts(settings: Mapping[str, Any], whose: Sequence[tuple[str, str]]
 
 
 def _extra(settings: Mapping[str, Any]) -> str:
-    """The command line's extra overrides, if any: for every run, NeuroFlux's alone, ``scratch_exit``'s alone."""
+    """The command line's extra overrides, if any: for every run, NeuroFlux's alone, the scratch-trained exits'."""
     parts = override_parts(settings, (("set", "every run"), ("local_set", "NeuroFlux only"),
-                                      ("scratch_set", "scratch exit only")))  # fmt: skip
+                                      ("scratch_set", "scratch-trained exits only")))  # fmt: skip
     return f"; more overrides: {', '.join(parts)}" if parts else ""
 
 
