@@ -167,7 +167,6 @@ def run_overrides(
     ]
     if spec.method in SCRATCH_LIKE:
         overrides += ["model._target_=nf_lightning.benchmark.baselines.exit_network", f"+model.unit={spec.unit}"]
-    if spec.method in SCRATCH_LIKE:
         overrides += settings.get("scratch_set") or []
     if spec.method == "depth_search":
         if target is None:
