@@ -22,10 +22,10 @@ from nf_lightning.benchmark.presets import BUDGET_BATCH, LOCAL, METHODS, PRESETS
 from nf_lightning.benchmark.provenance import code_identity, utc_now
 
 README_SUMMARIES = {"CIFAR-10": "default", "Tiny ImageNet-100": "tiny_imagenet",
-                   "Tiny ImageNet-100 with BP trained 60 epochs": "tiny_imagenet_bp60"}
+                   "Tiny ImageNet-100 with BP trained 60 epochs": "tiny_imagenet_bp60_depth"}
 """The README section's data sets and their results directories (``experiments/results/compare/<name>``);
 the third is Tiny ImageNet-100 with BP given twice the preset's epochs, so its target comes from a BP that
-plateaued."""
+plateaued, and the depth search in the same invocation."""
 
 
 def neuroflux_metering() -> dict[str, int]:
