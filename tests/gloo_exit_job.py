@@ -1,9 +1,8 @@
 """Two gloo ranks that exit straight after their last collective, as a DDP job's ranks do.
 
-    MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 WORLD_SIZE=2 RANK=0|1 python tests/gloo_exit_job.py open|closed
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/gloo_exit_job.py open|closed
 
-Started once per rank with the environment above, as Lightning's DDP launcher starts its
-ranks. ``open`` leaves the process group open at exit, as Lightning does for gloo: a rank
+``open`` leaves the process group open at exit, as Lightning does for gloo: a rank
 then sometimes aborts (``terminate called without an active exception``, exit code -6); how
 often varies with the machine's state (from about one launch in three to one in twenty with
 torch 2.14). ``closed`` registers :func:`nf_lightning.lightning.ddp.close_process_group` at
