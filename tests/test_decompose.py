@@ -94,6 +94,63 @@ def test_torchvision_mobilenetv2() -> None:
     assert_reproduces(model, parts)
 
 
+def small_convnext() -> tv.ConvNeXt:
+    from torchvision.models.convnext import CNBlockConfig
+
+    return tv.ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 1)], num_classes=3)
+
+
+# torchvision family -> (a small instance, its units: blocks, or conv/Fire layers where it has no blocks)
+TORCHVISION_FAMILIES = {
+    "alexnet": (lambda: tv.alexnet(num_classes=3), 5),
+    "squeezenet": (lambda: tv.squeezenet1_1(num_classes=3), 9),
+    "mobilenet_v3": (lambda: tv.mobilenet_v3_small(num_classes=3), 11),
+    "efficientnet": (lambda: tv.efficientnet_b0(num_classes=3), 16),
+    "convnext": (small_convnext, 3),
+    "mnasnet": (lambda: tv.mnasnet0_5(num_classes=3), 16),
+    "regnet": (lambda: tv.regnet_x_400mf(num_classes=3), 22),
+    "shufflenet_v2": (lambda: tv.shufflenet_v2_x0_5(num_classes=3), 16),
+    "densenet": (lambda: tv.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=3), 2),
+}
+
+
+@pytest.mark.parametrize("family", TORCHVISION_FAMILIES)
+def test_torchvision_families_split_into_their_blocks(family: str) -> None:
+    build, num_units = TORCHVISION_FAMILIES[family]
+    model = build()
+    parts = decompose(model)
+    assert len(parts) == num_units
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)  # AlexNet needs more than 32 px
+    with torch.no_grad():  # ShuffleNetV2 pools with x.mean([2, 3]) where its head has AdaptiveAvgPool2d
+        torch.testing.assert_close(parts.forward(x), model(x), rtol=0, atol=1e-6)
+    part_parameters = [id(p) for part in [*parts.units, parts.head] for p in part.parameters()]
+    assert sorted(part_parameters) == sorted(id(p) for p in model.parameters())
+
+
+def test_stems_and_downsampling_layers_lead_the_block_after_them() -> None:
+    convnext = small_convnext()
+    stem, stage1, downsampling, stage2 = convnext.features
+    first, second, third = decompose(convnext).units
+    assert list(first) == [stem, stage1[0]] and second is stage1[1] and list(third) == [downsampling, stage2[0]]
+    densenet = tv.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=3)
+    units = decompose(densenet).units
+    assert list(units[1]) == [densenet.features.transition1, densenet.features.denseblock2]
+
+
+def test_a_model_whose_classifier_alone_has_a_form_is_refused() -> None:
+    """Its convolutions live in another child: decomposing the classifier would train an MLP on the image."""
+
+    class FeaturesAndClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.classifier = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    with pytest.raises(UndecomposableModelError, match=r"only decomposable child is 'classifier'.*features\.0"):
+        decompose(FeaturesAndClassifier())
+
+
 def test_flat_sequential_groups_weightless_layers_with_the_unit_before() -> None:
     model = nn.Sequential(
         nn.BatchNorm2d(3),  # before any conv: joins the first unit

@@ -282,6 +282,36 @@ def test_max_epochs_bounds_the_run(tmp_path: Path) -> None:
     assert trainer.current_epoch == 1 and not run.finished and run.num_blocks > 2
 
 
+def small_convnext() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig
+
+    return torchvision.models.ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 1)], num_classes=10)
+
+
+OTHER_FAMILIES = {  # beyond MobileNetV2: a conv classifier, channel shuffles, concatenating blocks, LayerNorm blocks
+    "squeezenet": lambda: torchvision.models.squeezenet1_1(num_classes=10),
+    "shufflenet_v2": lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10),
+    "densenet": lambda: torchvision.models.DenseNet(8, (2, 2), num_init_features=16, num_classes=10),
+    "convnext": small_convnext,
+}
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_other_torchvision_families_train_and_test_their_selected_exit(family: str, tmp_path: Path) -> None:
+    module = TypicalProject()
+    module.net = OTHER_FAMILIES[family]()
+    before = [p.detach().clone() for p in decompose(module.net).units[0].parameters()]
+    strategy = NeuroFluxStrategy(memory_budget="30MB", epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=2)
+    trainer.fit(module, loader(128, 0, shuffle=True), loader(64, 1))
+    assert any(not torch.equal(a, b) for a, b in zip(before, decompose(module.net).units[0].parameters()))
+    (tested,) = trainer.test(module, dataloaders=loader(64, 2), verbose=False)
+    x, y = data(64, 2).tensors
+    with torch.no_grad():
+        by_hand = (strategy.run.exit_model().eval()(x).argmax(1) == y).float().mean().item()
+    assert tested["test_acc"] == pytest.approx(by_hand, abs=1e-6)
+
+
 def test_a_validation_step_that_bypasses_the_network_gets_a_clear_error(tmp_path: Path) -> None:
     strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
     trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, limit_train_batches=1)

@@ -189,8 +189,13 @@ def build_exits(decomposition: Decomposition, input_shape: Sequence[int], aux: s
 
 
 def num_classes(head: nn.Module) -> int:
-    """Output classes of a classifier head (its last Linear's outputs)."""
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("the network's head has no nn.Linear, so the number of classes is unknown")
-    return linears[-1].out_features
+    """Output classes of a classifier head: its last Linear's outputs, or its last conv's (SqueezeNet's 1x1 classifier).
+
+    >>> num_classes(nn.Sequential(nn.Dropout(), nn.Conv2d(8, 5, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    5
+    """
+    layers = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers:
+        raise ValueError("the network's head has no nn.Linear or nn.Conv2d, so the number of classes is unknown")
+    last = layers[-1]
+    return last.out_features if isinstance(last, nn.Linear) else last.out_channels

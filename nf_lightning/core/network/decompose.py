@@ -8,17 +8,22 @@ units then the head reproduces the model's output. Forms, tried in this order:
    ``[unit_1, ..., unit_n, head]``;
 2. a model defining ``neuroflux_decomposition(self) -> Decomposition``, as every
    ``nf_lightning.models`` model does;
-3. torchvision ``VGG`` (a unit per conv with its BN/ReLU/pool), ``ResNet`` (a unit per
-   residual block, the stem merged into the first) and ``MobileNetV2`` (a unit per
-   inverted residual block, the stem merged into the first, the final 1x1 conv in
-   the head); the head holds the pooling, flatten and classifier of their forward;
+3. torchvision's CNN families: ``VGG``, ``AlexNet`` and ``SqueezeNet`` (a unit per conv
+   or Fire module with its BN/ReLU/pool); ``ResNet`` (ResNeXt and Wide ResNet too),
+   ``RegNet``, ``ShuffleNetV2``, ``MobileNetV2``/``V3``, ``MNASNet``, ``EfficientNet`` (V1,
+   V2) and ``ConvNeXt`` (a unit per block, the stem or downsampling layer merged into the block
+   after it); ``DenseNet`` (a unit per dense block, each transition merged into the
+   next). The head holds the rest of their forward: any final 1x1 conv, the pooling,
+   flatten and classifier;
 4. an ``nn.Sequential``: the classifier (its last child holding a Linear and no conv,
    with any Flatten, Dropout or global pool right before it, and all after it) is
    the head; the children before it are units, except that children without a conv
    or Linear (ReLU, BN, pooling...) join the unit before them, since they have
    nothing to train by themselves;
 5. a wrapper, e.g. a LightningModule holding ``self.net``, with exactly one direct
-   child of forms 2-4: that child is decomposed, the wrapper's forward is not used.
+   child of forms 2-4 and no convolution outside it: that child is decomposed, the
+   wrapper's forward is not used. (A model whose ``classifier`` alone has a form, its
+   convolutions in another child, is refused rather than cut down to its classifier.)
 
 Example:
     >>> import torch
@@ -46,7 +51,8 @@ from torch import Tensor, nn
 
 SUPPORTED_FORMS = """Supported forms:
   - a model defining neuroflux_decomposition(self) -> Decomposition (all nf_lightning.models do)
-  - torchvision VGG, ResNet or MobileNetV2
+  - torchvision VGG, AlexNet, SqueezeNet, ResNet (ResNeXt, Wide ResNet), RegNet, ShuffleNetV2,
+    MobileNetV2, MobileNetV3, MNASNet, EfficientNet (V1, V2), ConvNeXt or DenseNet
   - an nn.Sequential ending in a Linear classifier
   - a module (e.g. a LightningModule holding self.net) with exactly one direct child of these forms
 Otherwise pass the units explicitly: decompose(Decomposition(units=[...], head=...))
@@ -150,22 +156,67 @@ def _decompose_form(model: nn.Module) -> Decomposition | None:
                 f"got {type(decomposition).__name__}"
             )
         return decomposition
-    tv = sys.modules.get("torchvision.models")  # a torchvision model implies torchvision is loaded
-    if tv is not None and isinstance(model, tv.VGG):
-        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier)
-        return Decomposition(units=_group_units(list(model.features)), head=head)
-    if tv is not None and isinstance(model, tv.ResNet):
-        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
-        first, *rest = (block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer)
-        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
-        return Decomposition(units=[nn.Sequential(stem, first), *rest], head=head)
-    if tv is not None and isinstance(model, tv.MobileNetV2):
-        stem, first, *rest, last_conv = model.features
-        head = nn.Sequential(last_conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.classifier)
-        return Decomposition(units=[nn.Sequential(stem, first), *rest], head=head)
+    torchvision_parts = _decompose_torchvision(model)
+    if torchvision_parts is not None:
+        return torchvision_parts
     if isinstance(model, nn.Sequential):
         return _decompose_sequential(list(model))
     return None
+
+
+def _decompose_torchvision(model: nn.Module) -> Decomposition | None:
+    """Form 3: a unit per block of a torchvision CNN, or None for any other model.
+
+    Each family's units and head replay its ``forward``; stems and downsampling layers join the block after them.
+    """
+    tv = sys.modules.get("torchvision.models")  # a torchvision model implies torchvision is loaded
+    if tv is None:
+        return None
+    if isinstance(model, (tv.VGG, tv.AlexNet)):
+        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier)
+        return Decomposition(_group_units(list(model.features)), head)
+    if isinstance(model, tv.SqueezeNet):
+        return Decomposition(_group_units(list(model.features)), nn.Sequential(model.classifier, nn.Flatten(1)))
+    if isinstance(model, tv.ResNet):
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        blocks = [block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
+        return Decomposition(_led_blocks(stem, blocks), nn.Sequential(model.avgpool, nn.Flatten(1), model.fc))
+    if isinstance(model, (tv.MobileNetV2, tv.MobileNetV3, tv.EfficientNet)):
+        stem, *middle, last_conv = model.features  # EfficientNet's middle children are stages of blocks
+        blocks = [block for child in middle for block in (child if type(child) is nn.Sequential else [child])]
+        pool = getattr(model, "avgpool", nn.AdaptiveAvgPool2d(1))  # MobileNetV2 pools in its forward
+        return Decomposition(_led_blocks(stem, blocks), nn.Sequential(last_conv, pool, nn.Flatten(1), model.classifier))
+    if isinstance(model, tv.ConvNeXt):  # features: stem, stage, downsampling, stage, ..., stage
+        stem, *rest = model.features
+        leaders = [stem, *rest[1::2]]
+        units = [unit for leader, stage in zip(leaders, rest[0::2]) for unit in _led_blocks(leader, list(stage))]
+        return Decomposition(units, nn.Sequential(model.avgpool, model.classifier))
+    if isinstance(model, tv.RegNet):
+        blocks = [block for stage in model.trunk_output for block in stage]
+        return Decomposition(_led_blocks(model.stem, blocks), nn.Sequential(model.avgpool, nn.Flatten(1), model.fc))
+    if isinstance(model, tv.ShuffleNetV2):
+        blocks = [block for stage in (model.stage2, model.stage3, model.stage4) for block in stage]
+        head = nn.Sequential(model.conv5, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.fc)
+        return Decomposition(_led_blocks(nn.Sequential(model.conv1, model.maxpool), blocks), head)
+    if isinstance(model, tv.MNASNet):  # layers: stem layers, stacks of blocks, final conv layers
+        stacks = [index for index, child in enumerate(model.layers) if type(child) is nn.Sequential]
+        stem, tail = nn.Sequential(*model.layers[: stacks[0]]), list(model.layers[stacks[-1] + 1 :])
+        blocks = [block for index in stacks for block in model.layers[index]]
+        head = nn.Sequential(*tail, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.classifier)
+        return Decomposition(_led_blocks(stem, blocks), head)
+    if isinstance(model, tv.DenseNet):  # dense blocks concatenate inside: each is one unit, a transition leads the next
+        *body, norm = model.features
+        leaders = [list(body[:4]), *([transition] for transition in body[5::2])]
+        units = [_as_module([*leader, block]) for leader, block in zip(leaders, body[4::2])]
+        head = nn.Sequential(norm, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.classifier)
+        return Decomposition(units, head)
+    return None
+
+
+def _led_blocks(leader: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """A unit per block, ``leader`` (a stem or a downsampling layer) merged into the first."""
+    first, *rest = blocks
+    return [nn.Sequential(leader, first), *rest]
 
 
 def _decompose_sequential(children: list[nn.Module]) -> Decomposition | None:
@@ -189,9 +240,18 @@ def _decompose_wrapper(model: nn.Module) -> Decomposition:
         parts = _decompose_module(child)
         if parts is not None:
             found[name] = parts
-    if len(found) == 1:
-        return next(iter(found.values()))
     name = type(model).__name__
+    if len(found) == 1:
+        (child, parts), = found.items()
+        inside = {id(module) for module in getattr(model, child).modules()}
+        outside = [path for path, m in model.named_modules() if isinstance(m, _CONVS) and id(m) not in inside]
+        if outside:
+            raise UndecomposableModelError(
+                f"{name}'s only decomposable child is {child!r}, but convolutions lie outside it "
+                f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): training {child!r} alone "
+                f"would leave them out. Define neuroflux_decomposition() on {name}.\n{SUPPORTED_FORMS}"
+            )
+        return parts
     if found:
         raise UndecomposableModelError(
             f"{name} has several decomposable children ({', '.join(found)}); "
