@@ -49,10 +49,11 @@ def test_docstring_examples() -> None:
 
 
 @pytest.mark.parametrize("method", ["bp", "classic_ll", "neuroflux"])
-@pytest.mark.parametrize("model", ["vgg11", "vgg16", "vgg19", "resnet18", "mobilenetv2"])
+@pytest.mark.parametrize("model", ["vgg11", "vgg16", "vgg19", "resnet18", "mobilenetv2", "torchvision"])
 def test_every_method_and_model_composes(method: str, model: str) -> None:
     cfg = compose_config("train", [f"method={method}", f"model={model}", "data=cifar10", "budget=100MB"])
-    assert cfg.method.name == method and cfg.model.name == model and cfg.budget == "100MB"
+    assert cfg.method.name == method and cfg.budget == "100MB"
+    assert cfg.model.name == (model if model != "torchvision" else "resnet18")
     strategy = cfg.trainer.strategy
     if method == "bp":  # plain Lightning training, its batch sized by a hook, its steps held by the same guard
         assert strategy._target_.endswith("BudgetedBackpropStrategy") and strategy.memory_budget == "100MB"
@@ -111,6 +112,18 @@ def test_each_method_trains_on_real_cifar10(method: str, tmp_path: Path, cifar: 
     if method == "neuroflux":
         assert len(written["plan"]["blocks"]) > 1 and written["cache_bytes"] > 0
         assert written["dataset_bytes"] == 1200 * 3 * 32 * 32
+
+
+def test_a_torchvision_network_by_name_trains_and_plans(tmp_path: Path, cifar: Path) -> None:
+    """`model=torchvision model.name=...`: torchvision's own network, composed like the zoo's."""
+    shufflenet = ["model=torchvision", "model.name=shufflenet_v2_x0_5", *TINY[2:]]
+    cfg = compose_config("train", [*shufflenet, "method=neuroflux", "budget=20MB"])
+    written = run(cfg, tmp_path)
+    assert written["could_run"] and written["model"]["name"] == "shufflenet_v2_x0_5"
+    assert written["plan"]["blocks"] and written["measured_peak_bytes"] <= written["budget_bytes"]
+    report = plan_report(compose_config("plan", ["model=torchvision", "model.name=squeezenet1_1", "batch_limit=8"]))
+    assert report["model"] == "squeezenet1_1" and report["width_mult"] is None
+    assert report["neuroflux"]["blocks"]
 
 
 def test_infeasible_budget_is_recorded_not_crashed(tmp_path: Path, cifar: Path) -> None:

@@ -3,6 +3,7 @@
 Examples:
     nf-plan model=vgg16 data=cifar10_folder budget=300MB
     nf-plan model=resnet18 budget=100MB output=json
+    nf-plan model=torchvision model.name=efficientnet_b0 budget=100MB
 
 Prints the units with their fitted memory models, the blocks with batch sizes
 and predicted peaks, and the largest batch backpropagation and classic local
@@ -17,9 +18,9 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from nf_lightning import models
 from nf_lightning.cli.common import CONFIG_PATH
 from nf_lightning.lightning.backprop_batch import largest_backprop_batch
 from nf_lightning.core.exits.aux_heads import build_aux_heads
@@ -37,7 +38,7 @@ def plan_report(cfg: DictConfig) -> dict[str, Any]:
     if cfg.data.name not in KNOWN_DATASETS:
         raise ValueError(f"unknown dataset {cfg.data.name!r}; known: {', '.join(KNOWN_DATASETS)}")
     info = KNOWN_DATASETS[cfg.data.name]  # the class knows classes and input shape; no data is loaded
-    net = models.create(cfg.model.name, num_classes=info.num_classes, width_mult=cfg.model.width_mult)
+    net = instantiate(cfg.model, num_classes=info.num_classes)
     input_shape = tuple(info.input_shape)
     budget = MemoryBudget.parse(cfg.budget, cfg.memory_overhead).tensor_bytes  # tensor bytes, as nf-train holds them
     decomposition = decompose(net)
@@ -47,7 +48,7 @@ def plan_report(cfg: DictConfig) -> dict[str, Any]:
 
     report: dict[str, Any] = {
         "model": cfg.model.name,
-        "width_mult": cfg.model.width_mult,
+        "width_mult": cfg.model.get("width_mult"),  # the zoo's; torchvision's networks have none
         "data": cfg.data.name,
         "budget": cfg.budget,
         "budget_bytes": budget,
