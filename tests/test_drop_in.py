@@ -272,6 +272,22 @@ def test_bf16_mixed_precision_trains(tmp_path: Path) -> None:
     assert losses and all(torch.isfinite(v) for v in losses)
 
 
+class AdamWProject(TypicalProject):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.05)
+
+
+def test_an_adamw_recipe_trains_every_unit_with_adamw(tmp_path: Path) -> None:
+    """AdamW's param groups hold a key its constructor does not take (decoupled_weight_decay)."""
+    strategy = NeuroFluxStrategy(memory_budget="8MB", epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=2,
+                           limit_train_batches=2, limit_val_batches=2)
+    with pytest.warns(UserWarning, match="max_epochs=2 ends the run"):
+        trainer.fit(AdamWProject(), loader(128, 0), loader(64, 1))
+    optimizers = strategy.run.optim.optimizers
+    assert optimizers and all(type(o) is torch.optim.AdamW and o.defaults["weight_decay"] == 0.05 for o in optimizers)
+
+
 def test_max_epochs_bounds_the_run(tmp_path: Path) -> None:
     strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
     trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=1,

@@ -159,3 +159,19 @@ def test_fake_fits_predict_real_cpu_steps_at_unseen_batch_sizes(name: str) -> No
     for label, fit, measured in zip(labels, fits, real, strict=True):
         for batch, peak in measured.samples:
             assert abs(fit.predict(batch) - peak) / peak < 0.10, f"{name} {label} at batch {batch}"
+
+
+OPTIMIZERS = ["SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "ASGD", "Rprop",
+              "Adafactor"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_the_profilers_optimizer_is_the_recipes_class_with_its_settings(name: str) -> None:
+    """Rebuilt from the recipe's first group, which also holds keys the class sets itself (AdamW, NAdam, RAdam)."""
+    from nf_lightning.core.train.optim_recipe import optimizer_factory
+
+    cls = getattr(torch.optim, name)
+    template = cls([nn.Parameter(torch.ones(3))], lr=0.0123)
+    template.param_groups[0]["my_tag"] = "user's own key"  # what users and schedulers add to groups
+    built = optimizer_factory(lambda: (template, []))([nn.Parameter(torch.ones(4))])
+    assert type(built) is cls and built.defaults == template.defaults

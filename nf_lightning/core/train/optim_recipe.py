@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,8 +108,20 @@ def replicate_recipe(
 def optimizer_factory(recipe: Recipe) -> Callable[[list[nn.Parameter]], Optimizer]:
     """The recipe's optimizer class and first group's settings over other parameters.
 
-    Profiling needs the size of the optimizer's state, which its class and settings decide.
+    Profiling needs the size of the optimizer's state, which its class and settings decide. Only the
+    settings its constructor takes are passed: a group also holds keys it sets itself (AdamW's
+    ``decoupled_weight_decay``), a scheduler's (``initial_lr``) or the user's own.
+
+    >>> import torch
+    >>> adamw = torch.optim.AdamW([nn.Parameter(torch.ones(1))], lr=1e-3, weight_decay=0.05)
+    >>> built = optimizer_factory(lambda: (adamw, []))([nn.Parameter(torch.ones(2))])
+    >>> type(built).__name__, built.defaults["weight_decay"]
+    ('AdamW', 0.05)
     """
     template, _ = recipe()
-    hparams = {k: v for k, v in template.param_groups[0].items() if k not in ("params", "initial_lr")}
-    return lambda params: type(template)(params, **hparams)
+    cls = type(template)
+    accepted = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    group = template.param_groups[0]
+    hparams = {k: v for k, v in group.items() if k != "params" and (k in accepted or takes_any) and k != "initial_lr"}
+    return lambda params: cls(params, **hparams)
