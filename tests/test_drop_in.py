@@ -288,6 +288,68 @@ def test_an_adamw_recipe_trains_every_unit_with_adamw(tmp_path: Path) -> None:
     assert optimizers and all(type(o) is torch.optim.AdamW and o.defaults["weight_decay"] == 0.05 for o in optimizers)
 
 
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records, at every update in training, the largest gradient entry and the gradients' 2-norm.
+    (Not while NeuroFlux profiles the recipe's step on fake tensors, which have no values.)"""
+
+    seen: list[tuple[float, float]] = []
+    recording = False
+
+    def step(self, closure=None):
+        if RecordingSGD.recording:
+            flat = torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"] if p.grad is not None])
+            RecordingSGD.seen.append((flat.abs().max().item(), torch.linalg.vector_norm(flat).item()))
+        return super().step(closure)
+
+
+class ClippedProject(TypicalProject):
+    def configure_optimizers(self):
+        return RecordingSGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def on_train_start(self) -> None:
+        RecordingSGD.recording = True
+
+    def on_train_end(self) -> None:
+        RecordingSGD.recording = False
+
+
+@pytest.mark.parametrize(("algorithm", "limit"), [("norm", 1e-3), ("value", 1e-4)])
+def test_the_trainers_gradient_clipping_clips_every_unit_step(algorithm: str, limit: float, tmp_path: Path) -> None:
+    def fit(clip: float | None) -> tuple[pl.Trainer, list[tuple[float, float]]]:
+        RecordingSGD.seen = []
+        strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / f"cache{clip}")
+        trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=2,
+                               limit_train_batches=3, limit_val_batches=2, gradient_clip_val=clip,
+                               gradient_clip_algorithm=algorithm)
+        with pytest.warns(UserWarning, match="max_epochs=2 ends the run"):
+            trainer.fit(ClippedProject(), loader(128, 0), loader(64, 1))
+        return trainer, RecordingSGD.seen
+
+    position = 0 if algorithm == "value" else 1
+    _, unclipped = fit(None)
+    assert max(seen[position] for seen in unclipped) > 10 * limit  # so the clipped run's bound is not vacuous
+    trainer, clipped = fit(limit)
+    assert clipped and max(seen[position] for seen in clipped) <= limit * (1 + 1e-5)
+    assert trainer.gradient_clip_val == limit  # the user's Trainer as it was
+
+
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [({"gradient_clip_val": 0.0}, "gradient_clip_val must be None or > 0"),
+     ({"gradient_clip_algorithm": "max"}, r"gradient_clip_algorithm must be one of \('norm', 'value'\)")],
+)
+def test_bad_gradient_clipping_options_are_refused(option: dict, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        NeuroFluxStrategy(memory_budget=BUDGET, **option)
+
+
+def test_gradient_accumulation_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, accumulate_grad_batches=4)
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=4\) does not apply to NeuroFlux.*batch_limit"):
+        trainer.fit(TypicalProject(), loader(64, 0), loader(64, 1))
+
+
 def test_max_epochs_bounds_the_run(tmp_path: Path) -> None:
     strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
     trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=1,

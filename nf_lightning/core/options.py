@@ -32,6 +32,7 @@ from nf_lightning.core.train.feature_augment import POLICIES as AUGMENT_POLICIES
 from nf_lightning.core.train.schedule import BlockSchedule
 
 EVALUATE = ("exit", "full")
+CLIP_ALGORITHMS = ("norm", "value")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class NeuroFluxOptions:
         meter_full_steps, meter_sample_every: every unit step of a block's first
             ``meter_full_steps`` batches (and again after a shrink) is metered and held to
             the budget as a transaction, then one batch in ``meter_sample_every`` (1: all).
+        gradient_clip_val, gradient_clip_algorithm: clip each unit's gradients before its update
+            (after averaging across ranks), as Lightning's Trainer arguments of those names do for
+            BP: ``"norm"`` (their total 2-norm to at most the value) or ``"value"`` (each entry to
+            ``[-value, value]``); None does not clip. The strategy takes them from the Trainer.
         exit_tolerance: exits within this accuracy (a fraction) of the best count as
             equally good, and the one with the fewest parameters is deployed.
         evaluate: what ``validate``/``test``/``predict`` outside ``fit`` run: ``"exit"``
@@ -108,6 +113,8 @@ class NeuroFluxOptions:
     feature_augment: str = "none"
     meter_full_steps: int = FULL_STEPS
     meter_sample_every: int = SAMPLE_EVERY
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = "norm"
     exit_tolerance: float = 0.0
     evaluate: str = "exit"
 
@@ -130,6 +137,10 @@ class NeuroFluxOptions:
             (0.0 <= self.exit_tolerance <= 1.0,
              f"exit_tolerance is a fraction of accuracy in [0, 1], got {self.exit_tolerance}"),
             (self.cache_dtype in SUPPORTED_DTYPES, f"cache_dtype must be one of {SUPPORTED_DTYPES}, got {self.cache_dtype!r}"),
+            (self.gradient_clip_val is None or self.gradient_clip_val > 0,
+             f"gradient_clip_val must be None or > 0, got {self.gradient_clip_val}"),
+            (self.gradient_clip_algorithm in CLIP_ALGORITHMS,
+             f"gradient_clip_algorithm must be one of {CLIP_ALGORITHMS}, got {self.gradient_clip_algorithm!r}"),
             (self.feature_augment in AUGMENT_POLICIES,
              f"feature_augment must be one of {AUGMENT_POLICIES}, got {self.feature_augment!r}"),
         ]  # fmt: skip

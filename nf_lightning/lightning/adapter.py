@@ -64,6 +64,7 @@ class NeuroFluxAdapter:
         self._saved_state: dict[str, Any] | None = None
         self._sources = DataSources(train=None, val=None)  # type: ignore[arg-type]  # filled as loaders arrive
         self._automatic_optimization: bool | None = None
+        self._held_gradient_clip_val: float | None = None  # the Trainer's, held while NeuroFlux clips (fit only)
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -89,11 +90,23 @@ class NeuroFluxAdapter:
         trainer = model.trainer
         if trainer.state.fn != TrainerFn.FITTING:
             return
+        _refuse_gradient_accumulation(trainer)
+        self._take_gradient_clipping(trainer)
         self._automatic_optimization = model.automatic_optimization
         model.automatic_optimization = False  # each unit steps its own optimizer
         if not any(isinstance(c, NeuroFluxHooks) for c in trainer.callbacks):
             trainer.callbacks.insert(0, NeuroFluxHooks())
             rank_zero_info("NeuroFluxStrategy: added its NeuroFluxHooks callback first in trainer.callbacks")
+
+    def _take_gradient_clipping(self, trainer: pl.Trainer) -> None:
+        """``Trainer(gradient_clip_val=...)`` clips every unit's gradients. Lightning refuses that setting
+        once optimization is manual, so the Trainer's value is held here until ``teardown``."""
+        value = trainer.gradient_clip_val
+        if not value:
+            return
+        algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"
+        self.options = self.options.replace(gradient_clip_val=float(value), gradient_clip_algorithm=str(algorithm))
+        self._held_gradient_clip_val, trainer.gradient_clip_val = value, None
 
     def setup(self, trainer: pl.Trainer) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
@@ -151,6 +164,8 @@ class NeuroFluxAdapter:
         if self.lightning_module is not None and self._automatic_optimization is not None:
             self.lightning_module.automatic_optimization = self._automatic_optimization
             self._automatic_optimization = None
+        if self._held_gradient_clip_val is not None and self.lightning_module is not None:
+            self.trainer.gradient_clip_val, self._held_gradient_clip_val = self._held_gradient_clip_val, None
         super().teardown()
 
     @property
@@ -284,6 +299,16 @@ class NeuroFluxAdapter:
             assert self.decomposition is not None
             inference = self.options.replace(cache=False)  # evaluation only: nothing is trained or cached
             self.run = BlockwiseRun.from_state(self.decomposition, state, None, inference, device=self.root_device)
+
+
+def _refuse_gradient_accumulation(trainer: pl.Trainer) -> None:
+    """Fail before any work on ``accumulate_grad_batches``: NeuroFlux updates every unit on every batch."""
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) does not apply to NeuroFlux: it "
+            "updates every unit once per batch, at the batch size its plan gives each block under the memory "
+            "budget, up to NeuroFluxStrategy(batch_limit=...). Remove the setting"
+        )
 
 
 def _require_validation(trainer: pl.Trainer) -> None:

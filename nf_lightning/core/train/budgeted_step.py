@@ -36,10 +36,16 @@ class BudgetedStep:
     Args:
         guard: meters unit steps against the budget and keeps the record.
         collective: the other ranks (one process: :data:`~nf_lightning.core.train.distributed.LOCAL`).
+        gradient_clip: ``(value, "norm" | "value")`` applied to each unit's gradients before its update.
     """
 
-    def __init__(self, guard: BudgetGuard, collective: Collective | LocalCollective) -> None:
-        self.guard, self.collective = guard, collective
+    def __init__(
+        self,
+        guard: BudgetGuard,
+        collective: Collective | LocalCollective,
+        gradient_clip: tuple[float, str] | None = None,
+    ) -> None:
+        self.guard, self.collective, self.gradient_clip = guard, collective, gradient_clip
         self.peaks: dict[int, int] = {}  # each block's highest metered step
         self.shrinks: list[dict[str, int]] = []  # every step that had to be cut into smaller pieces
         self.last_step_peak: int | None = None
@@ -106,7 +112,10 @@ class BudgetedStep:
                     check(optimizer)  # the budget's limit is lifted from here on: collectives may allocate
                     if self.collective.agree(failed=False):
                         raise PeerStepFailed(f"another rank's step of unit {unit} did not fit the budget")
-                    self.collective.average_gradients(p for g in optimizer.param_groups for p in g["params"])
+                    params = [p for g in optimizer.param_groups for p in g["params"]]
+                    self.collective.average_gradients(params)
+                    if self.gradient_clip is not None:
+                        clip_gradients(params, *self.gradient_clip)
                     if ratio != 1.0:
                         for group in getattr(optimizer, "optimizer", optimizer).param_groups:
                             changed.append((group, group["lr"]))
@@ -123,6 +132,23 @@ class BudgetedStep:
             raise
         if self.guard.metered_steps > before:
             peaks.append(self.guard.last_peak)
+
+
+def clip_gradients(params: Sequence[Tensor], value: float, algorithm: str) -> None:
+    """Lightning's gradient clipping, on the gradients of ``params``: their total 2-norm to at most
+    ``value`` (``"norm"``) or each entry into ``[-value, value]`` (``"value"``).
+
+    >>> weight = torch.nn.Parameter(torch.zeros(2))
+    >>> weight.grad = torch.tensor([3.0, 4.0])
+    >>> clip_gradients([weight], 1.0, "norm"); weight.grad
+    tensor([0.6000, 0.8000])
+    >>> clip_gradients([weight], 0.7, "value"); weight.grad
+    tensor([0.6000, 0.7000])
+    """
+    if algorithm == "norm":
+        torch.nn.utils.clip_grad_norm_(params, value)
+    else:
+        torch.nn.utils.clip_grad_value_(params, value)
 
 
 def check_batch(x: Tensor, y: Tensor, classes: int, where: str) -> None:
