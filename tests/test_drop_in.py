@@ -350,6 +350,38 @@ def test_gradient_accumulation_is_refused_with_what_to_do(tmp_path: Path) -> Non
         trainer.fit(TypicalProject(), loader(64, 0), loader(64, 1))
 
 
+class DictBatchProject(TypicalProject):
+    """Its loaders yield {"image": ..., "label": ...} batches."""
+
+    def validation_step(self, batch, batch_idx):
+        return super().validation_step((batch["image"], batch["label"]), batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        return super().test_step((batch["image"], batch["label"]), batch_idx)
+
+
+def dict_loader(n: int, seed: int, shuffle: bool = False) -> DataLoader:
+    def collate(samples: list) -> dict[str, torch.Tensor]:
+        return {"image": torch.stack([x for x, _ in samples]), "label": torch.stack([y for _, y in samples])}
+
+    return DataLoader(data(n, seed), batch_size=32, shuffle=shuffle, collate_fn=collate)
+
+
+def test_dict_batches_train_every_block_and_test_the_selected_exit(tmp_path: Path) -> None:
+    """Block 1's cache is written from the user's own loader of dicts (it read the dict's keys as the batch)."""
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=3)
+    module = DictBatchProject()
+    with pytest.warns(UserWarning, match="max_epochs=3 ends the run"):
+        trainer.fit(module, dict_loader(256, 0, shuffle=True), dict_loader(64, 1))
+    assert strategy.run.active_block >= 2 and (tmp_path / "cache" / "block1-train").is_dir()
+    (tested,) = trainer.test(module, dataloaders=dict_loader(64, 2), verbose=False)
+    x, y = data(64, 2).tensors
+    with torch.no_grad():
+        by_hand = (strategy.run.exit_model().eval()(x).argmax(1) == y).float().mean().item()
+    assert tested["test_acc"] == pytest.approx(by_hand, abs=1e-6)
+
+
 def test_max_epochs_bounds_the_run(tmp_path: Path) -> None:
     strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
     trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=1,

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nf_lightning.core.train.batches import split_batch
+
 # Accuracies arrive as float32 means of per-batch accuracies, so two exits with the
 # same number of correct predictions can differ in the last bits. Differences below
 # this (one sample in a million) are rounding and count as ties.
@@ -148,19 +150,23 @@ def export_program(model: nn.Module, input_shape: Sequence[int], path: str | Pat
     return program
 
 
-def loader_accuracy(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> float:
-    """Fraction of the ``(inputs, labels)`` batches of ``loader`` that ``model`` classifies right, without grad
-    (the model's train/eval mode is the caller's). An empty loader raises ``ValueError``.
+def loader_accuracy(model: nn.Module, loader: Iterable[Any]) -> float:
+    """Fraction of the ``(inputs, labels)`` batches (or dicts, as :func:`split_batch` reads them) of ``loader``
+    that ``model`` classifies right, without grad (the model's train/eval mode is the caller's). An empty loader
+    raises ``ValueError``.
 
     >>> model = nn.Linear(2, 2).eval()
     >>> with torch.no_grad():
     ...     _ = model.weight.copy_(torch.eye(2)), model.bias.zero_()
     >>> loader_accuracy(model, [(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))])
     0.5
+    >>> loader_accuracy(model, [{"image": torch.tensor([[1.0, 0.0]]), "label": torch.tensor([0])}])
+    1.0
     """
     correct = total = 0
     with torch.no_grad():
-        for x, y in loader:
+        for batch in loader:
+            x, y = split_batch(batch)
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
     if total == 0:

@@ -40,7 +40,7 @@ from nf_lightning.core.cache import (
     open_cache,
     release_cache_dir,
 )
-from nf_lightning.core.train.batches import samples_in_order
+from nf_lightning.core.train.batches import samples_in_order, split_batch
 from nf_lightning.core.train.distributed import Collective, LocalCollective, shard_sampler
 from nf_lightning.core.train.sources import DataSources
 from nf_lightning.core.train.streaming import stream
@@ -144,7 +144,8 @@ class BlockCaches:
         fingerprint = self.fingerprint(block, split)
         writer: ActivationCacheWriter | None = None
         with contextlib.ExitStack() as stack:
-            for x, y in source:
+            for batch in source:
+                x, y = split_batch(batch)  # the user's loader for block 0: tuples or dicts
                 out = stream([self.units[i] for i in self.blocks[block]], x, self.device).cpu()
                 if writer is None:
                     writer = stack.enter_context(
