@@ -382,6 +382,14 @@ def test_dict_batches_train_every_block_and_test_the_selected_exit(tmp_path: Pat
     assert tested["test_acc"] == pytest.approx(by_hand, abs=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_a_precision_that_converts_the_weights_is_refused_with_what_works(precision: str, tmp_path: Path) -> None:
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, precision=precision)
+    with pytest.raises(ValueError, match=rf"precision='{precision}'\) converts the network's weights.*'bf16-mixed'"):
+        trainer.fit(TypicalProject(), loader(64, 0), loader(64, 1))
+
+
 def test_max_epochs_bounds_the_run(tmp_path: Path) -> None:
     strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
     trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=1,

@@ -31,6 +31,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -88,6 +89,7 @@ class NeuroFluxAdapter:
         super().connect(model)
         self.decomposition = decompose(model)
         trainer = model.trainer
+        _refuse_whole_network_precision(self.precision_plugin, trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
         _refuse_gradient_accumulation(trainer)
@@ -299,6 +301,16 @@ class NeuroFluxAdapter:
             assert self.decomposition is not None
             inference = self.options.replace(cache=False)  # evaluation only: nothing is trained or cached
             self.run = BlockwiseRun.from_state(self.decomposition, state, None, inference, device=self.root_device)
+
+
+def _refuse_whole_network_precision(plugin: Precision, trainer: pl.Trainer) -> None:
+    """Fail before any work on a precision that converts the network's weights ("bf16-true", "64-true"...)."""
+    if type(plugin) is not Precision and not isinstance(plugin, MixedPrecision):
+        raise ValueError(
+            f"Trainer(precision={trainer.precision!r}) converts the network's weights, but not the exit heads "
+            "NeuroFlux adds nor its cached activations. Use precision='32-true' (the default), 'bf16-mixed' "
+            "(bfloat16 compute, on CPU too) or '16-mixed'"
+        )
 
 
 def _refuse_gradient_accumulation(trainer: pl.Trainer) -> None:
