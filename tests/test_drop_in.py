@@ -390,6 +390,28 @@ def test_a_precision_that_converts_the_weights_is_refused_with_what_works(precis
         trainer.fit(TypicalProject(), loader(64, 0), loader(64, 1))
 
 
+class CompiledProject(TypicalProject):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.compile(self.net)
+
+
+def test_a_torch_compiled_network_trains_and_tests_its_selected_exit(tmp_path: Path) -> None:
+    """NeuroFlux trains the module torch.compile wrapped; the user's steps still call the compiled wrapper."""
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=2,
+                           limit_train_batches=2)
+    module = CompiledProject()
+    with pytest.warns(UserWarning, match="max_epochs=2 ends the run"):
+        trainer.fit(module, loader(128, 0), loader(64, 1))
+    assert decompose(module).network is module.net._orig_mod
+    (tested,) = trainer.test(module, dataloaders=loader(64, 2), verbose=False)
+    x, y = data(64, 2).tensors
+    with torch.no_grad():
+        by_hand = (strategy.run.exit_model().eval()(x).argmax(1) == y).float().mean().item()
+    assert tested["test_acc"] == pytest.approx(by_hand, abs=1e-6)
+
+
 def test_max_epochs_bounds_the_run(tmp_path: Path) -> None:
     strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
     trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=1,

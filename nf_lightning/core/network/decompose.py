@@ -25,6 +25,8 @@ units then the head reproduces the model's output. Forms, tried in this order:
    wrapper's forward is not used. (A model whose ``classifier`` alone has a form, its
    convolutions in another child, is refused rather than cut down to its classifier.)
 
+A ``torch.compile``'d module of forms 2-5 is decomposed as the module it compiled.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -141,7 +143,9 @@ def _rooted(decomposition: Decomposition, network: nn.Module) -> Decomposition:
 
 
 def _decompose_module(model: nn.Module) -> Decomposition | None:
-    """Forms 2-4 with ``model`` as their network, or None when ``model`` has none of them."""
+    """Forms 2-4 with ``model`` as their network, or None when ``model`` has none of them.
+    A ``torch.compile``'d module counts as the module it compiled."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule wraps the module there
     parts = _decompose_form(model)
     return _rooted(parts, model) if parts is not None else None
 
