@@ -45,6 +45,23 @@ def test_labels_outside_the_heads_classes(tmp_path: Path) -> None:
         fit(tmp_path, DataLoader(data(classes=12), batch_size=64), DataLoader(data(), batch_size=32))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_integer_labels_of_any_width_train(dtype: torch.dtype, tmp_path: Path) -> None:
+    """A data set's int32 labels (numpy's default on some platforms) train as int64 ones do."""
+    x, y = data().tensors
+    narrow = DataLoader(TensorDataset(x, y.to(dtype)), batch_size=32)
+    t = fit(tmp_path, narrow, narrow)
+    assert t.strategy.run.finished
+
+
+@pytest.mark.parametrize("labels", [torch.zeros(64), torch.zeros(64, 10)], ids=["float", "one-hot"])
+def test_labels_that_are_not_class_indices(labels: torch.Tensor, tmp_path: Path) -> None:
+    x, _ = data().tensors
+    loader = DataLoader(TensorDataset(x, labels), batch_size=32)
+    with pytest.raises(ValueError, match=r"labels at step \d+ of block 0 are torch.float32 of shape .* one integer"):
+        fit(tmp_path, loader, DataLoader(data(), batch_size=32))
+
+
 def test_input_channels_that_do_not_match_the_first_unit(tmp_path: Path) -> None:
     one_channel = DataLoader(data(channels=1), batch_size=32)
     with pytest.raises(ValueError, match=r"1 input channel\(s\).*first convolution expects 3"):

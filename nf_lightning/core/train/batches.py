@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
@@ -17,22 +18,30 @@ _KEY_PAIRS = (("x", "y"), ("image", "label"), ("input", "target"), ("inputs", "t
 
 
 def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    """``(inputs, targets)`` of a batch given as a tuple/list or a dict.
+    """``(inputs, targets)`` of a batch given as a tuple/list or a dict; integer targets as int64, which
+    the local losses take (a data set's int32 or uint8 labels).
 
     >>> import torch
     >>> split_batch((torch.zeros(2, 3), torch.ones(2)))[1].tolist()
     [1.0, 1.0]
+    >>> split_batch((torch.zeros(2, 3), torch.tensor([1, 2], dtype=torch.int32)))[1].dtype
+    torch.int64
     """
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
+        return batch[0], _as_index(batch[1])
     if isinstance(batch, dict):
         for x_key, y_key in _KEY_PAIRS:
             if x_key in batch and y_key in batch:
-                return batch[x_key], batch[y_key]
+                return batch[x_key], _as_index(batch[y_key])
     raise TypeError(
         f"cannot find inputs and targets in a batch of type {type(batch).__name__}; NeuroFlux expects "
         "(inputs, targets, ...) tuples or dicts with keys x/y, image/label, input/target or inputs/targets"
     )
+
+
+def _as_index(y: Any) -> Any:
+    integer = isinstance(y, Tensor) and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool
+    return y.long() if integer and y.dtype != torch.int64 else y
 
 
 def rebatch(loader: DataLoader, batch_size: int, shuffle: bool) -> DataLoader:

@@ -161,6 +161,11 @@ def check_batch(x: Tensor, y: Tensor, classes: int, where: str) -> None:
     """
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"the input batch at {where} holds NaN or Inf values")
+    if y.is_floating_point() or y.dim() != 1:
+        raise ValueError(
+            f"labels at {where} are {y.dtype} of shape {tuple(y.shape)}: NeuroFlux trains classifiers on one "
+            "integer class index per sample"
+        )
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
         raise ValueError(
             f"labels at {where} range over [{int(y.min())}, {int(y.max())}], but the network's head has "
