@@ -21,6 +21,9 @@ MODULES = [
     "nf_lightning.neuron_budget.kept_state",
     "nf_lightning.neuron_budget.probe",
     "nf_lightning.neuron_budget.probe_memory",
+    "nf_lightning.core.train.budgeted_step",
+    "nf_lightning.core.exits.aux_heads",
+    "nf_lightning.lightning.unsupported",
 ]
 
 

@@ -412,6 +412,29 @@ def test_a_torch_compiled_network_trains_and_tests_its_selected_exit(tmp_path: P
     assert tested["test_acc"] == pytest.approx(by_hand, abs=1e-6)
 
 
+def test_the_learning_rate_finder_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    from lightning.pytorch.tuner import Tuner
+
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"LearningRateFinder with NeuroFluxStrategy: .*Lightning's default strategy"):
+        Tuner(trainer).lr_find(TypicalProject(), loader(64, 0), loader(64, 1), num_training=5)
+
+
+@pytest.mark.parametrize(
+    ("callback", "why"),
+    [("BatchSizeFinder", "largest batch its memory budget allows"), ("GradientAccumulationScheduler", "once per")],
+)
+def test_callbacks_that_tune_end_to_end_training_are_refused(callback: str, why: str, tmp_path: Path) -> None:
+    import lightning.pytorch.callbacks as callbacks
+
+    instance = getattr(callbacks, callback)(**({"scheduling": {0: 2}} if callback.startswith("Gradient") else {}))
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, [instance], logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=f"{callback} with NeuroFluxStrategy: .*{why}"):
+        trainer.fit(TypicalProject(), loader(64, 0), loader(64, 1))
+
+
 def test_max_epochs_bounds_the_run(tmp_path: Path) -> None:
     strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
     trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=1,

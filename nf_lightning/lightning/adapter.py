@@ -31,7 +31,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -47,6 +46,7 @@ from nf_lightning.core.train.run import BlockwiseRun, DataSources
 from nf_lightning.lightning._internals import has_val_dataloader, parse_optimizer_recipe, train_dataloader_of
 from nf_lightning.lightning.ddp import collective_for
 from nf_lightning.lightning.hooks import NeuroFluxHooks
+from nf_lightning.lightning.unsupported import refuse_unsupported_settings
 
 CHECKPOINT_KEY = "neuroflux"
 
@@ -89,10 +89,9 @@ class NeuroFluxAdapter:
         super().connect(model)
         self.decomposition = decompose(model)
         trainer = model.trainer
-        _refuse_whole_network_precision(self.precision_plugin, trainer)
+        refuse_unsupported_settings(trainer, self.precision_plugin)
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        _refuse_gradient_accumulation(trainer)
         self._take_gradient_clipping(trainer)
         self._automatic_optimization = model.automatic_optimization
         model.automatic_optimization = False  # each unit steps its own optimizer
@@ -301,26 +300,6 @@ class NeuroFluxAdapter:
             assert self.decomposition is not None
             inference = self.options.replace(cache=False)  # evaluation only: nothing is trained or cached
             self.run = BlockwiseRun.from_state(self.decomposition, state, None, inference, device=self.root_device)
-
-
-def _refuse_whole_network_precision(plugin: Precision, trainer: pl.Trainer) -> None:
-    """Fail before any work on a precision that converts the network's weights ("bf16-true", "64-true"...)."""
-    if type(plugin) is not Precision and not isinstance(plugin, MixedPrecision):
-        raise ValueError(
-            f"Trainer(precision={trainer.precision!r}) converts the network's weights, but not the exit heads "
-            "NeuroFlux adds nor its cached activations. Use precision='32-true' (the default), 'bf16-mixed' "
-            "(bfloat16 compute, on CPU too) or '16-mixed'"
-        )
-
-
-def _refuse_gradient_accumulation(trainer: pl.Trainer) -> None:
-    """Fail before any work on ``accumulate_grad_batches``: NeuroFlux updates every unit on every batch."""
-    if trainer.accumulate_grad_batches != 1:
-        raise ValueError(
-            f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) does not apply to NeuroFlux: it "
-            "updates every unit once per batch, at the batch size its plan gives each block under the memory "
-            "budget, up to NeuroFluxStrategy(batch_limit=...). Remove the setting"
-        )
 
 
 def _require_validation(trainer: pl.Trainer) -> None:
