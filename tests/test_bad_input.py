@@ -62,6 +62,19 @@ def test_labels_that_are_not_class_indices(labels: torch.Tensor, tmp_path: Path)
         fit(tmp_path, loader, DataLoader(data(), batch_size=32))
 
 
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(data())
+
+
+@pytest.mark.parametrize("role", ["training", "validation"])
+def test_an_iterable_dataset_gets_a_clear_error(role: str, tmp_path: Path) -> None:
+    stream, mapped = DataLoader(Stream(), batch_size=32), DataLoader(data(), batch_size=32)
+    train, val = (stream, mapped) if role == "training" else (mapped, stream)
+    with pytest.raises(TypeError, match=f"the {role} loader reads an IterableDataset \\(Stream\\).*map-style"):
+        fit(tmp_path, train, val)
+
+
 def test_input_channels_that_do_not_match_the_first_unit(tmp_path: Path) -> None:
     one_channel = DataLoader(data(channels=1), batch_size=32)
     with pytest.raises(ValueError, match=r"1 input channel\(s\).*first convolution expects 3"):

@@ -40,7 +40,7 @@ from nf_lightning.core.memory.budget import MemoryBudget, format_bytes
 from nf_lightning.core.memory.meter import device_memory_bytes
 from nf_lightning.core.network.decompose import Decomposition, decompose
 from nf_lightning.core.options import NeuroFluxOptions
-from nf_lightning.core.train.batches import split_batch
+from nf_lightning.core.train.batches import require_map_style, split_batch
 from nf_lightning.core.train.optim_recipe import SchedulerSpec
 from nf_lightning.core.train.run import BlockwiseRun, DataSources
 from nf_lightning.lightning._internals import has_val_dataloader, parse_optimizer_recipe, train_dataloader_of
@@ -216,7 +216,9 @@ class NeuroFluxAdapter:
         """During ``fit``: the active block's training data; the user's own validation loader, as is."""
         if not self._fitting():
             return dataloader
-        if self.trainer.state.stage == RunningStage.TRAINING:
+        training = self.trainer.state.stage == RunningStage.TRAINING
+        require_map_style(dataloader, "training" if training else "validation")  # type: ignore[arg-type]
+        if training:
             self._sources.train = dataloader  # type: ignore[assignment]
             assert self.run is not None
             return self.run.train_loader()

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
 _KEY_PAIRS = (("x", "y"), ("image", "label"), ("input", "target"), ("inputs", "targets"))
 
@@ -37,6 +37,28 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
         f"cannot find inputs and targets in a batch of type {type(batch).__name__}; NeuroFlux expects "
         "(inputs, targets, ...) tuples or dicts with keys x/y, image/label, input/target or inputs/targets"
     )
+
+
+def require_map_style(loader: DataLoader, role: str) -> None:
+    """A clear error for a loader over an ``IterableDataset``: the run re-batches, shuffles and caches by sample index.
+
+    >>> import torch
+    >>> from torch.utils.data import IterableDataset
+    >>> class Stream(IterableDataset):
+    ...     def __iter__(self):
+    ...         return iter([(torch.zeros(3), 0)])
+    >>> require_map_style(DataLoader(Stream()), "training")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: the training loader reads an IterableDataset (Stream), but NeuroFlux needs a map-style data set...
+    """
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(
+            f"the {role} loader reads an IterableDataset ({type(dataset).__name__}), but NeuroFlux needs a map-style "
+            "data set (__len__ and __getitem__): it re-batches the training data to each block's batch size and "
+            "caches each block's outputs sample by sample. Load the samples into one (for example a TensorDataset)"
+        )
 
 
 def _as_index(y: Any) -> Any:
