@@ -187,6 +187,22 @@ def test_a_warm_up_alone_keeps_the_rate_after_it_and_bad_schedules_are_refused(t
             ClassifierModule(nn.Linear(2, 2), num_classes=2, lr_warmup=bad)
 
 
+def test_the_classifier_module_reads_dict_batches_and_narrow_integer_labels(tmp_path: Path) -> None:
+    """What the polish and BP baselines train with takes the batches NeuroFlux takes."""
+    data = TensorDataset(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,), dtype=torch.int32))
+
+    def as_dicts(samples: list) -> dict[str, torch.Tensor]:
+        return {"image": torch.stack([x for x, _ in samples]), "label": torch.stack([y for _, y in samples])}
+
+    loader = DataLoader(data, batch_size=8, collate_fn=as_dicts)
+    module = ClassifierModule(create("vgg11", num_classes=10, width_mult=0.125), num_classes=10)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, loader, loader)
+    (tested,) = trainer.test(module, loader, verbose=False)
+    assert 0.0 <= tested["test/acc"] <= 1.0 and trainer.global_step == 4
+
+
 @pytest.fixture
 def cifar(shared_datasets_dir: Path, data_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("NF_DATA_DIR", str(shared_datasets_dir))

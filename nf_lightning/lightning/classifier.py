@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from nf_lightning.core.train.batches import split_batch
+
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -73,21 +75,21 @@ class ClassifierModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = split_batch(batch)
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = split_batch(batch)
         logits = self(x)
         self.val_acc(logits, y)
         self.log("val/loss", nn.functional.cross_entropy(logits, y))
         self.log("val/acc", self.val_acc, prog_bar=True)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = split_batch(batch)
         self.test_acc(self(x), y)
         self.log("test/acc", self.test_acc)
 
