@@ -173,6 +173,19 @@ def test_flat_sequential_groups_weightless_layers_with_the_unit_before() -> None
     assert_reproduces(model, parts)
 
 
+def test_a_hidden_mlp_after_the_convs_is_the_head() -> None:
+    """The usual hand-written CNN: its Linear layers form the classifier, none of them a unit of its own."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(), nn.Linear(32, 3),
+    )  # fmt: skip
+    parts = decompose(model)
+    assert [len(unit) for unit in parts.units] == [4, 3]
+    assert list(parts.head) == list(model)[7:]
+    assert_reproduces(model, parts)
+
+
 def test_sequential_of_blocks_uses_its_children_as_units() -> None:
     model = nn.Sequential(
         conv_block(3, 8),

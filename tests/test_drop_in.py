@@ -451,16 +451,21 @@ def small_convnext() -> nn.Module:
     return torchvision.models.ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 1)], num_classes=10)
 
 
-OTHER_FAMILIES = {  # beyond MobileNetV2: a conv classifier, channel shuffles, concatenating blocks, LayerNorm blocks
+OTHER_FAMILIES = {  # beyond MobileNetV2: a conv classifier, channel shuffles, concatenating and LayerNorm blocks
     "squeezenet": lambda: torchvision.models.squeezenet1_1(num_classes=10),
     "shufflenet_v2": lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10),
     "densenet": lambda: torchvision.models.DenseNet(8, (2, 2), num_init_features=16, num_classes=10),
     "convnext": small_convnext,
+    "cnn_with_mlp_head": lambda: nn.Sequential(  # as people write one by hand
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 10),
+    ),  # fmt: skip
 }
 
 
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
-def test_other_torchvision_families_train_and_test_their_selected_exit(family: str, tmp_path: Path) -> None:
+def test_other_networks_train_and_test_their_selected_exit(family: str, tmp_path: Path) -> None:
     module = TypicalProject()
     module.net = OTHER_FAMILIES[family]()
     before = [p.detach().clone() for p in decompose(module.net).units[0].parameters()]

@@ -15,10 +15,11 @@ units then the head reproduces the model's output. Forms, tried in this order:
    after it); ``DenseNet`` (a unit per dense block, each transition merged into the
    next). The head holds the rest of their forward: any final 1x1 conv, the pooling,
    flatten and classifier;
-4. an ``nn.Sequential``: the classifier (its last child holding a Linear and no conv,
-   with any Flatten, Dropout or global pool right before it, and all after it) is
-   the head; the children before it are units, except that children without a conv
-   or Linear (ReLU, BN, pooling...) join the unit before them, since they have
+4. an ``nn.Sequential``: the classifier is the head: after the last conv, everything
+   from the first global pool, Flatten, Dropout or Linear on (a hidden MLP included);
+   without convs, the last child holding a Linear, with any Flatten, Dropout or global
+   pool right before it. The children before it are units, except that children without
+   a conv or Linear (ReLU, BN, pooling...) join the unit before them, since they have
    nothing to train by themselves;
 5. a wrapper, e.g. a LightningModule holding ``self.net``, with exactly one direct
    child of forms 2-4 and no convolution outside it: that child is decomposed, the
@@ -224,13 +225,22 @@ def _led_blocks(leader: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
 
 
 def _decompose_sequential(children: list[nn.Module]) -> Decomposition | None:
-    """Form 4, or None without a Linear classifier or without a conv/Linear before it."""
+    """Form 4, or None without a Linear classifier or without a conv/Linear before it.
+
+    After the last conv, the head starts at the first global pool, Flatten, Dropout or Linear: a
+    hidden MLP (``Flatten, Linear, ReLU, Dropout, Linear``) is the head, as torchvision's VGG has it.
+    """
     classifiers = [index for index, child in enumerate(children) if _is_classifier(child)]
     if not classifiers:
         return None
-    start = classifiers[-1]
-    while start > 0 and isinstance(children[start - 1], _BEFORE_CLASSIFIER):
-        start -= 1
+    convs = [index for index, child in enumerate(children) if _contains(child, _CONVS)]
+    if convs and convs[-1] < classifiers[-1]:
+        after = range(convs[-1] + 1, classifiers[-1] + 1)
+        start = next(i for i in after if _is_classifier(children[i]) or isinstance(children[i], _BEFORE_CLASSIFIER))
+    else:
+        start = classifiers[-1]
+        while start > 0 and isinstance(children[start - 1], _BEFORE_CLASSIFIER):
+            start -= 1
     units = _group_units(children[:start])
     if not units:
         return None
