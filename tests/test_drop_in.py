@@ -375,11 +375,7 @@ def test_dict_batches_train_every_block_and_test_the_selected_exit(tmp_path: Pat
     with pytest.warns(UserWarning, match="max_epochs=3 ends the run"):
         trainer.fit(module, dict_loader(256, 0, shuffle=True), dict_loader(64, 1))
     assert strategy.run.active_block >= 2 and (tmp_path / "cache" / "block1-train").is_dir()
-    (tested,) = trainer.test(module, dataloaders=dict_loader(64, 2), verbose=False)
-    x, y = data(64, 2).tensors
-    with torch.no_grad():
-        by_hand = (strategy.run.exit_model().eval()(x).argmax(1) == y).float().mean().item()
-    assert tested["test_acc"] == pytest.approx(by_hand, abs=1e-6)
+    assert_test_reports_the_selected_exit(trainer, module, strategy, dict_loader(64, 2))
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
@@ -405,11 +401,7 @@ def test_a_torch_compiled_network_trains_and_tests_its_selected_exit(tmp_path: P
     with pytest.warns(UserWarning, match="max_epochs=2 ends the run"):
         trainer.fit(module, loader(128, 0), loader(64, 1))
     assert decompose(module).network is module.net._orig_mod
-    (tested,) = trainer.test(module, dataloaders=loader(64, 2), verbose=False)
-    x, y = data(64, 2).tensors
-    with torch.no_grad():
-        by_hand = (strategy.run.exit_model().eval()(x).argmax(1) == y).float().mean().item()
-    assert tested["test_acc"] == pytest.approx(by_hand, abs=1e-6)
+    assert_test_reports_the_selected_exit(trainer, module, strategy, loader(64, 2))
 
 
 def test_the_learning_rate_finder_is_refused_with_what_to_do(tmp_path: Path) -> None:
@@ -445,6 +437,16 @@ def test_max_epochs_bounds_the_run(tmp_path: Path) -> None:
     assert trainer.current_epoch == 1 and not run.finished and run.num_blocks > 2
 
 
+def assert_test_reports_the_selected_exit(trainer, module, strategy, test_loader: DataLoader) -> None:
+    """``trainer.test`` after fit gives the accuracy of the exit NeuroFlux selected, computed here by hand
+    (``test_loader`` serves ``data(64, 2)``)."""
+    (tested,) = trainer.test(module, dataloaders=test_loader, verbose=False)
+    x, y = data(64, 2).tensors
+    with torch.no_grad():
+        by_hand = (strategy.run.exit_model().eval()(x).argmax(1) == y).float().mean().item()
+    assert tested["test_acc"] == pytest.approx(by_hand, abs=1e-6)
+
+
 def small_convnext() -> nn.Module:
     from torchvision.models.convnext import CNBlockConfig
 
@@ -473,11 +475,7 @@ def test_other_networks_train_and_test_their_selected_exit(family: str, tmp_path
     trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=2)
     trainer.fit(module, loader(128, 0, shuffle=True), loader(64, 1))
     assert any(not torch.equal(a, b) for a, b in zip(before, decompose(module.net).units[0].parameters()))
-    (tested,) = trainer.test(module, dataloaders=loader(64, 2), verbose=False)
-    x, y = data(64, 2).tensors
-    with torch.no_grad():
-        by_hand = (strategy.run.exit_model().eval()(x).argmax(1) == y).float().mean().item()
-    assert tested["test_acc"] == pytest.approx(by_hand, abs=1e-6)
+    assert_test_reports_the_selected_exit(trainer, module, strategy, loader(64, 2))
 
 
 def test_a_validation_step_that_bypasses_the_network_gets_a_clear_error(tmp_path: Path) -> None:
