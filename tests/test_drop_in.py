@@ -404,6 +404,15 @@ def test_a_torch_compiled_network_trains_and_tests_its_selected_exit(tmp_path: P
     assert_test_reports_the_selected_exit(trainer, module, strategy, loader(64, 2))
 
 
+def test_fit_only_settings_do_not_stop_a_test_from_a_checkpoint(project: dict, tmp_path: Path) -> None:
+    """accumulate_grad_batches concerns training alone: a Trainer that carries it still tests NeuroFlux's exit."""
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET)
+    trainer = make_trainer(tmp_path, strategy, logger=False, accumulate_grad_batches=4)
+    (tested,) = trainer.test(TypicalProject(), loader(256, 2), ckpt_path=project["checkpoint"].best_model_path,
+                             verbose=False)  # fmt: skip
+    assert tested["test_acc"] == pytest.approx(project["tested"][0]["test_acc"], abs=1e-6)
+
+
 def test_the_learning_rate_finder_is_refused_with_what_to_do(tmp_path: Path) -> None:
     from lightning.pytorch.tuner import Tuner
 

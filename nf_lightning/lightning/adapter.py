@@ -89,8 +89,9 @@ class NeuroFluxAdapter:
         super().connect(model)
         self.decomposition = decompose(model)
         trainer = model.trainer
-        refuse_unsupported_settings(trainer, self.precision_plugin)
-        if trainer.state.fn != TrainerFn.FITTING:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        refuse_unsupported_settings(trainer, self.precision_plugin, fitting)
+        if not fitting:
             return
         self._take_gradient_clipping(trainer)
         self._automatic_optimization = model.automatic_optimization

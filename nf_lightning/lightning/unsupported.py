@@ -20,11 +20,13 @@ from lightning.pytorch.callbacks import BatchSizeFinder, GradientAccumulationSch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 
-def refuse_unsupported_settings(trainer: pl.Trainer, precision: Precision) -> None:
-    """Raise ``ValueError`` on a precision that converts the weights, gradient accumulation, or a tuning callback."""
+def refuse_unsupported_settings(trainer: pl.Trainer, precision: Precision, fitting: bool = True) -> None:
+    """Raise ``ValueError`` on a precision that converts the weights and, when ``fitting``, on gradient
+    accumulation or a callback that tunes end-to-end training."""
     _refuse_whole_network_precision(precision, trainer)
-    _refuse_gradient_accumulation(trainer)
-    _refuse_backprop_tuning(trainer)
+    if fitting:
+        _refuse_gradient_accumulation(trainer)
+        _refuse_backprop_tuning(trainer)
 
 
 def _refuse_whole_network_precision(plugin: Precision, trainer: pl.Trainer) -> None:
