@@ -36,16 +36,19 @@ class BudgetedStep:
     Args:
         guard: meters unit steps against the budget and keeps the record.
         collective: the other ranks (one process: :data:`~nf_lightning.core.train.distributed.LOCAL`).
-        gradient_clip: ``(value, "norm" | "value")`` applied to each unit's gradients before its update.
+        gradient_clip_val, gradient_clip_algorithm: clip each unit's gradients before its update
+            (:func:`clip_gradients`); None does not clip.
     """
 
     def __init__(
         self,
         guard: BudgetGuard,
         collective: Collective | LocalCollective,
-        gradient_clip: tuple[float, str] | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
     ) -> None:
-        self.guard, self.collective, self.gradient_clip = guard, collective, gradient_clip
+        self.guard, self.collective = guard, collective
+        self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
         self.peaks: dict[int, int] = {}  # each block's highest metered step
         self.shrinks: list[dict[str, int]] = []  # every step that had to be cut into smaller pieces
         self.last_step_peak: int | None = None
@@ -114,8 +117,8 @@ class BudgetedStep:
                         raise PeerStepFailed(f"another rank's step of unit {unit} did not fit the budget")
                     params = [p for g in optimizer.param_groups for p in g["params"]]
                     self.collective.average_gradients(params)
-                    if self.gradient_clip is not None:
-                        clip_gradients(params, *self.gradient_clip)
+                    if self.gradient_clip_val is not None:
+                        clip_gradients(params, self.gradient_clip_val, self.gradient_clip_algorithm)
                     if ratio != 1.0:
                         for group in getattr(optimizer, "optimizer", optimizer).param_groups:
                             changed.append((group, group["lr"]))

@@ -123,5 +123,5 @@ def optimizer_factory(recipe: Recipe) -> Callable[[list[nn.Parameter]], Optimize
     accepted = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     group = template.param_groups[0]
-    hparams = {k: v for k, v in group.items() if k != "params" and (k in accepted or takes_any) and k != "initial_lr"}
+    hparams = {k: v for k, v in group.items() if k not in ("params", "initial_lr") and (k in accepted or takes_any)}
     return lambda params: cls(params, **hparams)

@@ -132,8 +132,9 @@ class BlockwiseRun:
         self.progress = BlockProgress(self.schedule)
         self.optim = UnitOptimizers(recipe, self.schedule)
         guard = BudgetGuard(self.device, plan.budget, self.options.meter_full_steps, self.options.meter_sample_every)
-        clip = self.options.gradient_clip_val
-        self.step = BudgetedStep(guard, self.collective, (clip, self.options.gradient_clip_algorithm) if clip else None)
+        self.step = BudgetedStep(
+            guard, self.collective, self.options.gradient_clip_val, self.options.gradient_clip_algorithm
+        )
         self.validation = ExitValidation(
             self.units, exits, blocks, self.caches, self.collective, self.device, self.options.exit_tolerance
         )
