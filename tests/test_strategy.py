@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import signal
 import subprocess
 import sys
@@ -192,3 +193,20 @@ def test_without_cache_blocks_train_through_frozen_prefix(tmp_path: Path) -> Non
     assert not (tmp_path / "cache").exists()
     assert t.current_epoch == strategy.plan.total_epochs
     assert t.callback_metrics["val_acc"] > 0.15
+
+
+def test_the_logged_batch_size_is_the_blocks_even_on_an_epochs_last_batch(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    train, val = loaders(n_train=101, n_val=32)  # 101 images: every block's last batch is smaller than its own
+    strategy = tight_strategy(tmp_path)
+    t = trainer(tmp_path, strategy, max_epochs=2, enable_checkpointing=False, log_every_n_steps=1,
+                logger=CSVLogger(tmp_path, name="logs"))
+    t.fit(PlainClassifier(), train, val)
+    planned = {float(strategy.run.batch_size_of(block)) for block in range(2)}
+    assert all(101 % batch for batch in planned), planned
+    (metrics,) = (tmp_path / "logs").glob("version_*/metrics.csv")
+    rows = csv.DictReader(metrics.open())
+    logged = [float(row["neuroflux/batch_size"]) for row in rows if row["neuroflux/batch_size"]]
+    assert len(logged) == sum(-(-101 // int(batch)) for batch in planned)  # every step of the two blocks
+    assert set(logged) == planned

@@ -245,7 +245,7 @@ class NeuroFluxAdapter:
         for unit, loss in zip(units, losses):
             module.log(f"neuroflux/loss_unit_{unit}", loss, batch_size=len(y))
         module.log("neuroflux/block", float(run.active_block), prog_bar=True, batch_size=len(y))
-        module.log("neuroflux/batch_size", float(len(y)), batch_size=len(y))
+        module.log("neuroflux/batch_size", float(run.batch_size), batch_size=len(y))  # the block's, not a remainder's
         return None
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
