@@ -212,3 +212,30 @@ def test_a_checkpoint_file_is_written_through_the_crash_drills_patch_target(tmp_
     trainer.strategy.connect(Tiny())
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     assert written == [str(tmp_path / "a.ckpt")] and (tmp_path / "a.ckpt").is_file()
+
+
+class _ManualLinear(_Linear):
+    """``_Linear`` stepping its optimizer itself, as NeuroFlux runs a module during ``fit``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(self.layer(batch[0]).sum())
+        optimizer.step()
+
+
+def test_the_manual_step_count_carries_over_to_the_automatic_one(tmp_path) -> None:
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 2)), batch_size=4)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path, enable_model_summary=False)  # fmt: skip
+    module = _ManualLinear()
+    trainer.fit(module, loader)
+    assert trainer.global_step == 3
+    module.automatic_optimization = True  # handed back as the user wrote it: the Trainer reads another counter
+    assert trainer.global_step == 0
+    _internals.carry_manual_steps_to_automatic(trainer)
+    assert trainer.global_step == 3

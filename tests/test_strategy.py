@@ -210,3 +210,19 @@ def test_the_logged_batch_size_is_the_blocks_even_on_an_epochs_last_batch(tmp_pa
     logged = [float(row["neuroflux/batch_size"]) for row in rows if row["neuroflux/batch_size"]]
     assert len(logged) == sum(-(-101 // int(batch)) for batch in planned)  # every step of the two blocks
     assert set(logged) == planned
+
+
+def test_the_trainers_global_step_after_fit_counts_the_unit_steps_taken(tmp_path: Path) -> None:
+    class LastStep(pl.Callback):
+        def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            self.step = trainer.global_step  # inside fit, where NeuroFlux runs the module manually
+
+    train, val = loaders(n_train=64, n_val=32)
+    last = LastStep()
+    t = trainer(tmp_path, tight_strategy(tmp_path), max_epochs=2, callbacks=[last], enable_checkpointing=False)
+    module = PlainClassifier()
+    t.fit(module, train, val)
+    assert module.automatic_optimization and last.step > 0
+    assert t.global_step == last.step
+    t.save_checkpoint(tmp_path / "after_fit.ckpt")
+    assert torch.load(tmp_path / "after_fit.ckpt", weights_only=False)["global_step"] == last.step

@@ -64,6 +64,20 @@ def reload_train_dataloader(trainer: pl.Trainer) -> None:
     trainer.fit_loop._combined_loader = None
 
 
+def carry_manual_steps_to_automatic(trainer: pl.Trainer) -> None:
+    """Make ``trainer.global_step`` count the optimizer steps a fit took in manual optimization after the
+    module is handed back in automatic optimization.
+
+    The Trainer reads its step count from the automatic loop's optimizer progress when the module
+    optimizes automatically, from the manual loop's otherwise
+    (``TrainingEpochLoop.global_step``); without the copy it reads 0 after NeuroFlux's ``fit``.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    manual = loop.manual_optimization.optim_step_progress.total
+    automatic = loop.automatic_optimization.optim_progress.optimizer.step.total
+    automatic.ready, automatic.completed = manual.ready, manual.completed
+
+
 CHECKPOINT_WRITE: tuple[Any, str] = (torch_io, "_atomic_save")
 """Where Lightning writes a checkpoint file to disk (``owner, name``): the crash drill
 (``nf_lightning.testing.faults``) patches it to kill a process while a checkpoint is being saved."""

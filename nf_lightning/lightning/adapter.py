@@ -43,7 +43,12 @@ from nf_lightning.core.options import NeuroFluxOptions
 from nf_lightning.core.train.batches import require_map_style, split_batch
 from nf_lightning.core.train.optim_recipe import SchedulerSpec
 from nf_lightning.core.train.run import BlockwiseRun, DataSources
-from nf_lightning.lightning._internals import has_val_dataloader, parse_optimizer_recipe, train_dataloader_of
+from nf_lightning.lightning._internals import (
+    carry_manual_steps_to_automatic,
+    has_val_dataloader,
+    parse_optimizer_recipe,
+    train_dataloader_of,
+)
 from nf_lightning.lightning.ddp import collective_for
 from nf_lightning.lightning.hooks import NeuroFluxHooks
 from nf_lightning.lightning.unsupported import refuse_unsupported_settings
@@ -164,6 +169,8 @@ class NeuroFluxAdapter:
         if self.run is not None:
             self.run.release()
         if self.lightning_module is not None and self._automatic_optimization is not None:
+            if self._automatic_optimization:
+                carry_manual_steps_to_automatic(self.trainer)  # else trainer.global_step reads 0 from here on
             self.lightning_module.automatic_optimization = self._automatic_optimization
             self._automatic_optimization = None
         if self._held_gradient_clip_val is not None and self.lightning_module is not None:
