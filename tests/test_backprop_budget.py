@@ -117,3 +117,19 @@ def test_manual_optimization_and_gradient_accumulation_are_refused(tmp_path: Pat
 
 def test_registered_name_resolves(tmp_path: Path) -> None:
     assert type(trainer(tmp_path, "budgeted_bp").strategy) is BudgetedBackpropStrategy
+
+
+def test_bp_that_fits_nowhere_is_sized_without_a_step_batchnorm_refuses() -> None:
+    from nf_lightning.lightning.backprop_batch import largest_backprop_batch
+
+    # BatchNorm on a 1x1 map (ResNet's last stage on 32x32 images): a step at batch 1 raises in torch
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=4), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="value per channel"):
+        net.train()(torch.randn(1, 3, 16, 16))
+    batch, model, peak = largest_backprop_batch(net, (3, 16, 16), 1_000, batch_limit=64, optimizer_factory=sgd)
+    assert batch == 0 and peak == backprop_step_peak(net, (3, 16, 16), 2, sgd) > 1_000
+    budget = int(backprop_step_peak(net, (3, 16, 16), 2, sgd) * 1.01)  # fits batch 2 but not 3
+    assert largest_backprop_batch(net, (3, 16, 16), budget, 64, optimizer_factory=sgd)[0] == 2

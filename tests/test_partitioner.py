@@ -256,10 +256,38 @@ def test_budget_too_small_names_the_minimum_and_the_unit():
     )
 
 
-@pytest.mark.parametrize(("models", "batch_limit"), [([], 256), ([mb_unit(1, 1)], 0)])
-def test_partition_rejects_bad_arguments(models, batch_limit):
+@settings(deadline=None)
+@given(profiles, extra_budgets, batch_limits, rhos, st.data())
+def test_no_block_runs_below_the_smallest_batch_of_its_units(models, extra, batch_limit, rho, data):
+    smallest = data.draw(st.lists(st.integers(1, 2), min_size=len(models), max_size=len(models)))
+    if batch_limit < max(smallest):
+        with pytest.raises(ValueError, match="smallest batch"):
+            partition(models, 10**12, batch_limit, rho, smallest)
+        return
+    budget = minimum_budget(models, smallest) + extra
+    assert budget - extra == max(math.ceil(m.predict(s)) for m, s in zip(models, smallest))
+    blocks = partition(models, budget, batch_limit, rho, smallest)
+    assert [u for block in blocks for u in block.units] == list(range(len(models)))
+    for block in blocks:
+        assert block.batch_size >= max(smallest[u] for u in block.units)
+        assert block_peak(models, block.units, block.batch_size) <= budget
+
+
+def test_a_unit_with_batchnorm_at_the_minimum_budget_gets_batch_2_not_1():
+    models = [mb_unit(1, 5), mb_unit(2, 10), mb_unit(1, 2)]  # unit 1 needs 12 MB at batch 1, 14 MB at 2
+    assert [b.batch_size for b in partition(models, 12 * MB, rho=0)][1] == 1  # without a floor
+    with pytest.raises(BudgetTooSmall, match=r"14.0 MB, needed by unit 1 \(batch 2\)"):
+        partition(models, 12 * MB, rho=0, smallest=[2, 2, 2])
+    assert [b.batch_size for b in partition(models, 14 * MB, rho=0, smallest=[2, 2, 2])] == [9, 2, 12]
+
+
+@pytest.mark.parametrize(
+    ("models", "batch_limit", "smallest"),
+    [([], 256, None), ([mb_unit(1, 1)], 0, None), ([mb_unit(1, 1)], 8, [0]), ([mb_unit(1, 1)], 8, [1, 1])],
+)
+def test_partition_rejects_bad_arguments(models, batch_limit, smallest):
     with pytest.raises(ValueError):
-        partition(models, 300 * MB, batch_limit)
+        partition(models, 300 * MB, batch_limit, smallest=smallest)
 
 
 # --- Block ---------------------------------------------------------------------------------------

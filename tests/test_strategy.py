@@ -126,15 +126,17 @@ def test_bp_infeasible_budget_trains_under_neuroflux(tmp_path: Path) -> None:
     from nf_lightning.core.exits.aux_heads import build_aux_heads
     from nf_lightning.core.plan.partitioner import minimum_budget
     from nf_lightning.core.memory.profiler import profile_backprop, profile_units
+    from nf_lightning.core.network.smallest_batch import smallest_batch
 
     module = PlainClassifier(width=16)
     shape = (3, 16, 16)
     parts = decompose(module.net)
     aux = build_aux_heads(parts.units, 10, shape)
-    nf_minimum = minimum_budget(profile_units(parts.units, list(aux), parts.head, shape))
-    bp_minimum = profile_backprop(module.net, shape).predict(1)
+    smallest = [smallest_batch(unit, exit_head) for unit, exit_head in zip(parts.units, [*aux, parts.head])]
+    nf_minimum = minimum_budget(profile_units(parts.units, list(aux), parts.head, shape), smallest)
+    bp_minimum = profile_backprop(module.net, shape).predict(smallest_batch(module.net))
     assert nf_minimum < bp_minimum
-    budget = int(nf_minimum + 0.9 * (bp_minimum - nf_minimum))  # BP cannot run even one sample
+    budget = int(nf_minimum + 0.9 * (bp_minimum - nf_minimum))  # BP cannot run even its smallest batch
     pl.seed_everything(0)
     train, val = loaders()
     t = trainer(tmp_path, tight_strategy(tmp_path, memory_budget=budget), enable_checkpointing=False)
@@ -226,3 +228,14 @@ def test_the_trainers_global_step_after_fit_counts_the_unit_steps_taken(tmp_path
     assert t.global_step == last.step
     t.save_checkpoint(tmp_path / "after_fit.ckpt")
     assert torch.load(tmp_path / "after_fit.ckpt", weights_only=False)["global_step"] == last.step
+
+
+def test_at_the_smallest_budget_every_block_trains_at_a_batch_batchnorm_accepts(tmp_path: Path) -> None:
+    train, val = loaders(n_train=64, n_val=32)
+    with pytest.raises(BudgetTooSmall, match=r"\(batch 2\)") as raised:  # every unit holds BatchNorm
+        trainer(tmp_path, tight_strategy(tmp_path, memory_budget=1000), max_epochs=1).fit(PlainClassifier(), train, val)
+    strategy = tight_strategy(tmp_path / "fits", memory_budget=raised.value.minimum_bytes)
+    t = trainer(tmp_path / "fits", strategy, max_epochs=20, enable_checkpointing=False)
+    t.fit(PlainClassifier(), train, val)
+    assert min(block.batch_size for block in strategy.plan.blocks) == 2
+    assert set(strategy.run.step.peaks) == set(range(strategy.run.num_blocks))  # no block skipped all its batches

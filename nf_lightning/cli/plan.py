@@ -26,6 +26,7 @@ from nf_lightning.lightning.backprop_batch import largest_backprop_batch
 from nf_lightning.core.exits.aux_heads import build_aux_heads
 from nf_lightning.core.memory.budget import MemoryBudget, format_bytes
 from nf_lightning.core.network.decompose import decompose
+from nf_lightning.core.network.smallest_batch import smallest_batch
 from nf_lightning.core.options import NeuroFluxOptions
 from nf_lightning.core.plan.partitioner import BudgetTooSmall
 from nf_lightning.core.plan.training_plan import TrainingPlan, make_plan
@@ -78,7 +79,8 @@ def plan_report(cfg: DictConfig) -> dict[str, Any]:
     bp_batch, bp, peak = largest_backprop_batch(net, input_shape, budget, cfg.batch_limit, optimizer)
     report["bp"] = {"could_run": bp_batch >= 1, "batch_size": bp_batch, "memory_model": bp.to_dict()}
     if bp_batch < 1:
-        report["bp"]["reason"] = f"needs {format_bytes(max(bp.predict(1), peak))} at batch 1"
+        smallest = smallest_batch(net)
+        report["bp"]["reason"] = f"needs {format_bytes(max(bp.predict(smallest), peak))} at batch {smallest}"
     report["seconds"] = time.perf_counter() - start
     return report
 

@@ -27,6 +27,7 @@ import torch
 from nf_lightning.core.memory.budget import MemoryBudget
 from nf_lightning.core.memory.profiler import LinearMemoryModel, profile_backprop
 from nf_lightning.core.network.checkpointing import CheckpointedNetwork
+from nf_lightning.core.network.smallest_batch import smallest_batch
 from nf_lightning.core.plan.partitioner import BATCH_LIMIT, BudgetTooSmall
 from nf_lightning.core.plan.training_plan import profile_batch_sizes
 
@@ -55,12 +56,13 @@ def size_backprop_batch(
     ``batch_limit``), and the rate ``lr`` (tuned at ``reference_batch``) scaled linearly to it.
 
     Raises :class:`~nf_lightning.core.plan.partitioner.BudgetTooSmall`, naming ``needed_by``,
-    if batch 1 does not fit.
+    if the smallest batch (1, or 2 with BatchNorm) does not fit.
     """
     batch, model, peak = largest_backprop_batch(module, input_shape, budget.tensor_bytes, batch_limit)
     if batch < 1:
-        needed = math.ceil(max(model.predict(1), peak))
-        raise BudgetTooSmall(budget.tensor_bytes, needed, -1, needed_by=needed_by)
+        smallest = smallest_batch(module)
+        needed = math.ceil(max(model.predict(smallest), peak))
+        raise BudgetTooSmall(budget.tensor_bytes, needed, -1, needed_by=f"{needed_by} (batch {smallest})")
     return BackpropBatch(batch, lr * batch / reference_batch, model, peak)
 
 
@@ -94,7 +96,7 @@ def fit_backprop_to_budget(
     what = "backpropagation with activation checkpointing" if checkpoint else "backpropagation"
     sized = size_backprop_batch(
         module, tuple(datamodule.input_shape), budget, batch_limit, lr=module.hparams.lr,
-        reference_batch=reference_batch, needed_by=f"{what} through the whole model (batch 1)",
+        reference_batch=reference_batch, needed_by=f"{what} through the whole model",
     )  # fmt: skip
     datamodule.batch_size = sized.batch_size
     module.hparams.lr = sized.lr
@@ -122,19 +124,21 @@ def largest_backprop_batch(
     a step of its own and lowered until its measured peak fits: BP is held to
     the budget as exactly as the meter allows.
     Returns the batch (0 if none fits), the memory model and the measured peak
-    at that batch (at batch 1 when none fits). ``optimizer_factory`` is the
+    at that batch (at the smallest batch when none fits: 1, or 2 for a module with
+    BatchNorm, which cannot train on one sample). ``optimizer_factory`` is the
     module's own recipe (``ClassifierModule``'s) if None.
     """
     factory = optimizer_factory or backprop_optimizer(module)
     model = profile_backprop(
         module, input_shape, batch_sizes=profile_batch_sizes(batch_limit, "cpu"), optimizer_factory=factory
     )
+    smallest = smallest_batch(module)
     batch = min(model.max_batch(budget_bytes), batch_limit)
-    peak = backprop_step_peak(module, input_shape, max(batch, 1), factory)
-    while batch >= 1 and peak > budget_bytes:
+    peak = backprop_step_peak(module, input_shape, max(batch, smallest), factory)
+    while batch >= smallest and peak > budget_bytes:
         batch -= 1
-        peak = backprop_step_peak(module, input_shape, max(batch, 1), factory)
-    return batch, model, peak
+        peak = backprop_step_peak(module, input_shape, max(batch, smallest), factory)
+    return (batch if batch >= smallest else 0), model, peak
 
 
 def backprop_step_peak(

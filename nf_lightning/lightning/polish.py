@@ -127,7 +127,7 @@ def polish_exit(
     module = _module(exit_model, datamodule.num_classes, lr, warmup, momentum, weight_decay, nesterov, freeze_units)
     sized = size_backprop_batch(module, tuple(datamodule.input_shape), budget, batch_limit, lr=lr,
                                 reference_batch=reference_batch,
-                                needed_by="backpropagation through the deployed exit (batch 1)")  # fmt: skip
+                                needed_by="backpropagation through the deployed exit")  # fmt: skip
     module.hparams.lr = sized.lr
     trainer = _trainer(budget, epochs, batchnorm, callbacks, trainer_options)
     overrides = {"batch_size": sized.batch_size, **({} if augment else {"augment": False})}

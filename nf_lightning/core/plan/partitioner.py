@@ -97,9 +97,9 @@ class Block:
 
 
 class BudgetTooSmall(ValueError):
-    """Some unit cannot train even at batch 1 within the budget.
+    """Some unit cannot train even at its smallest batch (1, or 2 with BatchNorm) within the budget.
 
-    ``minimum_bytes`` is the smallest budget at which every unit fits at batch 1;
+    ``minimum_bytes`` is the smallest budget at which every unit fits at its smallest batch;
     ``unit_index`` is the unit that needs it.
     """
 
@@ -117,21 +117,27 @@ class BudgetTooSmall(ValueError):
         )
 
 
-def minimum_budget(models: Sequence[UnitMemoryModel]) -> int:
-    """Smallest budget in bytes at which every unit trains at batch 1: ``max_i predict_i(1)``.
+def minimum_budget(models: Sequence[UnitMemoryModel], smallest: Sequence[int] | None = None) -> int:
+    """Smallest budget in bytes at which every unit trains at its smallest batch: ``max_i predict_i(smallest_i)``.
 
-    A one-unit block peaks at exactly ``predict(batch)``, so this is also the
-    smallest budget :func:`partition` accepts.
+    ``smallest`` holds each unit's smallest batch (all 1 if None; 2 for a unit with BatchNorm, see
+    :func:`~nf_lightning.core.network.smallest_batch.smallest_batch`). A one-unit block peaks at
+    exactly ``predict(batch)``, so this is also the smallest budget :func:`partition` accepts.
     """
-    return math.ceil(models[_most_demanding_unit(models)].predict(1))
+    floors = _floors(models, smallest)
+    unit = _most_demanding_unit(models, floors)
+    return math.ceil(models[unit].predict(floors[unit]))
 
 
-def max_batch_sizes(models: Sequence[UnitMemoryModel], budget_bytes: int, batch_limit: int) -> list[int]:
+def max_batch_sizes(
+    models: Sequence[UnitMemoryModel], budget_bytes: int, batch_limit: int, smallest: Sequence[int] | None = None
+) -> list[int]:
     """Algorithm 1, lines 2-4: each unit's largest batch within the budget, capped at ``batch_limit``.
 
-    0 for a unit that does not fit even at batch 1.
+    0 for a unit that does not fit even at its smallest batch (``smallest``, all 1 if None).
     """
-    return [min(model.max_batch(budget_bytes), batch_limit) for model in models]
+    sizes = [min(model.max_batch(budget_bytes), batch_limit) for model in models]
+    return [size if size >= floor else 0 for size, floor in zip(sizes, _floors(models, smallest), strict=True)]
 
 
 def group_units(batch_sizes: Sequence[int], rho: float) -> list[list[int]]:
@@ -185,7 +191,11 @@ def block_peak(models: Sequence[UnitMemoryModel], units: Sequence[int], batch: i
 
 
 def partition(
-    models: Sequence[UnitMemoryModel], budget_bytes: int, batch_limit: int = BATCH_LIMIT, rho: float = RHO
+    models: Sequence[UnitMemoryModel],
+    budget_bytes: int,
+    batch_limit: int = BATCH_LIMIT,
+    rho: float = RHO,
+    smallest: Sequence[int] | None = None,
 ) -> list[Block]:
     """Blocks of units with batch sizes whose :func:`block_peak` fits ``budget_bytes``.
 
@@ -203,10 +213,11 @@ def partition(
 
     So every block's batch is within ``rho`` of the smallest Algorithm 1 batch
     of its units, and with ``rho=0`` every unit runs at its own Algorithm 1
-    batch. Like Algorithm 1 itself, the result is not monotone in the budget: a
+    batch. No block runs below the smallest batch of any of its units (``smallest``,
+    all 1 if None: 2 for units with BatchNorm). Like Algorithm 1 itself, the result is not monotone in the budget: a
     larger budget can merge a unit into a block with a smaller batch.
 
-    Raises :class:`BudgetTooSmall` iff ``budget_bytes < minimum_budget(models)``.
+    Raises :class:`BudgetTooSmall` iff ``budget_bytes < minimum_budget(models, smallest)``.
 
     >>> from types import SimpleNamespace as Model
     >>> twin = Model(static_bytes=10, input_bytes_per_sample=0, predict=lambda b: b + 200,
@@ -214,13 +225,15 @@ def partition(
     >>> partition([twin, twin], 300)  # alone each fits 100; together 20 + 190 + b <= 300
     [Block(units=(0, 1), batch_size=90, predicted_peak=300)]
     """
-    if batch_limit < 1:
-        raise ValueError(f"batch_limit must be >= 1, got {batch_limit}")
-    minimum = minimum_budget(models)
+    floors = _floors(models, smallest)
+    if batch_limit < max(floors):
+        raise ValueError(f"batch_limit must be >= {max(floors)} (the smallest batch of a unit), got {batch_limit}")
+    minimum = minimum_budget(models, floors)
     if budget_bytes < minimum:
-        raise BudgetTooSmall(budget_bytes, minimum, _most_demanding_unit(models))
-    sizes = max_batch_sizes(models, budget_bytes, batch_limit)
-    fitter = _BlockFitter(models, sizes, budget_bytes, rho)
+        unit = _most_demanding_unit(models, floors)
+        raise BudgetTooSmall(budget_bytes, minimum, unit, needed_by=f"unit {unit} (batch {floors[unit]})")
+    sizes = max_batch_sizes(models, budget_bytes, batch_limit, floors)
+    fitter = _BlockFitter(models, sizes, budget_bytes, rho, floors)
     return [block for group in group_units(sizes, rho) for block in fitter.fit(group)]
 
 
@@ -250,12 +263,14 @@ class _BlockFitter:
     sizes: Sequence[int]
     budget_bytes: int
     rho: float
+    floors: Sequence[int]
 
     def fit(self, units: Sequence[int]) -> list[Block]:
         """``units`` as one block if it fits within ``rho`` of its batch, else split and fitted."""
         target = min(self.sizes[u] for u in units)
         batch = self.largest_batch(units)
-        if len(units) == 1 or (batch >= 1 and target - batch <= self.rho * target):
+        floor = max(self.floors[u] for u in units)
+        if len(units) == 1 or (batch >= floor and target - batch <= self.rho * target):
             peak = math.ceil(block_peak(self.models, units, batch))
             return [Block(tuple(units), batch, peak)]
         cut = max(range(1, len(units)), key=lambda k: self._split_score(units, k))
@@ -270,7 +285,15 @@ class _BlockFitter:
         return min(self.largest_batch(left), self.largest_batch(right)), -abs(len(left) - len(right))
 
 
-def _most_demanding_unit(models: Sequence[UnitMemoryModel]) -> int:
+def _floors(models: Sequence[UnitMemoryModel], smallest: Sequence[int] | None) -> list[int]:
+    """Each unit's smallest batch, checked against ``models``."""
     if not models:
         raise ValueError("need at least one unit memory model")
-    return max(range(len(models)), key=lambda i: models[i].predict(1))
+    floors = [1] * len(models) if smallest is None else [int(s) for s in smallest]
+    if len(floors) != len(models) or min(floors) < 1:
+        raise ValueError(f"need a smallest batch >= 1 for each of the {len(models)} units, got {smallest}")
+    return floors
+
+
+def _most_demanding_unit(models: Sequence[UnitMemoryModel], floors: Sequence[int]) -> int:
+    return max(range(len(models)), key=lambda i: models[i].predict(floors[i]))

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from nf_lightning.core.memory.budget import format_bytes
+from nf_lightning.core.network.smallest_batch import smallest_batch
 from nf_lightning.core.plan.partitioner import BATCH_LIMIT, RHO, Block, BudgetTooSmall, block_peak, largest_batch, minimum_budget, partition
 from nf_lightning.core.memory.profiler import LinearMemoryModel, profile_units
 
@@ -161,7 +162,11 @@ def make_plan(
         optimizer_factory=optimizer_factory,
         device=device,
     )
-    blocks = single_block_plan(models, budget, batch_limit) if single_block else partition(models, budget, batch_limit, rho)
+    smallest = [smallest_batch(unit, exit_head) for unit, exit_head in zip(units, exits, strict=True)]
+    if single_block:
+        blocks = single_block_plan(models, budget, batch_limit, max(smallest))
+    else:
+        blocks = partition(models, budget, batch_limit, rho, smallest)
     return TrainingPlan(
         budget=budget,
         batch_limit=batch_limit,
@@ -175,11 +180,15 @@ def make_plan(
     )
 
 
-def single_block_plan(models: Sequence[LinearMemoryModel], budget: int, batch_limit: int) -> list[Block]:
-    """All units in one block at the largest batch whose predicted peak fits ``budget``."""
+def single_block_plan(
+    models: Sequence[LinearMemoryModel], budget: int, batch_limit: int, smallest: int = 1
+) -> list[Block]:
+    """All units in one block at the largest batch (at least ``smallest``) whose predicted peak fits ``budget``."""
     units = tuple(range(len(models)))
     batch = largest_batch(models, units, budget, batch_limit)
-    if batch < 1:
-        needed = max(math.ceil(block_peak(models, units, 1)), minimum_budget(models))
-        raise BudgetTooSmall(budget, needed, len(models) - 1, needed_by=f"all {len(models)} units as one block (batch 1)")
+    if batch < smallest:
+        needed = max(math.ceil(block_peak(models, units, smallest)), minimum_budget(models, [smallest] * len(models)))
+        raise BudgetTooSmall(
+            budget, needed, len(models) - 1, needed_by=f"all {len(models)} units as one block (batch {smallest})"
+        )
     return [Block(units, batch, int(block_peak(models, units, batch)))]

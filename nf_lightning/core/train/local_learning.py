@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from nf_lightning.core.network.smallest_batch import smallest_batch
+
 Loss = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -92,10 +94,8 @@ class LocalBlock:
         return out.detach(), loss.detach()
 
     def smallest_batch(self) -> int:
-        """2 if a BatchNorm of the block trains on batch statistics (one sample may have a single value
-        per channel, which BatchNorm refuses), else 1."""
-        norms = (m for module in self.modules() for m in module.modules())
-        return 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in norms) else 1
+        """The smallest batch the block trains on (:func:`~nf_lightning.core.network.smallest_batch.smallest_batch`)."""
+        return smallest_batch(*self.modules())
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor) -> list[Tensor]:
