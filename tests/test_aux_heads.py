@@ -137,3 +137,56 @@ def test_pooled_heads_convolve_at_most_4x4_with_the_adaptive_filters() -> None:
         hook.remove()
     assert seen == [(min(h, 4), min(w, 4)) for _, h, w in unit_shapes(units)[:-1]] and (4, 4) in seen
     assert seen[0] == (4, 4) and unit_shapes(units)[0][1:] == (16, 16)  # unit 0's head: 16x16 pooled to 4x4
+
+
+def test_adaptive_heads_of_a_wide_network_are_capped_at_the_papers_widest() -> None:
+    import torchvision
+
+    with torch.device("meta"):
+        units = decompose(torchvision.models.resnet50(num_classes=10)).units  # 256..2048 channels
+    assert aux_widths(units, max_filters=None) == [128] + [1024] * 14  # AAN's rule as written
+    assert aux_widths(units) == [128] + [256] * 14 == aux_widths(units, policy="pooled")
+    assert aux_widths(units, max_filters=64) == [64] * 15
+    assert aux_widths(units, policy="classic", max_filters=64) == [256] * 15  # classic heads are fixed
+    with pytest.raises(ValueError, match="max_filters"):
+        aux_widths(units, max_filters=0)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "256"])
+def test_a_bad_aux_max_filters_is_refused(value: object) -> None:
+    from nf_lightning.core.options import NeuroFluxOptions
+
+    with pytest.raises(ValueError, match="aux_max_filters"):
+        NeuroFluxOptions(aux_max_filters=value)
+
+
+def test_neuroflux_trains_a_resnet50_where_bp_cannot_and_resumes_with_the_same_heads(tmp_path) -> None:
+    import torchvision
+
+    from nf_lightning.core.memory.budget import MemoryBudget
+    from nf_lightning.core.options import NeuroFluxOptions
+    from nf_lightning.core.plan.partitioner import BudgetTooSmall
+    from nf_lightning.core.plan.training_plan import TrainingPlan
+    from nf_lightning.core.train.run import BlockwiseRun
+    from nf_lightning.lightning.backprop_batch import largest_backprop_batch
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+    net = torchvision.models.resnet50(num_classes=10)
+    budget = MemoryBudget.parse("200MB").tensor_bytes
+    assert largest_backprop_batch(net, (3, 32, 32), budget, batch_limit=8, optimizer_factory=sgd)[0] == 0
+    parts = decompose(net)
+    options = NeuroFluxOptions(batch_limit=8, cache=False)
+
+    def recipe():
+        return sgd(net.parameters()), []
+
+    with pytest.raises(BudgetTooSmall):  # the paper's uncapped heads (1,024 filters) need more than BP does
+        BlockwiseRun.create(parts, recipe, (3, 32, 32), budget, options.replace(aux_max_filters=None))
+    run = BlockwiseRun.create(parts, recipe, (3, 32, 32), budget, options)
+    assert run.plan.aux_max_filters == 256 and max(h[0].out_channels for h in run.exits[:-1]) == 256
+    resumed = BlockwiseRun.from_state(parts, run.state_dict(), recipe, options)
+    assert [h[0].out_channels for h in resumed.exits[:-1]] == [h[0].out_channels for h in run.exits[:-1]]
+    saved_before_the_cap = {k: v for k, v in run.plan.to_dict().items() if k != "aux_max_filters"}
+    assert TrainingPlan.from_dict(saved_before_the_cap).aux_max_filters is None  # rebuilt as it was built

@@ -22,7 +22,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from nf_lightning.cli.common import CONFIG_PATH
-from nf_lightning.lightning.backprop_batch import largest_backprop_batch
 from nf_lightning.core.exits.aux_heads import build_aux_heads
 from nf_lightning.core.memory.budget import MemoryBudget, format_bytes
 from nf_lightning.core.network.decompose import decompose
@@ -31,6 +30,7 @@ from nf_lightning.core.options import NeuroFluxOptions
 from nf_lightning.core.plan.partitioner import BudgetTooSmall
 from nf_lightning.core.plan.training_plan import TrainingPlan, make_plan
 from nf_lightning.data import KNOWN_DATASETS
+from nf_lightning.lightning.backprop_batch import largest_backprop_batch
 
 
 def plan_report(cfg: DictConfig) -> dict[str, Any]:
@@ -58,7 +58,8 @@ def plan_report(cfg: DictConfig) -> dict[str, Any]:
         "rho": cfg.trainer.strategy.get("rho", NeuroFluxOptions.rho),  # the method's, else NeuroFlux's default
     }
     for name, policy, single in (("neuroflux", "adaptive", False), ("classic_ll", "classic", True)):
-        aux = build_aux_heads(decomposition.units, info.num_classes, input_shape, policy=policy)
+        widest = cfg.trainer.strategy.get("aux_max_filters", NeuroFluxOptions.aux_max_filters)
+        aux = build_aux_heads(decomposition.units, info.num_classes, input_shape, policy=policy, max_filters=widest)
         try:
             plan = make_plan(
                 decomposition.units,
@@ -69,6 +70,7 @@ def plan_report(cfg: DictConfig) -> dict[str, Any]:
                 batch_limit=cfg.batch_limit,
                 rho=report["rho"],
                 aux_policy=policy,
+                aux_max_filters=widest,
                 optimizer_factory=optimizer,
                 single_block=single,
             )

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from nf_lightning.core.cache.format import SUPPORTED_DTYPES
+from nf_lightning.core.exits.aux_heads import AUX_MAX_FILTERS
 from nf_lightning.core.exits.aux_heads import POLICIES as AUX_POLICIES
 from nf_lightning.core.memory.enforcement import FULL_STEPS, SAMPLE_EVERY
 from nf_lightning.core.plan.partitioner import BATCH_LIMIT, RHO
@@ -46,6 +47,8 @@ class NeuroFluxOptions:
         rho: grouping threshold of Algorithm 1.
         aux: ``"adaptive"`` (AAN, the paper's heads), ``"classic"`` (256 filters) or ``"pooled"``
             (AAN's filters on the unit's output averaged down to 4x4 first: cheaper heads on early units).
+        aux_max_filters: the widest ``"adaptive"``/``"pooled"`` head (256, the paper's widest; None: AAN's
+            rule uncapped, which gives a ResNet-50 1,024-filter heads five times the size of its units).
         single_block: all units as one block at one batch size (classic local learning).
         cache: write each finished block's outputs to disk and train the next block from
             them (§5.3). ``False`` runs every batch through the frozen units before the
@@ -93,6 +96,7 @@ class NeuroFluxOptions:
     batch_limit: int = BATCH_LIMIT
     rho: float = RHO
     aux: str = "adaptive"
+    aux_max_filters: int | None = AUX_MAX_FILTERS
     single_block: bool = False
     cache: bool = True
     cache_dir: Path | None = None
@@ -131,6 +135,8 @@ class NeuroFluxOptions:
     def _check(self) -> None:
         checks = [
             (self.aux in AUX_POLICIES, f"unknown aux policy {self.aux!r}; choose one of {AUX_POLICIES}"),
+            (self.aux_max_filters is None or (type(self.aux_max_filters) is int and self.aux_max_filters >= 1),
+             f"aux_max_filters must be None or a positive int, got {self.aux_max_filters!r}"),
             (self.evaluate in EVALUATE, f"evaluate must be one of {EVALUATE}, got {self.evaluate!r}"),
             (self.batch_limit >= 1 and self.rho >= 0,
              f"batch_limit must be >= 1 and rho >= 0, got {self.batch_limit} and {self.rho}"),

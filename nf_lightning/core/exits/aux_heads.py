@@ -3,11 +3,13 @@
 Filter policies (§3):
 
 - ``"adaptive"`` (AAN): half the smallest unit width for the units before the first
-  downsampling, half the largest unit width for the others. A unit counts as
+  downsampling, half the largest unit width for the others, at most ``AUX_MAX_FILTERS``
+  (256, the widest head of the paper's networks). A unit counts as
   *before the first downsampling* when its input still has the network input's
   resolution; the early units form a prefix. So a unit that ends with the first
   pool still gets the small head, as the paper treats the pool as following that
-  layer: VGG-16 gets 32 filters for units 1-2 and 256 for the rest.
+  layer: VGG-16 gets 32 filters for units 1-2 and 256 for the rest. Without the cap a
+  ResNet-50 (2,048 channels) would get 1,024-filter heads, 5x the parameters of its units.
 - ``"classic"``: the same number of filters everywhere (256 in classic local learning).
 - ``"pooled"``: AAN's filters, but each head first averages its unit's output down to
   ``POOLED_SIZE`` x ``POOLED_SIZE`` where it is larger, so no head convolves more than that:
@@ -36,6 +38,8 @@ from torch.func import functional_call
 from nf_lightning.core.network.decompose import Decomposition
 
 POLICIES: tuple[str, ...] = ("adaptive", "classic", "pooled")
+AUX_MAX_FILTERS = 256
+"""The widest ``"adaptive"`` or ``"pooled"`` head (VGG-16's in the paper); None in the functions below: no cap."""
 POOLED_SIZE = 4
 """The ``"pooled"`` policy's head input: the unit's output averaged down to at most this height and width."""
 CIFAR_SHAPE: tuple[int, int, int] = (3, 32, 32)
@@ -115,13 +119,14 @@ def aux_widths(
     input_shape: Sequence[int] = CIFAR_SHAPE,
     policy: str = "adaptive",
     classic_filters: int = 256,
+    max_filters: int | None = AUX_MAX_FILTERS,
 ) -> list[int]:
     """Filters of each auxiliary head (one per unit except the last) under ``policy``.
 
     See the module docstring for the policies and an example.
     """
-    _check_policy(policy, classic_filters)
-    return _widths(unit_shapes(units, input_shape), input_shape, policy, classic_filters)
+    _check_policy(policy, classic_filters, max_filters)
+    return _widths(unit_shapes(units, input_shape), input_shape, policy, classic_filters, max_filters)
 
 
 def build_aux_heads(
@@ -130,11 +135,12 @@ def build_aux_heads(
     input_shape: Sequence[int] = CIFAR_SHAPE,
     policy: str = "adaptive",
     classic_filters: int = 256,
+    max_filters: int | None = AUX_MAX_FILTERS,
 ) -> nn.ModuleList:
     """One :class:`AuxHead` per unit except the last, whose exit is the model's own head."""
-    _check_policy(policy, classic_filters)
+    _check_policy(policy, classic_filters, max_filters)
     shapes = unit_shapes(units, input_shape)
-    widths = _widths(shapes, input_shape, policy, classic_filters)
+    widths = _widths(shapes, input_shape, policy, classic_filters, max_filters)
     return nn.ModuleList(
         AuxHead(channels, filters, num_classes, input_pool=_input_pool(policy, height, width))
         for (channels, height, width), filters in zip(shapes[:-1], widths, strict=True)
@@ -147,7 +153,11 @@ def _input_pool(policy: str, height: int, width: int) -> int | None:
 
 
 def _widths(
-    shapes: list[tuple[int, int, int]], input_shape: Sequence[int], policy: str, classic_filters: int
+    shapes: list[tuple[int, int, int]],
+    input_shape: Sequence[int],
+    policy: str,
+    classic_filters: int,
+    max_filters: int | None,
 ) -> list[int]:
     num_heads = len(shapes) - 1
     if policy == "classic":
@@ -161,13 +171,15 @@ def _widths(
     for resolution in head_input_resolutions:
         early = early and resolution == full_resolution
         widths.append(small if early else large)
-    return widths
+    return widths if max_filters is None else [min(width, max_filters) for width in widths]
 
 
-def _check_policy(policy: str, classic_filters: int) -> None:
+def _check_policy(policy: str, classic_filters: int, max_filters: int | None = None) -> None:
     if policy not in POLICIES:
         raise ValueError(f"unknown aux head policy {policy!r}; policies: {', '.join(POLICIES)}")
     _check_positive_int("classic_filters", classic_filters)
+    if max_filters is not None:
+        _check_positive_int("max_filters", max_filters)
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -175,7 +187,12 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def build_exits(decomposition: Decomposition, input_shape: Sequence[int], aux: str = "adaptive") -> nn.ModuleList:
+def build_exits(
+    decomposition: Decomposition,
+    input_shape: Sequence[int],
+    aux: str = "adaptive",
+    max_filters: int | None = AUX_MAX_FILTERS,
+) -> nn.ModuleList:
     """Every unit's classifier: an auxiliary head per unit but the last, then the model's own head.
 
     >>> from torch import nn
@@ -184,7 +201,9 @@ def build_exits(decomposition: Decomposition, input_shape: Sequence[int], aux: s
     >>> len(build_exits(parts, (3, 8, 8)))
     2
     """
-    heads = build_aux_heads(decomposition.units, num_classes(decomposition.head), tuple(input_shape), policy=aux)
+    heads = build_aux_heads(
+        decomposition.units, num_classes(decomposition.head), tuple(input_shape), policy=aux, max_filters=max_filters
+    )
     return nn.ModuleList([*heads, decomposition.head])
 
 

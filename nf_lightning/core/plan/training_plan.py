@@ -26,9 +26,18 @@ import torch
 from torch import nn
 
 from nf_lightning.core.memory.budget import format_bytes
-from nf_lightning.core.network.smallest_batch import smallest_batch
-from nf_lightning.core.plan.partitioner import BATCH_LIMIT, RHO, Block, BudgetTooSmall, block_peak, largest_batch, minimum_budget, partition
 from nf_lightning.core.memory.profiler import LinearMemoryModel, profile_units
+from nf_lightning.core.network.smallest_batch import smallest_batch
+from nf_lightning.core.plan.partitioner import (
+    BATCH_LIMIT,
+    RHO,
+    Block,
+    BudgetTooSmall,
+    block_peak,
+    largest_batch,
+    minimum_budget,
+    partition,
+)
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -46,6 +55,7 @@ class TrainingPlan:
     blocks: list[Block]
     epochs_per_block: list[int]
     seconds: float = 0.0
+    aux_max_filters: int | None = None  # None: AAN's widths uncapped (plans saved before the cap)
 
     @property
     def total_epochs(self) -> int:
@@ -78,6 +88,7 @@ class TrainingPlan:
             "blocks": [b.to_dict() for b in self.blocks],
             "epochs_per_block": list(self.epochs_per_block),
             "seconds": self.seconds,
+            "aux_max_filters": self.aux_max_filters,
         }
 
     @classmethod
@@ -92,6 +103,7 @@ class TrainingPlan:
             blocks=[Block.from_dict(b) for b in data["blocks"]],
             epochs_per_block=[int(e) for e in data["epochs_per_block"]],
             seconds=float(data.get("seconds", 0.0)),
+            aux_max_filters=data.get("aux_max_filters"),
         )
 
 
@@ -142,6 +154,7 @@ def make_plan(
     batch_limit: int = BATCH_LIMIT,
     rho: float = RHO,
     aux_policy: str = "adaptive",
+    aux_max_filters: int | None = None,
     optimizer_factory: OptimizerFactory | None = None,
     device: torch.device | str = "cpu",
     single_block: bool = False,
@@ -149,7 +162,8 @@ def make_plan(
     """Profile every unit with its exit and partition them under ``budget`` (Algorithm 1).
 
     ``exits[i]`` is unit ``i``'s classifier: an auxiliary head, or the model's
-    own head for the last unit. ``single_block`` puts every unit in one block
+    own head for the last unit (built under ``aux_policy`` and ``aux_max_filters``, which
+    the plan records so a resumed run builds the same heads). ``single_block`` puts every unit in one block
     at the largest batch that fits (classic local learning).
     """
     start = time.perf_counter()
@@ -177,6 +191,7 @@ def make_plan(
         blocks=blocks,
         epochs_per_block=expand_epochs(epochs_per_block, len(blocks)),
         seconds=time.perf_counter() - start,
+        aux_max_filters=aux_max_filters,
     )
 
 

@@ -151,11 +151,12 @@ class BlockwiseRun:
         """Build the exits, profile and partition under ``budget``'s tensor bytes (Algorithm 1); a new run."""
         options = options or NeuroFluxOptions()
         check_input_shape(decomposition, input_shape)
-        exits = build_exits(decomposition, input_shape, options.aux)
+        exits = build_exits(decomposition, input_shape, options.aux, options.aux_max_filters)
         plan = make_plan(
             decomposition.units, list(exits), tuple(input_shape), MemoryBudget.parse(budget).tensor_bytes,
             epochs_per_block=options.epochs_per_block, batch_limit=options.batch_limit, rho=options.rho,
-            aux_policy=options.aux, optimizer_factory=optimizer_factory(recipe), device=device,
+            aux_policy=options.aux, aux_max_filters=options.aux_max_filters,
+            optimizer_factory=optimizer_factory(recipe), device=device,
             single_block=options.single_block,
         )  # fmt: skip
         run = cls(decomposition, exits, plan, recipe, options, device=device, collective=collective)
@@ -172,7 +173,7 @@ class BlockwiseRun:
         """The run saved in ``state`` (same plan, exits, progress and records); ``where``: ``device``, ``collective``."""
         state = upgrade_state(state)
         plan = TrainingPlan.from_dict(state["plan"])
-        exits = build_exits(decomposition, plan.input_shape, plan.aux_policy)
+        exits = build_exits(decomposition, plan.input_shape, plan.aux_policy, plan.aux_max_filters)
         run = cls(decomposition, exits, plan, recipe, options, **where)
         run.load_state_dict(state)
         return run
