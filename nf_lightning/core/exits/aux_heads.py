@@ -39,7 +39,7 @@ from nf_lightning.core.network.decompose import Decomposition
 
 POLICIES: tuple[str, ...] = ("adaptive", "classic", "pooled")
 AUX_MAX_FILTERS = 256
-"""The widest ``"adaptive"`` or ``"pooled"`` head (VGG-16's in the paper); None in the functions below: no cap."""
+"""The widest ``"adaptive"`` or ``"pooled"`` head (VGG-16's in the paper); ``max_filters=None`` below: no cap."""
 POOLED_SIZE = 4
 """The ``"pooled"`` policy's head input: the unit's output averaged down to at most this height and width."""
 CIFAR_SHAPE: tuple[int, int, int] = (3, 32, 32)
