@@ -11,6 +11,7 @@ from torchvision import models as tv
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.vgg import make_layers
 
+from nf_lightning.core.exits.aux_heads import num_classes
 from nf_lightning.core.network import decompose as decompose_module
 from nf_lightning.core.network.decompose import Decomposition, UndecomposableModelError, decompose
 from nf_lightning.models import KNOWN_MODELS, create
@@ -184,6 +185,21 @@ def test_a_hidden_mlp_after_the_convs_is_the_head() -> None:
     assert [len(unit) for unit in parts.units] == [4, 3]
     assert list(parts.head) == list(model)[7:]
     assert_reproduces(model, parts)
+
+
+def test_an_all_convolutional_sequential_has_its_last_conv_as_the_classifier() -> None:
+    """Network-in-network style: a 1x1 conv gives the class scores, then a global pool and Flatten."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 5, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )  # fmt: skip
+    parts = decompose(model)
+    assert [len(unit) for unit in parts.units] == [4, 2]
+    assert list(parts.head) == list(model)[6:] and num_classes(parts.head) == 5
+    assert_reproduces(model, parts)
+    with pytest.raises(UndecomposableModelError):  # convs without a Flatten: no classifier to find
+        decompose(model[:-1])
 
 
 def test_sequential_of_blocks_uses_its_children_as_units() -> None:

@@ -18,7 +18,8 @@ units then the head reproduces the model's output. Forms, tried in this order:
 4. an ``nn.Sequential``: the classifier is the head: after the last conv, everything
    from the first global pool, Flatten, Dropout or Linear on (a hidden MLP included);
    without convs, the last child holding a Linear, with any Flatten, Dropout or global
-   pool right before it. The children before it are units, except that children without
+   pool right before it; without a Linear, ending in a Flatten (all-convolutional), the
+   last conv and what follows. The children before it are units, except that children without
    a conv or Linear (ReLU, BN, pooling...) join the unit before them, since they have
    nothing to train by themselves;
 5. a wrapper, e.g. a LightningModule holding ``self.net``, with exactly one direct
@@ -56,7 +57,7 @@ SUPPORTED_FORMS = """Supported forms:
   - a model defining neuroflux_decomposition(self) -> Decomposition (all nf_lightning.models do)
   - torchvision VGG, AlexNet, SqueezeNet, ResNet (ResNeXt, Wide ResNet), RegNet, ShuffleNetV2,
     MobileNetV2, MobileNetV3, MNASNet, EfficientNet (V1, V2), ConvNeXt or DenseNet
-  - an nn.Sequential ending in a Linear classifier
+  - an nn.Sequential ending in a Linear classifier, or all-convolutional (a conv classifier, then Flatten)
   - a module (e.g. a LightningModule holding self.net) with exactly one direct child of these forms
 Otherwise pass the units explicitly: decompose(Decomposition(units=[...], head=...))
 or decompose([unit_1, ..., unit_n, head])."""
@@ -225,14 +226,16 @@ def _led_blocks(leader: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
 
 
 def _decompose_sequential(children: list[nn.Module]) -> Decomposition | None:
-    """Form 4, or None without a Linear classifier or without a conv/Linear before it.
+    """Form 4, or None without a classifier or without a conv/Linear before it.
 
     After the last conv, the head starts at the first global pool, Flatten, Dropout or Linear: a
     hidden MLP (``Flatten, Linear, ReLU, Dropout, Linear``) is the head, as torchvision's VGG has it.
+    Without a Linear, a Sequential that ends in a Flatten is all-convolutional: its last conv is
+    the classifier and starts the head.
     """
     classifiers = [index for index, child in enumerate(children) if _is_classifier(child)]
     if not classifiers:
-        return None
+        return _decompose_all_convolutional(children)
     convs = [index for index, child in enumerate(children) if _contains(child, _CONVS)]
     if convs and convs[-1] < classifiers[-1]:
         after = range(convs[-1] + 1, classifiers[-1] + 1)
@@ -245,6 +248,15 @@ def _decompose_sequential(children: list[nn.Module]) -> Decomposition | None:
     if not units:
         return None
     return Decomposition(units=units, head=_as_module(children[start:]))
+
+
+def _decompose_all_convolutional(children: list[nn.Module]) -> Decomposition | None:
+    """``..., Conv(k, classes), [ReLU, global pool,] Flatten``: the last conv and what follows is the head."""
+    convs = [index for index, child in enumerate(children) if _contains(child, _CONVS)]
+    if not children or not isinstance(children[-1], nn.Flatten) or len(convs) < 2:
+        return None
+    units = _group_units(children[: convs[-1]])
+    return Decomposition(units=units, head=_as_module(children[convs[-1] :])) if units else None
 
 
 def _decompose_wrapper(model: nn.Module) -> Decomposition:
