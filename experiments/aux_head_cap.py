@@ -34,10 +34,10 @@ from nf_lightning.core.exits.aux_heads import AUX_MAX_FILTERS, build_aux_heads
 from nf_lightning.core.memory.budget import format_bytes
 from nf_lightning.core.memory.profiler import profile_units
 from nf_lightning.core.network.decompose import decompose
-from nf_lightning.core.network.smallest_batch import smallest_batch
+from nf_lightning.core.network.smallest_batch import smallest_batches
 from nf_lightning.core.plan.partitioner import minimum_budget
 from nf_lightning.data import KNOWN_DATASETS
-from nf_lightning.lightning.backprop_batch import largest_backprop_batch
+from nf_lightning.lightning.backprop_batch import backprop_need, largest_backprop_batch
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"capped": AUX_MAX_FILTERS, "uncapped": None}
@@ -56,14 +56,14 @@ def minimum_budgets(model: str, num_classes: int, shape: tuple[int, int, int]) -
     out: dict[str, Any] = {}
     for name, cap in SETTINGS.items():
         heads = build_aux_heads(parts.units, num_classes, shape, max_filters=cap)
-        exits = [*heads, parts.head]
         models = profile_units(parts.units, list(heads), parts.head, shape, batch_sizes=(2, 4), optimizer_factory=sgd)
-        floors = [smallest_batch(unit, exit_head) for unit, exit_head in zip(parts.units, exits, strict=True)]
+        floors = smallest_batches(parts.units, [*heads, parts.head])
         out[name] = {"minimum_bytes": minimum_budget(models, floors),
                      "head_to_unit_parameters": sum(p.numel() for p in heads.parameters()) / unit_params,
                      "widest_head": max(head[0].out_channels for head in heads)}  # fmt: skip
     _, bp, peak = largest_backprop_batch(net, shape, 0, batch_limit=4, optimizer_factory=sgd)
-    out["bp"] = {"minimum_bytes": int(max(bp.predict(smallest_batch(net)), peak)), "batch": smallest_batch(net)}
+    smallest, needed = backprop_need(net, bp, peak)
+    out["bp"] = {"minimum_bytes": needed, "batch": smallest}
     return out
 
 

@@ -126,13 +126,13 @@ def test_bp_infeasible_budget_trains_under_neuroflux(tmp_path: Path) -> None:
     from nf_lightning.core.exits.aux_heads import build_aux_heads
     from nf_lightning.core.plan.partitioner import minimum_budget
     from nf_lightning.core.memory.profiler import profile_backprop, profile_units
-    from nf_lightning.core.network.smallest_batch import smallest_batch
+    from nf_lightning.core.network.smallest_batch import smallest_batch, smallest_batches
 
     module = PlainClassifier(width=16)
     shape = (3, 16, 16)
     parts = decompose(module.net)
     aux = build_aux_heads(parts.units, 10, shape)
-    smallest = [smallest_batch(unit, exit_head) for unit, exit_head in zip(parts.units, [*aux, parts.head])]
+    smallest = smallest_batches(parts.units, [*aux, parts.head])
     nf_minimum = minimum_budget(profile_units(parts.units, list(aux), parts.head, shape), smallest)
     bp_minimum = profile_backprop(module.net, shape).predict(smallest_batch(module.net))
     assert nf_minimum < bp_minimum

@@ -25,12 +25,11 @@ from nf_lightning.cli.common import CONFIG_PATH
 from nf_lightning.core.exits.aux_heads import build_aux_heads
 from nf_lightning.core.memory.budget import MemoryBudget, format_bytes
 from nf_lightning.core.network.decompose import decompose
-from nf_lightning.core.network.smallest_batch import smallest_batch
 from nf_lightning.core.options import NeuroFluxOptions
 from nf_lightning.core.plan.partitioner import BudgetTooSmall
 from nf_lightning.core.plan.training_plan import TrainingPlan, make_plan
 from nf_lightning.data import KNOWN_DATASETS
-from nf_lightning.lightning.backprop_batch import largest_backprop_batch
+from nf_lightning.lightning.backprop_batch import backprop_need, largest_backprop_batch
 
 
 def plan_report(cfg: DictConfig) -> dict[str, Any]:
@@ -57,8 +56,8 @@ def plan_report(cfg: DictConfig) -> dict[str, Any]:
         "batch_limit": cfg.batch_limit,
         "rho": cfg.trainer.strategy.get("rho", NeuroFluxOptions.rho),  # the method's, else NeuroFlux's default
     }
+    widest = cfg.trainer.strategy.get("aux_max_filters", NeuroFluxOptions.aux_max_filters)
     for name, policy, single in (("neuroflux", "adaptive", False), ("classic_ll", "classic", True)):
-        widest = cfg.trainer.strategy.get("aux_max_filters", NeuroFluxOptions.aux_max_filters)
         aux = build_aux_heads(decomposition.units, info.num_classes, input_shape, policy=policy, max_filters=widest)
         try:
             plan = make_plan(
@@ -81,8 +80,8 @@ def plan_report(cfg: DictConfig) -> dict[str, Any]:
     bp_batch, bp, peak = largest_backprop_batch(net, input_shape, budget, cfg.batch_limit, optimizer)
     report["bp"] = {"could_run": bp_batch >= 1, "batch_size": bp_batch, "memory_model": bp.to_dict()}
     if bp_batch < 1:
-        smallest = smallest_batch(net)
-        report["bp"]["reason"] = f"needs {format_bytes(max(bp.predict(smallest), peak))} at batch {smallest}"
+        smallest, needed = backprop_need(net, bp, peak)
+        report["bp"]["reason"] = f"needs {format_bytes(needed)} at batch {smallest}"
     report["seconds"] = time.perf_counter() - start
     return report
 

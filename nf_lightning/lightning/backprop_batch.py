@@ -60,8 +60,7 @@ def size_backprop_batch(
     """
     batch, model, peak = largest_backprop_batch(module, input_shape, budget.tensor_bytes, batch_limit)
     if batch < 1:
-        smallest = smallest_batch(module)
-        needed = math.ceil(max(model.predict(smallest), peak))
+        smallest, needed = backprop_need(module, model, peak)
         raise BudgetTooSmall(budget.tensor_bytes, needed, -1, needed_by=f"{needed_by} (batch {smallest})")
     return BackpropBatch(batch, lr * batch / reference_batch, model, peak)
 
@@ -139,6 +138,13 @@ def largest_backprop_batch(
         batch -= 1
         peak = backprop_step_peak(module, input_shape, max(batch, smallest), factory)
     return (batch if batch >= smallest else 0), model, peak
+
+
+def backprop_need(module: torch.nn.Module, model: LinearMemoryModel, peak: int) -> tuple[int, int]:
+    """What BP through ``module`` needs where no batch fits: its smallest batch and the bytes at it (the
+    larger of ``model``'s line and the measured ``peak`` that :func:`largest_backprop_batch` returned)."""
+    smallest = smallest_batch(module)
+    return smallest, math.ceil(max(model.predict(smallest), peak))
 
 
 def backprop_step_peak(

@@ -234,9 +234,9 @@ def _decompose_sequential(children: list[nn.Module]) -> Decomposition | None:
     the classifier and starts the head.
     """
     classifiers = [index for index, child in enumerate(children) if _is_classifier(child)]
-    if not classifiers:
-        return _decompose_all_convolutional(children)
     convs = [index for index, child in enumerate(children) if _contains(child, _CONVS)]
+    if not classifiers:
+        return _decompose_all_convolutional(children, convs)
     if convs and convs[-1] < classifiers[-1]:
         after = range(convs[-1] + 1, classifiers[-1] + 1)
         start = next(i for i in after if _is_classifier(children[i]) or isinstance(children[i], _BEFORE_CLASSIFIER))
@@ -250,9 +250,9 @@ def _decompose_sequential(children: list[nn.Module]) -> Decomposition | None:
     return Decomposition(units=units, head=_as_module(children[start:]))
 
 
-def _decompose_all_convolutional(children: list[nn.Module]) -> Decomposition | None:
-    """``..., Conv(k, classes), [ReLU, global pool,] Flatten``: the last conv and what follows is the head."""
-    convs = [index for index, child in enumerate(children) if _contains(child, _CONVS)]
+def _decompose_all_convolutional(children: list[nn.Module], convs: list[int]) -> Decomposition | None:
+    """``..., Conv(k, classes), [ReLU, global pool,] Flatten`` (``convs``: the children holding a conv): the
+    last conv and what follows is the head."""
     if not children or not isinstance(children[-1], nn.Flatten) or len(convs) < 2:
         return None
     units = _group_units(children[: convs[-1]])

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from nf_lightning.core.exits.aux_heads import AUX_MAX_FILTERS
 from nf_lightning.core.memory.budget import format_bytes
 from nf_lightning.core.memory.profiler import LinearMemoryModel, profile_units
-from nf_lightning.core.network.smallest_batch import smallest_batch
+from nf_lightning.core.network.smallest_batch import smallest_batches
 from nf_lightning.core.plan.partitioner import (
     BATCH_LIMIT,
     RHO,
@@ -55,7 +56,7 @@ class TrainingPlan:
     blocks: list[Block]
     epochs_per_block: list[int]
     seconds: float = 0.0
-    aux_max_filters: int | None = None  # None: AAN's widths uncapped (plans saved before the cap)
+    aux_max_filters: int | None = AUX_MAX_FILTERS  # its heads' cap; None: uncapped (as in plans saved before it)
 
     @property
     def total_epochs(self) -> int:
@@ -154,7 +155,7 @@ def make_plan(
     batch_limit: int = BATCH_LIMIT,
     rho: float = RHO,
     aux_policy: str = "adaptive",
-    aux_max_filters: int | None = None,
+    aux_max_filters: int | None = AUX_MAX_FILTERS,
     optimizer_factory: OptimizerFactory | None = None,
     device: torch.device | str = "cpu",
     single_block: bool = False,
@@ -176,7 +177,7 @@ def make_plan(
         optimizer_factory=optimizer_factory,
         device=device,
     )
-    smallest = [smallest_batch(unit, exit_head) for unit, exit_head in zip(units, exits, strict=True)]
+    smallest = smallest_batches(units, exits)
     if single_block:
         blocks = single_block_plan(models, budget, batch_limit, max(smallest))
     else:
