@@ -274,3 +274,89 @@ def test_fit_with_validation_turned_off_fails_the_same_way(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="NeuroFlux needs validation data.*limit_val_batches above 0"):
         t.fit(PlainClassifier(), train, val)
     assert not (tmp_path / "cache").exists()
+
+
+CLI_SCRIPT = textwrap.dedent(
+    """
+    # A user's LightningCLI script: their module and data module, nothing of nf_lightning.
+    import json
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.cli import LightningCLI
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+
+    def images(n: int, seed: int) -> TensorDataset:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 3, 32, 32, generator=generator)
+        return TensorDataset(x, torch.randint(0, 10, (n,), generator=generator))
+
+
+    class MyDataModule(pl.LightningDataModule):
+        def __init__(self, batch_size: int = 32):
+            super().__init__()
+            self.batch_size = batch_size
+
+        def train_dataloader(self):
+            return DataLoader(images(256, 0), batch_size=self.batch_size, shuffle=True)
+
+        def val_dataloader(self):
+            return DataLoader(images(64, 1), batch_size=64)
+
+
+    class MyModule(pl.LightningModule):
+        def __init__(self, lr: float = 0.05):
+            super().__init__()
+            self.lr = lr
+            self.net = nn.Sequential(
+                nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+    cli = LightningCLI(MyModule, MyDataModule)
+    strategy, run = cli.trainer.strategy, cli.trainer.strategy.run
+    print("RESULT", json.dumps({
+        "strategy": type(strategy).__name__, "budget": strategy.budget.bytes,
+        "epochs_per_block": strategy.options.epochs_per_block, "blocks": run.num_blocks,
+        "epochs": [ended["epochs"] for ended in run.progress.ended_blocks],
+        "log_dir": cli.trainer.log_dir,
+    }))
+    """
+)
+
+
+def test_the_readme_lightning_cli_command_and_its_saved_config_train_the_same_strategy(tmp_path: Path) -> None:
+    """The README's LightningCLI command, as written (``python`` the test's interpreter), then its config.yaml."""
+    match = re.search(r"^\*\*LightningCLI\.\*\*.*?^```bash\n(.*?)^```", README, re.S | re.M)
+    assert match is not None, "no bash block after **LightningCLI.** in the README"
+    command = match.group(1).replace("\\\n", " ").strip()
+    assert command.startswith("python main.py fit ")
+    (tmp_path / "main.py").write_text(CLI_SCRIPT)
+
+    def trained(args: list[str]) -> dict:
+        done = fresh([sys.executable, "main.py", *args], tmp_path)
+        return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))[7:])
+
+    first = trained(command.split()[2:])
+    assert first["strategy"] == "NeuroFluxStrategy" and first["budget"] == 20_000_000, first
+    assert first["epochs_per_block"] == 4 and first["blocks"] >= 1, first
+    assert len(first["epochs"]) == first["blocks"] and all(1 <= n <= 4 for n in first["epochs"]), first
+    config = Path(first["log_dir"]) / "config.yaml"
+    again = trained(["fit", "--config", str(config)])
+    assert {k: again[k] for k in ("strategy", "budget", "epochs_per_block", "blocks")} == {
+        k: first[k] for k in ("strategy", "budget", "epochs_per_block", "blocks")}
