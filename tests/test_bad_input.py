@@ -62,6 +62,14 @@ def test_labels_that_are_not_class_indices(labels: torch.Tensor, tmp_path: Path)
         fit(tmp_path, loader, DataLoader(data(), batch_size=32))
 
 
+def test_validation_labels_that_are_not_class_indices(tmp_path: Path) -> None:
+    """One-hot validation labels failed in the first validation pass with torch's shape mismatch."""
+    x, y = data().tensors
+    one_hot = DataLoader(TensorDataset(x, nn.functional.one_hot(y, 10).float()), batch_size=32)
+    with pytest.raises(ValueError, match=r"labels at a validation batch are torch.float32 of shape \(32, 10\)"):
+        fit(tmp_path, DataLoader(data(), batch_size=32), one_hot)
+
+
 class Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         return iter(data())

@@ -295,9 +295,9 @@ class BlockwiseRun:
         check_batch(x, y, num_classes(self.decomposition.head), where)
         start = time.perf_counter()
         first = self.active_units[0]
-        if not self.caches is not None:
-            x = stream(self.units[:first], x, self.device) if first > 0 else x
-        elif first > 0:
+        if self.caches is None or first == 0:  # the batch's own inputs, prepared as the model prepares them
+            x = stream(self.units[:first], self.sources.network_input(x) if self.sources else x, self.device)
+        else:
             x = augment_features(x, self.options.feature_augment, generator=self._augment_rng)
         own = self.optim.optimizers
         block = LocalBlock([self.units[i] for i in self.active_units], [self.exits[i] for i in self.active_units],
@@ -342,9 +342,8 @@ class BlockwiseRun:
         if epoch <= self.progress.last_epoch or self.finished:
             return SEEN
         last = self.active_block == self.num_blocks - 1
-        verdict = self.progress.verdict(
-            self.active_block, self.validation.epoch_best, self.steps_per_epoch(), self.optim.decays
-        )
+        verdict = self.progress.verdict(self.active_block, self.validation.epoch_best, self.steps_per_epoch(),
+                                        self.optim.decays)  # fmt: skip
         if verdict.reason is not None and not last and self.caches is not None:
             self.collective.average_buffers(self.modules_of(self.active_block))
             for split in SPLITS:  # first, since it may fail (a full disk): the epoch then stays open
@@ -375,9 +374,10 @@ class BlockwiseRun:
         self.validation.begin(self.active_units, self.deploy_unit)
 
     def validate_batch(self, x: Tensor, y: Tensor, count: bool = True) -> DeployedForward:
-        """Score the active block's exits on one batch (in order of the validation loader); returns the
-        forward the deployable model computes for the batch, to use in place of the network."""
-        return self.validation.validate_batch(self.active_block, x, y, count)
+        """Score the active block's exits on a batch (in the loader's order); the deployable model's forward for it."""
+        inputs = self.sources.network_input(x) if self.sources else x  # as the model hands them to its network
+        check_batch(inputs, y, num_classes(self.decomposition.head), "a validation batch")
+        return self.validation.validate_batch(self.active_block, inputs, y, count)
 
     def end_validation(self, record: bool = True) -> dict[int, float]:
         """Each active exit's accuracy over the pass; recorded as its latest unless ``record`` is False."""
