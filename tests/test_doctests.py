@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "nf_lightning.core.train.batches",
     "nf_lightning.core.network.smallest_batch",
+    "nf_lightning.core.network.network_input",
     "nf_lightning.core.memory.enforcement",
     "nf_lightning.core.exits.selection",
     "nf_lightning.core.train.feature_augment",

@@ -378,6 +378,55 @@ def test_dict_batches_train_every_block_and_test_the_selected_exit(tmp_path: Pat
     assert_test_reports_the_selected_exit(trainer, module, strategy, dict_loader(64, 2))
 
 
+class NormalizingProject(TypicalProject):
+    """Its forward normalizes the inputs before the network."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - 0.5) / 0.25)
+
+
+class Uint8Project(TypicalProject):
+    """Its loaders give uint8 images, channels last; its forward scales, transposes and normalizes them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25)
+
+
+def uint8_loader(n: int, seed: int, shuffle: bool = False) -> DataLoader:
+    """``data(n, seed)`` as uint8 images of shape (32, 32, 3)."""
+    x, y = data(n, seed).tensors
+    images = ((x.clamp(-1, 3) + 1) * 63).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return DataLoader(TensorDataset(images, y), batch_size=32, shuffle=shuffle)
+
+
+@pytest.mark.parametrize("project", [NormalizingProject, Uint8Project])
+def test_a_forward_that_prepares_its_inputs_trains_the_network_on_what_it_hands_it(project, tmp_path: Path) -> None:
+    """NeuroFlux trains the units on what the module's forward hands the network. It trained them on the raw
+    batch: the normalizing module then validated its exit at chance after fit while the run had scored it
+    on raw inputs, and the uint8 one did not have the network's shape. Now: planned for (3, 32, 32), block 0
+    trained and cached from prepared inputs, and ``validate`` after fit reports the run's own score of the exit."""
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache",
+                                 cache_dtype="float32")  # fmt: skip
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=3)
+    module, batches = project(), uint8_loader if project is Uint8Project else loader
+    with pytest.warns(UserWarning, match="max_epochs=3 ends the run"):
+        trainer.fit(module, batches(256, 0, shuffle=True), batches(64, 1))
+    run = strategy.run
+    assert run.plan.input_shape == (3, 32, 32) and run.active_block >= 2
+    (validated,) = trainer.validate(module, dataloaders=batches(64, 1), verbose=False)
+    assert validated["val_acc"] == pytest.approx(run.records[run.deploy_unit].accuracy, abs=1e-6)
+    assert validated["val_acc"] > 0.2  # chance is 0.1
+
+
+def test_a_forward_that_hands_on_its_inputs_adds_nothing_to_a_step(tmp_path: Path) -> None:
+    strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")
+    trainer = make_trainer(tmp_path, strategy, logger=False, enable_checkpointing=False, max_epochs=1,
+                           limit_train_batches=1, limit_val_batches=1)  # fmt: skip
+    with pytest.warns(UserWarning, match="max_epochs=1 ends the run"):
+        trainer.fit(TypicalProject(), loader(64, 0), loader(64, 1))
+    assert strategy.run.sources.inputs is None
+
+
 @pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
 def test_a_precision_that_converts_the_weights_is_refused_with_what_works(precision: str, tmp_path: Path) -> None:
     strategy = NeuroFluxStrategy(memory_budget=BUDGET, epochs_per_block=1, cache_dir=tmp_path / "cache")

@@ -39,6 +39,7 @@ from nf_lightning.core.exits.validation import CountingForward, standing_in
 from nf_lightning.core.memory.budget import MemoryBudget, format_bytes
 from nf_lightning.core.memory.meter import device_memory_bytes
 from nf_lightning.core.network.decompose import Decomposition, decompose
+from nf_lightning.core.network.network_input import PreparedInputs
 from nf_lightning.core.options import NeuroFluxOptions
 from nf_lightning.core.train.batches import require_map_style, split_batch
 from nf_lightning.core.train.optim_recipe import SchedulerSpec
@@ -128,16 +129,19 @@ class NeuroFluxAdapter:
             lr_reference_batch=self.options.lr_reference_batch or _loader_batch_size(trainer),
         )
         where = {"device": self.root_device, "collective": collective_for(self)}
+        self._sources.inputs = prepared = _prepared_inputs(trainer, self.decomposition.network)
         if self._saved_state is not None:
             self.run = BlockwiseRun.from_state(self.decomposition, self._saved_state, self._recipe, options, **where)
             self._saved_state = None
             self._check_budget_of_resumed_plan()
         else:
-            shape = self.options.input_shape or _infer_input_shape(trainer)
+            shape = prepared.shape if prepared else self.options.input_shape or _infer_input_shape(trainer)
             self.run = BlockwiseRun.create(self.decomposition, self._recipe, shape, self.budget, options, **where)
         rank_zero_info(self.run.plan.describe())
         datamodule = trainer.datamodule
-        self._sources.data_id = str(getattr(datamodule, "fingerprint", "") or "")
+        self._sources.data_id = str(getattr(datamodule, "fingerprint", "") or "") + (
+            f"|inputs prepared {prepared.digest}" if prepared else ""
+        )
         if hasattr(datamodule, "train_dataset"):
             self._sources.train_unaugmented = datamodule.train_dataset(augment=False)
         self.run.attach_data(self._sources)
@@ -330,6 +334,20 @@ def _loader_batch_size(trainer: pl.Trainer) -> int | None:
     Known before the first block's optimizers are built, so every block scales from the same reference.
     """
     return getattr(train_dataloader_of(trainer), "batch_size", None)
+
+
+def _prepared_inputs(trainer: pl.Trainer, network: torch.nn.Module | None) -> PreparedInputs | None:
+    """What the LightningModule's ``forward`` does to the training inputs before ``network`` (normalizing,
+    scaling ``uint8`` images...), tried on the training set's first sample; None: nothing, or no network."""
+    loader = train_dataloader_of(trainer)
+    if network is None or not isinstance(loader, torch.utils.data.DataLoader):
+        return None
+    with torch.random.fork_rng(devices=[]):  # a random augmentation of the sample leaves the seeded run as it was
+        try:
+            sample, _ = split_batch(loader.collate_fn([loader.dataset[0]]))
+        except Exception:  # noqa: BLE001 - a data set or collate that needs more than one sample: batches as they come
+            return None
+        return PreparedInputs.of(trainer.lightning_module, network, sample)
 
 
 def _infer_input_shape(trainer: pl.Trainer) -> tuple[int, ...]:

@@ -156,10 +156,11 @@ class ExitValidation:
 class DeployedForward:
     """What the deployable model computes for one validation batch; stands in for the network's forward.
 
-    Called with the batch's own input tensor, it returns the deployable exit's
-    logits computed from the active block's input (cached or computed once);
-    called with any other tensor (the user transformed the input), it runs
-    that exit on it from scratch. :attr:`calls` counts the calls.
+    Called with the batch's own input tensor (or an equal one: the model prepared the
+    batch as NeuroFlux did), it returns the deployable exit's logits computed from the
+    active block's input (cached or computed once); called with any other tensor (the
+    step transformed the input), it runs that exit on it from scratch. :attr:`calls`
+    counts the calls.
     """
 
     def __init__(
@@ -171,11 +172,19 @@ class DeployedForward:
 
     def __call__(self, inputs: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self.calls += 1
-        if inputs is not self.x:
+        if not _same_tensor(inputs, self.x):
             return self.validation.exit_forward(inputs, self.unit)
         if self.unit in self.logits:
             return self.logits[self.unit]
         return self.validation.exit_logits(self.unit, self.x, self.y, self.offset)
+
+
+def _same_tensor(a: Any, b: Tensor) -> bool:
+    """``a`` is ``b``, or a tensor of the same shape, type, device and values."""
+    if a is b:
+        return True
+    alike = isinstance(a, Tensor) and (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+    return alike and torch.equal(a, b)
 
 
 class CountingForward:

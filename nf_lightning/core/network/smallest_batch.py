@@ -6,9 +6,7 @@ refuses, and a poor estimate of the statistics on any map. NeuroFlux's plan, its
 smaller pieces and the backprop baselines' batch sizing never go below this batch.
 
 Example:
-    >>> from collections.abc import Sequence
-
-from torch import nn
+    >>> from torch import nn
     >>> smallest_batch(nn.Conv2d(3, 8, 3)), smallest_batch(nn.Conv2d(3, 8, 3), nn.Sequential(nn.BatchNorm2d(8)))
     (1, 2)
     >>> smallest_batches([nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)], [nn.BatchNorm2d(8), nn.Flatten()])

@@ -146,6 +146,7 @@ class BlockCaches:
         with contextlib.ExitStack() as stack:
             for batch in source:
                 x, y = split_batch(batch)  # the user's loader for block 0: tuples or dicts
+                x = self._require_sources().network_input(x) if block == 0 else x
                 out = stream([self.units[i] for i in self.blocks[block]], x, self.device).cpu()
                 if writer is None:
                     writer = stack.enter_context(

@@ -12,8 +12,10 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -27,12 +29,19 @@ class DataSources:
         train_unaugmented: the training set without augmentation, which block
             0's cache is written from; ``train.dataset`` if None.
         data_id: identifies the data in cache fingerprints (e.g. a data module's fingerprint).
+        inputs: what the model does to a batch's inputs before its network (the part of a
+            LightningModule's ``forward`` before ``self.net(...)``); the inputs as they are if None.
     """
 
     train: DataLoader
     val: DataLoader
     train_unaugmented: Dataset | None = None
     data_id: str = ""
+    inputs: Callable[[Tensor], Tensor] | None = None
+
+    def network_input(self, x: Tensor) -> Tensor:
+        """The batch inputs ``x`` as the network gets them: what the units train and are scored on."""
+        return x if self.inputs is None else self.inputs(x)
 
     def train_set(self) -> Dataset:
         """The training set block 0's cache is written from (without augmentation when known)."""
